@@ -1,0 +1,52 @@
+"""safepoint: crash-proof checkpointing for fine-tuning runs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+from safepoint.checkpointer import Checkpointer
+from safepoint.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    DiskBudgetError,
+    IncompatibleCheckpointError,
+    RunLockedError,
+    SafepointError,
+    SaveFailedError,
+)
+from safepoint.retention import RetentionPolicy
+from safepoint.store import CheckpointInfo, latest_checkpoint, verify
+
+if TYPE_CHECKING:
+    from safepoint.integrations.hf import SafepointCallback
+
+
+def __getattr__(name: str) -> Any:
+    # The Hugging Face integration imports transformers (slow, optional): load it lazily.
+    if name == "SafepointCallback":
+        from safepoint.integrations.hf import SafepointCallback
+
+        return SafepointCallback
+    raise AttributeError(f"module 'safepoint' has no attribute {name!r}")
+
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "Checkpointer",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "DiskBudgetError",
+    "IncompatibleCheckpointError",
+    "RetentionPolicy",
+    "RunLockedError",
+    "SafepointCallback",
+    "SafepointError",
+    "SaveFailedError",
+    "__version__",
+    "latest_checkpoint",
+    "verify",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from safepoint.cli import main
+
+sys.exit(main())

@@ -1,0 +1,330 @@
+"""The engine: ``Checkpointer`` decides, snapshots, commits, prunes and restores.
+
+A thin orchestrator over the pure policies (``schedule``, ``retention``) and the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+from typing import Any, Literal
+
+from safepoint.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+)
+from safepoint.lock import RunLock
+from safepoint.records import RunRecord
+from safepoint.retention import Candidate, RetentionPolicy, plan
+from safepoint.schedule import Schedule, parse_save_every
+from safepoint.snapshot import Snapshot, apply, capture
+from safepoint.store import CheckpointInfo, Store, checkpoint_step, inspect, newest_first
+from safepoint.units import parse_size
+
+log = logging.getLogger("safepoint")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a checkpoint, for its manifest."""
+    import safetensors
+    import torch
+
+    from safepoint import __version__
+
+    versions = {
+        "safepoint": __version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+    for name in ("transformers", "peft", "trl", "accelerate"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "__version__"):
+            versions[name] = str(module.__version__)
+    return versions
+
+
+def prepare_directory(directory: Path) -> None:
+    """Create ``directory`` if needed and prove it writable, or raise ``ConfigError``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(
+            f"{directory} exists and is not a directory; choose another --output-dir"
+        ) from None
+    except OSError as e:
+        raise ConfigError(
+            f"cannot create the output directory {directory} ({e.strerror}); "
+            "choose another --output-dir"
+        ) from e
+    probe = directory / f".safepoint-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write in the output directory {directory} ({e.strerror}); "
+            "make it writable or choose another --output-dir"
+        ) from e
+
+
+class Checkpointer:
+    """Saves and restores the state of a training loop in ``directory``.
+
+    Holds the directory's run lock from construction to ``close()``; a second process on
+    the same directory gets ``RunLockedError``. Not thread-safe: call it from the
+    training loop only.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        save_every: str | int | None = None,
+        total_steps: int | None = None,
+        keep_last: int | None = None,
+        keep_best: int = 0,
+        metric: str = "eval_loss",
+        mode: Literal["min", "max"] = "min",
+        keep_every: int | None = None,
+        max_disk: str | int | None = None,
+        async_save: bool = False,
+        remote: str | None = None,
+        verify_on_resume: bool = True,
+        fingerprint: str | None = None,
+        save_rng: bool = True,
+    ) -> None:
+        if remote is not None:
+            raise ConfigError("remote mirrors are not available in this version of safepoint")
+        if async_save:
+            raise ConfigError("async_save is not available in this version of safepoint")
+        self.directory = Path(directory)
+        self.schedule = Schedule(parse_save_every(save_every), total_steps=total_steps)
+        self.policy = RetentionPolicy(
+            keep_last=keep_last,
+            keep_best=keep_best,
+            metric=metric,
+            mode=mode,
+            keep_every=keep_every,
+            max_bytes=None if max_disk is None else parse_size(max_disk, what="max_disk"),
+        )
+        self.total_steps = total_steps
+        self.verify_on_resume = verify_on_resume
+        self.fingerprint = fingerprint
+        self.save_rng = save_rng
+        prepare_directory(self.directory)
+        self.store = Store(self.directory)
+        self._lock = RunLock(self.directory)
+        self._lock.acquire()
+        self._closed = False
+        self.record = RunRecord(self.directory)
+        self.last_progress: dict[str, Any] = {}
+        try:
+            swept = self.store.sweep()
+            if swept:
+                self.record.event("swept", folders=[p.name for p in swept])
+        except BaseException:
+            self._lock.release()
+            raise
+        self.schedule.start(time.monotonic())
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(
+        self,
+        state: MutableMapping[str, Any],
+        *,
+        checkpoint: str | os.PathLike[str] | int | None = None,
+    ) -> int | None:
+        """Load the newest valid checkpoint (or ``checkpoint``) into ``state``.
+
+        Returns the step restored, or None when there is nothing to resume from. A newer
+        checkpoint that is damaged is skipped with a warning naming the problem.
+        Raises ``IncompatibleCheckpointError`` if the newest valid checkpoint belongs to
+        another configuration (fingerprint) or does not fit ``state``.
+        """
+        if checkpoint is not None:
+            info = self._explicit(checkpoint)
+            progress = self._load(info, state)
+            return self._resumed(info, progress)
+        for info in newest_first(self.directory, deep=self.verify_on_resume):
+            try:
+                progress = self._load(info, state)
+            except CorruptCheckpointError as e:
+                log.warning("skipping %s: %s", info.path, e)
+                continue
+            return self._resumed(info, progress)
+        return None
+
+    def _explicit(self, checkpoint: str | os.PathLike[str] | int) -> CheckpointInfo:
+        path = self.store.path_for(checkpoint) if isinstance(checkpoint, int) else Path(checkpoint)
+        if not os.path.lexists(path):
+            have = ", ".join(i.name for i in self.list() if i.valid) or "none"
+            raise CheckpointNotFoundError(
+                f"{path}: no such checkpoint; valid checkpoints in {self.directory}: {have}"
+            )
+        info = inspect(path, deep=self.verify_on_resume)
+        if not info.valid:
+            raise CorruptCheckpointError(
+                f"{path} is {info.status}: {'; '.join(info.problems)}; resume from another "
+                "checkpoint or run `safepoint verify` for details"
+            )
+        return info
+
+    def _load(self, info: CheckpointInfo, state: MutableMapping[str, Any]) -> dict[str, Any]:
+        theirs = info.manifest.fingerprint if info.manifest else None
+        if self.fingerprint and theirs and theirs != self.fingerprint:
+            raise IncompatibleCheckpointError(
+                f"{info.path} was written by another configuration (fingerprint {theirs}, "
+                f"this run {self.fingerprint}); use the same configuration or another "
+                "output directory"
+            )
+        return apply(info.path, state, rng=self.save_rng)
+
+    def _resumed(self, info: CheckpointInfo, progress: Mapping[str, Any]) -> int:
+        log.info("resumed from %s", info.path)
+        self.record.event("resume", step=info.step, checkpoint=info.name)
+        self.schedule.start(time.monotonic(), info.step)
+        self.last_progress = dict(progress)
+        return info.step
+
+    # --------------------------------------------------------------------- save
+
+    def step(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, float] | None = None,
+        epoch_end: bool = False,
+    ) -> CheckpointInfo | None:
+        """Tell the checkpointer that ``step`` completed; save if the schedule says so.
+
+        Also saves at ``total_steps`` (the end of the run), always. Returns the committed
+        checkpoint, or None when no save was due.
+        """
+        now = time.monotonic()
+        reason = self.schedule.due(step, now, epoch_end=epoch_end)
+        if (
+            reason is None
+            and self.total_steps is not None
+            and step >= self.total_steps
+            and self.schedule.last_save_step != step
+        ):
+            reason = "end of training"
+        if reason is None:
+            return None
+        return self.save(step, state, metrics=metrics, reason=reason)
+
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, float] | None = None,
+        reason: str = "manual",
+        progress: Mapping[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Save ``state`` as ``checkpoint-<step>`` now, then apply retention.
+
+        Raises ``SaveFailedError`` if writing fails; earlier checkpoints stay intact.
+        """
+        self._check_open()
+        t0 = time.perf_counter()
+        snapshot = capture(state, step=step, copy=False, rng=self.save_rng, progress=progress)
+        return self.commit(snapshot, metrics=metrics, reason=reason, started=t0)
+
+    def commit(
+        self,
+        snapshot: Snapshot,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        reason: str = "manual",
+        started: float | None = None,
+    ) -> CheckpointInfo:
+        """Commit a prepared ``snapshot`` (integrations build their own), then prune."""
+        self._check_open()
+        started = time.perf_counter() if started is None else started
+        snapshot.metrics = dict(metrics or snapshot.metrics)
+        snapshot.reason = reason
+        snapshot.fingerprint = self.fingerprint
+        info = self.store.commit(
+            snapshot, versions=library_versions(), info={"bytes": snapshot.nbytes}
+        )
+        stall = time.perf_counter() - started
+        self.schedule.saved(snapshot.step, time.monotonic())
+        log.info("saved %s (%s) in %.2f s", info.path.name, reason, stall)
+        self.record.event(
+            "save",
+            step=info.step,
+            reason=reason,
+            stall_s=round(stall, 6),
+            write_s=info.manifest.info.get("write_s") if info.manifest else None,
+            bytes=info.size,
+            metrics=snapshot.metrics,
+        )
+        self.prune()
+        return info
+
+    def prune(self) -> list[CheckpointInfo]:
+        """Apply the retention policy to this run's valid checkpoints; return the deleted."""
+        valid = [i for i in self.store.scan() if i.valid and self._ours(i)]
+        decision = plan([Candidate(i.step, i.size, i.metrics) for i in valid], self.policy)
+        if decision.over_budget:
+            log.warning(
+                "the checkpoints that must be kept exceed max_disk=%s bytes", self.policy.max_bytes
+            )
+        deleted = []
+        for info in valid:
+            if info.step in decision.delete:
+                self.store.delete(info)
+                self.record.event("delete", step=info.step, checkpoint=info.name, rule="retention")
+                deleted.append(info)
+        return deleted
+
+    def _ours(self, info: CheckpointInfo) -> bool:
+        theirs = info.manifest.fingerprint if info.manifest else None
+        return self.fingerprint is None or theirs is None or theirs == self.fingerprint
+
+    # -------------------------------------------------------------------- query
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest valid checkpoint (shallow check), or None."""
+        return next((i for i in reversed(self.list()) if i.valid), None)
+
+    def list(self) -> list[CheckpointInfo]:
+        """All checkpoint folders of the directory, oldest first, with their status."""
+        return [i for i in self.store.scan() if i.status != "staging"]
+
+    # -------------------------------------------------------------------- close
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigError(f"the Checkpointer of {self.directory} is closed")
+
+    def close(self) -> None:
+        """Finish pending work and release the run lock. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._lock.release()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+
+
+__all__ = ["Checkpointer", "checkpoint_step"]

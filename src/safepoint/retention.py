@@ -1,0 +1,111 @@
+"""What to keep: a pure function from the committed checkpoints to a keep/delete plan.
+
+Rules combine by union (a checkpoint is kept if any rule keeps it), then the byte
+budget trims the oldest checkpoints that no protection covers. Protected always: the
+newest valid checkpoint and the best one. Only valid checkpoints are ever candidates
+for deletion, and the plan never leaves zero valid checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from safepoint.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Which checkpoints to keep."""
+
+    keep_last: int | None = None
+    """Keep the newest N checkpoints; None keeps all."""
+    keep_best: int = 0
+    """Keep the best K by ``metric``; the single best is always kept when it is known."""
+    metric: str = "eval_loss"
+    """The metric that ranks checkpoints (a key of the metrics saved with each one)."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower (``min``) or higher (``max``) ``metric`` is better."""
+    keep_every: int | None = None
+    """Keep every checkpoint whose step is a multiple of this (milestones)."""
+    max_bytes: int | None = None
+    """Budget for all checkpoints together; the oldest unprotected go first."""
+
+    def __post_init__(self) -> None:
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ConfigError(
+                f"keep_last={self.keep_last}: keep at least 1 checkpoint (None keeps all)"
+            )
+        if self.keep_best < 0:
+            raise ConfigError(f"keep_best={self.keep_best} must be 0 or more")
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"mode={self.mode!r} must be 'min' or 'max'")
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ConfigError(f"keep_every={self.keep_every} must be a step count >= 1")
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise ConfigError(f"max_disk={self.max_bytes} must be larger than zero")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The facts retention needs about one valid checkpoint."""
+
+    step: int
+    size: int = 0
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    keep: dict[int, tuple[str, ...]]
+    """Step -> the reasons it is kept (latest, best, best-K, last-N, milestone)."""
+    delete: tuple[int, ...]
+    """Steps to delete, oldest first."""
+    over_budget: bool = False
+    """True if the protected checkpoints alone exceed ``max_bytes``."""
+
+
+def best_steps(candidates: Sequence[Candidate], policy: RetentionPolicy) -> list[int]:
+    """Steps that have ``policy.metric``, best first (ties: the newer wins)."""
+    scored = [c for c in candidates if policy.metric in c.metrics]
+    sign = 1 if policy.mode == "min" else -1
+    scored.sort(key=lambda c: (sign * c.metrics[policy.metric], -c.step))
+    return [c.step for c in scored]
+
+
+def plan(candidates: Sequence[Candidate], policy: RetentionPolicy) -> RetentionPlan:
+    """Decide which of ``candidates`` (valid checkpoints) to keep and which to delete."""
+    by_step = sorted(candidates, key=lambda c: c.step)
+    if not by_step:
+        return RetentionPlan({}, ())
+    reasons: dict[int, list[str]] = {c.step: [] for c in by_step}
+    reasons[by_step[-1].step].append("latest")
+    ranked = best_steps(by_step, policy)
+    if ranked:
+        reasons[ranked[0]].append("best")
+        for step in ranked[1 : policy.keep_best]:
+            reasons[step].append(f"best-{policy.keep_best}")
+    keep_last = len(by_step) if policy.keep_last is None else policy.keep_last
+    for c in by_step[-keep_last:]:
+        reasons[c.step].append(f"last-{keep_last}" if policy.keep_last else "all")
+    if policy.keep_every:
+        for c in by_step:
+            if c.step % policy.keep_every == 0:
+                reasons[c.step].append("milestone")
+
+    over = False
+    if policy.max_bytes is not None:
+        protected = {by_step[-1].step, *ranked[:1]}
+        size = {c.step: c.size for c in by_step}
+        used = sum(size[s] for s, r in reasons.items() if r)
+        for c in by_step:  # oldest first
+            if used <= policy.max_bytes:
+                break
+            if reasons[c.step] and c.step not in protected:
+                reasons[c.step] = []
+                used -= size[c.step]
+        over = used > policy.max_bytes
+    keep = {s: tuple(r) for s, r in reasons.items() if r}
+    delete = tuple(s for s, r in reasons.items() if not r)
+    return RetentionPlan(keep, delete, over)

@@ -1,0 +1,61 @@
+"""Parsing of the human units in options: durations ("15m") and sizes ("20GB")."""
+
+from __future__ import annotations
+
+import re
+
+from safepoint.errors import ConfigError
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", re.IGNORECASE)
+_SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_duration(text: str | float, *, what: str = "duration") -> float:
+    """Seconds in ``"30s"``, ``"15m"``, ``"2h"``, ``"1.5d"``, ``"250ms"`` or a number."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        m = _DURATION.fullmatch(str(text))
+        if not m:
+            raise ConfigError(f"{what} {text!r} is not a duration; write e.g. 30s, 15m, 2h")
+        seconds = float(m.group(1)) * _SECONDS[(m.group(2) or "s").lower()]
+    if seconds <= 0:
+        raise ConfigError(f"{what} {text!r} must be longer than zero")
+    return seconds
+
+
+def parse_size(text: str | int, *, what: str = "size") -> int:
+    """Bytes in ``"20GB"`` (10^9), ``"20GiB"`` (2^30), ``"500M"``, ``"1024"``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        m = _SIZE.fullmatch(str(text))
+        if not m:
+            raise ConfigError(f"{what} {text!r} is not a size; write e.g. 500MB, 20GB, 1.5TiB")
+        unit = (m.group(2) or "").lower()
+        base = 1024 if "i" in unit else 1000
+        size = int(float(m.group(1)) * base ** _POWERS[unit.rstrip("ib")[:1]])
+    if size <= 0:
+        raise ConfigError(f"{what} {text!r} must be larger than zero")
+    return size
+
+
+def format_size(n: float) -> str:
+    """``1.23 GB`` style (decimal units, as disks are sold and ``df -H`` shows)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,82 @@
+"""A small plain-PyTorch training loop on safepoint, run as a real process by the tests.
+
+usage: python toy_train.py OUT_DIR [--steps N] [--save-every S] [--keep-last K]
+       [--width W] [--step-sleep SECONDS]
+
+Draws its data and dropout masks from the torch and numpy RNGs, so a resume that does
+not restore every RNG exactly ends with different weights. At the end it writes the
+final weights to OUT_DIR/final.safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from safepoint import Checkpointer
+
+
+def build(width: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, width),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(width, 4),
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.9)
+    return model, opt, sched
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: object) -> float:
+    x = torch.randn(8, 16)
+    noise = float(np.random.rand()) + random.random()
+    y = torch.randn(8, 4) * noise
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    return float(loss)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--save-every", default="5")
+    p.add_argument("--keep-last", type=int, default=None)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--step-sleep", type=float, default=0.0)
+    args = p.parse_args(argv)
+
+    model, opt, sched = build(args.width)
+    random.seed(1)
+    np.random.seed(2)
+    state = {"model": model, "optimizer": opt, "scheduler": sched, "extra": {"note": "toy"}}
+    with Checkpointer(
+        args.out, save_every=args.save_every, keep_last=args.keep_last, total_steps=args.steps
+    ) as ckpt:
+        start = ckpt.restore(state) or 0
+        print(f"start {start}", flush=True)
+        for step in range(start, args.steps):
+            loss = train_step(model, opt, sched)
+            time.sleep(args.step_sleep)
+            ckpt.step(step + 1, state, metrics={"loss": loss})
+            print(f"step {step + 1}", flush=True)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, f"{args.out}/final.safetensors"
+    )
+    print("done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
