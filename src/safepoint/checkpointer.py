@@ -19,9 +19,10 @@ from safepoint.errors import (
     ConfigError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    SaveFailedError,
 )
 from safepoint.lock import RunLock
-from safepoint.records import RunRecord
+from safepoint.records import RunRecord, reached_step, read_events, retention_rule
 from safepoint.retention import Candidate, RetentionPolicy, plan
 from safepoint.schedule import Schedule, parse_save_every
 from safepoint.snapshot import Snapshot, apply, capture
@@ -130,10 +131,26 @@ class Checkpointer:
             swept = self.store.sweep()
             if swept:
                 self.record.event("swept", folders=[p.name for p in swept])
+            self._record_start(save_every)
         except BaseException:
             self._lock.release()
             raise
         self.schedule.start(time.monotonic())
+
+    def _record_start(self, save_every: object) -> None:
+        # What the previous process reached gives "steps lost" when this one resumes.
+        self._reached_before = reached_step(read_events(self.directory))
+        self._last_step: int | None = None
+        self._logged: tuple[int, dict[str, Any]] | None = None
+        p = self.policy
+        config = {
+            "save_every": None if save_every is None else str(save_every),
+            "total_steps": self.total_steps,
+            **{k: getattr(p, k) for k in ("keep_last", "keep_best", "metric", "mode")},
+            **{"keep_every": p.keep_every, "max_disk": p.max_bytes},
+        }
+        on_disk = [{"step": i.step, "bytes": i.size} for i in self.store.scan() if i.valid]
+        self.record.event("start", pid=os.getpid(), config=config, on_disk=on_disk)
 
     # ------------------------------------------------------------------ restore
 
@@ -154,13 +171,15 @@ class Checkpointer:
             info = self._explicit(checkpoint)
             progress = self._load(info, state)
             return self._resumed(info, progress)
+        failed: dict[str, str] = {}
         for info in newest_first(self.directory, deep=self.verify_on_resume):
             try:
                 progress = self._load(info, state)
             except CorruptCheckpointError as e:
                 log.warning("skipping %s: %s", info.path, e)
+                failed[info.name] = str(e)
                 continue
-            return self._resumed(info, progress)
+            return self._resumed(info, progress, failed)
         return None
 
     def _explicit(self, checkpoint: str | os.PathLike[str] | int) -> CheckpointInfo:
@@ -188,12 +207,37 @@ class Checkpointer:
             )
         return apply(info.path, state, rng=self.save_rng)
 
-    def _resumed(self, info: CheckpointInfo, progress: Mapping[str, Any]) -> int:
+    def _resumed(
+        self,
+        info: CheckpointInfo,
+        progress: Mapping[str, Any],
+        failed: Mapping[str, str] | None = None,
+    ) -> int:
         log.info("resumed from %s", info.path)
-        self.record.event("resume", step=info.step, checkpoint=info.name)
+        reached = self._reached_before
+        self.record.event(
+            "resume",
+            step=info.step,
+            checkpoint=info.name,
+            reached=reached,
+            steps_lost=None if reached is None else max(reached - info.step, 0),
+            skipped=self._skipped_newer(info.step, failed or {}),
+        )
         self.schedule.start(time.monotonic(), info.step)
         self.last_progress = dict(progress)
         return info.step
+
+    def _skipped_newer(self, step: int, failed: Mapping[str, str]) -> list[dict[str, str]]:
+        """Why each folder newer than ``step`` was passed over, for the run record."""
+        skipped = []
+        for i in self.store.scan():
+            if i.step <= step or i.status == "staging":
+                continue
+            problem = failed.get(i.name) or "; ".join(i.problems)
+            if i.valid and not problem:
+                problem = "checksum verification failed"
+            skipped.append({"checkpoint": i.name, "status": i.status, "problem": problem})
+        return skipped
 
     # --------------------------------------------------------------------- save
 
@@ -208,8 +252,12 @@ class Checkpointer:
         """Tell the checkpointer that ``step`` completed; save if the schedule says so.
 
         Also saves at ``total_steps`` (the end of the run), always. Returns the committed
-        checkpoint, or None when no save was due.
+        checkpoint, or None when no save was due. ``metrics`` go to the run record (as
+        ``log_metrics``) and, when a save happens, into its manifest for retention.
         """
+        if metrics:
+            self.log_metrics(step, metrics)
+        self._last_step = step
         now = time.monotonic()
         reason = self.schedule.due(step, now, epoch_end=epoch_end)
         if (
@@ -222,6 +270,21 @@ class Checkpointer:
         if reason is None:
             return None
         return self.save(step, state, metrics=metrics, reason=reason)
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record training or eval ``metrics`` reached at ``step`` in the run record.
+
+        Values already recorded for the same step are not written twice, so a callback
+        may both log metrics here and pass them to ``step()``.
+        """
+        fresh = dict(metrics)
+        if self._logged is not None and self._logged[0] == step:
+            fresh = {k: v for k, v in fresh.items() if self._logged[1].get(k, object()) != v}
+            self._logged[1].update(fresh)
+        else:
+            self._logged = (step, dict(fresh))
+        if fresh:
+            self.record.event("metrics", step=step, metrics=fresh)
 
     def save(
         self,
@@ -255,9 +318,14 @@ class Checkpointer:
         snapshot.metrics = dict(metrics or snapshot.metrics)
         snapshot.reason = reason
         snapshot.fingerprint = self.fingerprint
-        info = self.store.commit(
-            snapshot, versions=library_versions(), info={"bytes": snapshot.nbytes}
-        )
+        try:
+            info = self.store.commit(
+                snapshot, versions=library_versions(), info={"bytes": snapshot.nbytes}
+            )
+        except SaveFailedError as e:
+            self.record.event("save", step=snapshot.step, reason=reason, result="failed")
+            self.record.event("error", where="save", step=snapshot.step, error=str(e))
+            raise
         stall = time.perf_counter() - started
         self.schedule.saved(snapshot.step, time.monotonic())
         log.info("saved %s (%s) in %.2f s", info.path.name, reason, stall)
@@ -269,6 +337,7 @@ class Checkpointer:
             write_s=info.manifest.info.get("write_s") if info.manifest else None,
             bytes=info.size,
             metrics=snapshot.metrics,
+            result="committed",
         )
         self.prune()
         return info
@@ -285,7 +354,13 @@ class Checkpointer:
         for info in valid:
             if info.step in decision.delete:
                 self.store.delete(info)
-                self.record.event("delete", step=info.step, checkpoint=info.name, rule="retention")
+                self.record.event(
+                    "delete",
+                    step=info.step,
+                    checkpoint=info.name,
+                    bytes=info.size,
+                    rule=retention_rule(self.policy),
+                )
                 deleted.append(info)
         return deleted
 
@@ -313,6 +388,7 @@ class Checkpointer:
         """Finish pending work and release the run lock. Idempotent."""
         if not self._closed:
             self._closed = True
+            self.record.event("close", step=self._last_step)
             self._lock.release()
 
     def __enter__(self) -> Checkpointer:

@@ -4,6 +4,28 @@
 saves (with stall and write times), deletions, resumes, signals, errors. Each line is
 written with a single ``write`` to a file opened with ``O_APPEND``; a line torn by a
 crash is skipped on reading, never fatal.
+
+Every event has ``t`` (Unix time) and ``event`` (its kind). The kinds and their fields:
+
+=========  ===================================================================
+start      a process opened the directory: ``pid``, ``config`` (the policy: save_every,
+           keep_last, keep_best, metric, mode, keep_every, max_disk bytes,
+           total_steps), ``on_disk`` (``[{"step", "bytes"}]`` valid checkpoints found)
+metrics    training or eval metrics as logged: ``step``, ``metrics`` (name -> number)
+save       ``step``, ``reason``, ``stall_s`` (training waited), ``write_s`` (writing
+           and committing), ``bytes``, ``metrics``, ``result`` (committed | failed |
+           skipped)
+delete     retention removed a checkpoint: ``step``, ``checkpoint``, ``bytes``, ``rule``
+resume     ``step``, ``checkpoint`` resumed from, ``reached`` (last step the previous
+           process recorded), ``steps_lost``, ``skipped`` (newer folders passed over:
+           ``[{"checkpoint", "status", "problem"}]``)
+signal     ``signal`` (name), ``step``, and what was done about it
+error      ``where``, ``error`` (one line), optional ``step``
+swept      ``folders`` left by crashed saves and removed at start
+close      the process finished cleanly: ``step`` (last step seen)
+=========  ===================================================================
+
+Readers must ignore kinds and fields they do not know: the record grows with the code.
 """
 
 from __future__ import annotations
@@ -13,7 +35,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +104,41 @@ def read_events(directory: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
                     yield event
     except FileNotFoundError:
         return
+
+
+def reached_step(events: Iterable[Mapping[str, Any]]) -> int | None:
+    """The last step the most recent process recorded (metrics or a save), or None.
+
+    Looks only at the events after the last ``start``: that process's own progress.
+    """
+    reached: int | None = None
+    for event in events:
+        if event.get("event") == "start":
+            reached = None
+        elif event.get("event") in ("metrics", "save") and isinstance(event.get("step"), int):
+            reached = max(event["step"], reached or 0)
+    return reached
+
+
+def save_timings(directory: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:
+    """Step -> the last committed ``save`` event of that step (stall_s, write_s, bytes...)."""
+    return {
+        e["step"]: e
+        for e in read_events(directory)
+        if e["event"] == "save" and e.get("result", "committed") == "committed" and "step" in e
+    }
+
+
+def retention_rule(policy: Any) -> str:
+    """The retention policy in words, for a ``delete`` event: ``keep_last=3, best 1 by
+    eval_loss (min), max_disk=2000000``. Takes a ``RetentionPolicy``."""
+    parts = []
+    if policy.keep_last is not None:
+        parts.append(f"keep_last={policy.keep_last}")
+    if policy.keep_best:
+        parts.append(f"keep_best={policy.keep_best} by {policy.metric} ({policy.mode})")
+    if policy.keep_every:
+        parts.append(f"keep_every={policy.keep_every}")
+    if policy.max_bytes is not None:
+        parts.append(f"max_disk={policy.max_bytes}")
+    return ", ".join(parts) or "retention"
