@@ -1,0 +1,259 @@
+"""The background writer: runs one save at a time on a thread while training goes on.
+
+A thread, not a process, by measurement (``benchmarks/save_overhead.py --writer-mode``):
+the write path spends its time in ``os.write``/``fsync`` and in xxh3 hashing, which hold
+the GIL for a small fraction of the time, so a training step slows down by the same
+amount with a thread as with a separate process (both compete for the same cores),
+while a process would need the staged tensors in shared memory and a second copy of
+torch in RAM. See the README table.
+
+Invariants:
+- at most one save is in flight; ``submit`` refuses a second one;
+- an error of a save is kept and handed back by ``wait``/``take_failure``, never lost;
+- only the writer thread touches the store while a save is in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+
+from safepoint.errors import ConfigError, SaveFailedError
+from safepoint.records import RunRecord
+from safepoint.snapshot import Snapshot, StagingBuffers
+from safepoint.units import format_size
+
+log = logging.getLogger("safepoint")
+
+
+class SaveAbandoned(Exception):
+    """Raised inside the writer to stop a save that ``abandon()`` gave up on."""
+
+
+@dataclass
+class PendingSave:
+    """One save handed to the writer. ``result`` or ``error`` is set once ``done``."""
+
+    step: int
+    submitted: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+    result: Any = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def failed(self) -> bool:
+        return self.done.is_set() and self.error is not None
+
+
+class BackgroundWriter:
+    """Runs save jobs one at a time on a daemon thread.
+
+    A daemon thread so that a process that must end (a second Ctrl-C, ``sys.exit`` from
+    a signal handler) is never held up by a save; a save cut off that way leaves only a
+    staging folder, which the next start sweeps: the rename is the commit.
+    """
+
+    def __init__(self, name: str = "safepoint-writer") -> None:
+        self.name = name
+        self._pending: PendingSave | None = None
+        self._thread: threading.Thread | None = None
+        self._abandon = threading.Event()
+
+    @property
+    def busy(self) -> bool:
+        """True while a save is being written."""
+        return self._pending is not None and not self._pending.done.is_set()
+
+    @property
+    def pending(self) -> PendingSave | None:
+        """The last save submitted (running or finished and not yet taken)."""
+        return self._pending
+
+    def submit(self, step: int, job: Callable[[], Any]) -> PendingSave:
+        """Start ``job`` in the background. Raises ``RuntimeError`` if a save is in flight."""
+        if self.busy:
+            raise RuntimeError("a save is already in flight; wait() for it first")
+        self._abandon.clear()
+        pending = PendingSave(step)
+        self._pending = pending
+
+        def run() -> None:
+            try:
+                pending.result = job()
+            except BaseException as e:  # kept and raised in the training thread
+                pending.error = e
+            finally:
+                pending.finished = time.perf_counter()
+                pending.done.set()
+
+        self._thread = threading.Thread(target=run, name=f"{self.name}-{step}", daemon=True)
+        self._thread.start()
+        return pending
+
+    def wait(self, timeout: float | None = None) -> PendingSave | None:
+        """Wait for the save in flight (if any); return it, finished, or None if none.
+
+        Returns the unfinished save if ``timeout`` passes first. Does not raise the
+        save's error: see ``take_failure``.
+        """
+        pending = self._pending
+        if pending is None:
+            return None
+        pending.done.wait(timeout)
+        return pending
+
+    def take_failure(self) -> PendingSave | None:
+        """The finished save if it failed (and forget it), else None."""
+        pending = self._pending
+        if pending is not None and pending.failed:
+            self._pending = None
+            return pending
+        return None
+
+    def check_abandon(self) -> None:
+        """Called by the job between chunks: raises ``SaveAbandoned`` after ``abandon``."""
+        if self._abandon.is_set():
+            raise SaveAbandoned("the save was abandoned")
+
+    def abandon(self, timeout: float | None = 10.0) -> bool:
+        """Stop the save in flight at its next chunk; its staging folder is removed.
+
+        A save already past its last chunk still commits (it is then complete). Returns
+        True if no save is running any more when this returns.
+        """
+        if not self.busy:
+            return True
+        self._abandon.set()
+        pending = self.wait(timeout)
+        return pending is None or pending.done.is_set()
+
+
+# ------------------------------------------------------------------- the async engine
+
+
+class AsyncSaver:
+    """The background half of a ``Checkpointer``: stage to host memory, write on a thread.
+
+    Owns the writer and the reusable staging buffers; the Checkpointer decides what to
+    save and supplies the commit job. Only the training thread calls these methods.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        record: RunRecord,
+        *,
+        on_busy: Literal["wait", "skip"] = "wait",
+        reserve_bytes: int = 512 << 20,
+    ) -> None:
+        if on_busy not in ("wait", "skip"):
+            raise ConfigError(f"on_busy={on_busy!r}: use 'wait' or 'skip'")
+        self.directory = directory
+        self.record = record
+        self.on_busy = on_busy
+        self.reserve_bytes = reserve_bytes
+        """Free RAM to leave untouched; below it, saves go in-line instead of staged."""
+        self.writer = BackgroundWriter()
+        self.buffers = StagingBuffers()
+        self.deferred: str | None = None
+        self._short_of_memory = False
+
+    def raise_failure(self) -> None:
+        """Raise the failure of the last background save, if it failed (once)."""
+        pending = self.writer.take_failure()
+        if pending is None or isinstance(pending.error, SaveAbandoned):
+            return
+        raise as_save_failed(pending, self.directory)
+
+    def due(self, step: int, reason: str | None, *, must: bool) -> str | None:
+        """Apply ``on_busy`` to a due save: the reason to save now, or None (skipped)."""
+        if reason is None and self.deferred is not None:
+            reason = f"{self.deferred}, deferred while a save was in flight"
+        if reason is None:
+            return None
+        if self.on_busy == "skip" and self.writer.busy and not must:
+            if self.deferred is None:
+                self.deferred = reason
+            self.record.event("save_skipped", step=step, busy_step=self.writer.pending.step)
+            return None
+        self.deferred = None
+        return reason
+
+    def wait_idle(self, step: int) -> float:
+        """Wait for the save in flight, if any; the seconds waited (recorded when > 0)."""
+        if not self.writer.busy:
+            return 0.0
+        t0 = time.perf_counter()
+        self.writer.wait()
+        waited = time.perf_counter() - t0
+        self.record.event("save_busy", step=step, action="wait", wait_s=round(waited, 6))
+        return waited
+
+    def fits(self, snapshot: Snapshot) -> bool:
+        """True if host memory allows staging ``snapshot``; says so once when it does not."""
+        need = self.buffers.missing_bytes(snapshot)
+        if need == 0:
+            return True
+        free = psutil.virtual_memory().available
+        ok = free - need >= self.reserve_bytes
+        if not ok and not self._short_of_memory:
+            log.warning(
+                "not enough free memory for a background copy of checkpoint-%d (%s needed, "
+                "%s available); saving in-line, training waits for the disk",
+                snapshot.step,
+                format_size(need),
+                format_size(free),
+            )
+            self.record.event("async_fallback", step=snapshot.step, need=need, free=free)
+        self._short_of_memory = not ok
+        if not ok:
+            self.buffers.release()
+        return ok
+
+    def start(
+        self,
+        snapshot: Snapshot,
+        job: Callable[[Snapshot, Callable[[], None]], Any],
+    ) -> Snapshot:
+        """Stage ``snapshot`` (a true copy) and run ``job(staged, abort)`` in the background.
+
+        The caller must have waited for the previous save (``wait_idle``).
+        """
+        staged = self.buffers.stage(snapshot)
+
+        def run() -> Any:
+            self.buffers.ready()
+            return job(staged, self.writer.check_abandon)
+
+        self.writer.submit(snapshot.step, run)
+        return staged
+
+    def close(self) -> None:
+        """Wait for the save in flight (abandon it if interrupted); free the buffers."""
+        try:
+            self.writer.wait()
+        finally:
+            if self.writer.busy:  # interrupted while waiting (Ctrl-C): do not leave it running
+                self.writer.abandon()
+            self.buffers.release()
+
+
+def as_save_failed(pending: PendingSave, directory: Path) -> SaveFailedError:
+    """The ``SaveFailedError`` to raise for a failed background save, cause attached."""
+    error = pending.error
+    if isinstance(error, SaveFailedError):
+        return error
+    failed = SaveFailedError(
+        f"the background save of checkpoint-{pending.step} in {directory} failed "
+        f"({type(error).__name__}: {error}); the previous checkpoints are intact"
+    )
+    failed.__cause__ = error
+    return failed

@@ -1,0 +1,67 @@
+"""The background writer on its own: one job at a time, errors kept, abandon."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from safepoint.writer import BackgroundWriter, SaveAbandoned
+
+DEADLINE = 30.0
+
+
+def test_result_is_returned_after_wait() -> None:
+    w = BackgroundWriter()
+    w.submit(3, lambda: "done")
+    pending = w.wait(DEADLINE)
+    assert pending is not None and pending.done.is_set()
+    assert pending.result == "done" and pending.step == 3
+    assert not w.busy and w.take_failure() is None
+
+
+def test_error_is_kept_until_taken() -> None:
+    w = BackgroundWriter()
+
+    def boom() -> None:
+        raise RuntimeError("injected")
+
+    w.submit(5, boom)
+    w.wait(DEADLINE)
+    failed = w.take_failure()
+    assert failed is not None and isinstance(failed.error, RuntimeError)
+    assert failed.step == 5
+    assert w.take_failure() is None  # raised once, not twice
+
+
+def test_second_submit_while_busy_is_refused() -> None:
+    w = BackgroundWriter()
+    release = threading.Event()
+    w.submit(1, lambda: release.wait(DEADLINE))
+    try:
+        assert w.busy
+        with pytest.raises(RuntimeError, match="already in flight"):
+            w.submit(2, lambda: None)
+    finally:
+        release.set()
+    w.wait(DEADLINE)
+    assert not w.busy
+    w.submit(2, lambda: None)
+    assert w.wait(DEADLINE).done.is_set()
+
+
+def test_abandon_stops_a_job_that_checks() -> None:
+    w = BackgroundWriter()
+    started = threading.Event()
+
+    def job() -> None:
+        started.set()
+        while True:  # a writer loop: checks between chunks
+            w.check_abandon()
+            threading.Event().wait(0.001)
+
+    w.submit(7, job)
+    assert started.wait(DEADLINE)
+    assert w.abandon(timeout=DEADLINE)
+    pending = w.wait(0)
+    assert pending is not None and isinstance(pending.error, SaveAbandoned)
