@@ -1,7 +1,7 @@
 """A small plain-PyTorch training loop on safepoint, run as a real process by the tests.
 
 usage: python toy_train.py OUT_DIR [--steps N] [--save-every S] [--keep-last K]
-       [--width W] [--step-sleep SECONDS]
+       [--width W] [--step-sleep SECONDS] [--async-save] [--on-busy wait|skip]
 
 Draws its data and dropout masks from the torch and numpy RNGs, so a resume that does
 not restore every RNG exactly ends with different weights. At the end it writes the
@@ -44,7 +44,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: object
     loss.backward()
     opt.step()
     sched.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def main(argv: list[str]) -> int:
@@ -55,6 +55,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--keep-last", type=int, default=None)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--async-save", action="store_true")
+    p.add_argument("--on-busy", default="wait", choices=["wait", "skip"])
     args = p.parse_args(argv)
 
     model, opt, sched = build(args.width)
@@ -62,7 +64,12 @@ def main(argv: list[str]) -> int:
     np.random.seed(2)
     state = {"model": model, "optimizer": opt, "scheduler": sched, "extra": {"note": "toy"}}
     with Checkpointer(
-        args.out, save_every=args.save_every, keep_last=args.keep_last, total_steps=args.steps
+        args.out,
+        save_every=args.save_every,
+        keep_last=args.keep_last,
+        total_steps=args.steps,
+        async_save=args.async_save,
+        on_busy=args.on_busy,
     ) as ckpt:
         start = ckpt.restore(state) or 0
         print(f"start {start}", flush=True)

@@ -1,0 +1,60 @@
+"""Shared fixtures: running the toy training script as a real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TESTS = Path(__file__).parent
+TOY = TESTS / "toy_train.py"
+
+
+def toy_cmd(out: Path, *args: str) -> list[str]:
+    return [sys.executable, str(TOY), str(out), *args]
+
+
+def run_toy(
+    out: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """Run tests/toy_train.py to completion (or to its death) and return the result."""
+    proc = subprocess.run(
+        toy_cmd(out, *args),
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"toy_train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Bit-for-bit equality of two safetensors files' tensors."""
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory):
+    """An uninterrupted toy run, cached per (args) for the whole session."""
+    cache: dict[tuple[str, ...], Path] = {}
+
+    def get(*args: str) -> Path:
+        if args not in cache:
+            out = tmp_path_factory.mktemp("reference")
+            run_toy(out, *args)
+            cache[args] = out / "final.safetensors"
+        return cache[args]
+
+    return get
