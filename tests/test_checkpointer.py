@@ -68,7 +68,7 @@ def test_resume_is_bit_identical_to_never_stopping(tmp_path: Path) -> None:
 
 
 def test_restore_returns_none_on_an_empty_directory(tmp_path: Path) -> None:
-    model, opt, _ = build(4)
+    model, _, _ = build(4)
     with Checkpointer(tmp_path / "new") as ckpt:
         assert ckpt.restore({"model": model}) is None
         assert ckpt.latest() is None and ckpt.list() == []
@@ -93,7 +93,7 @@ def test_values_tensors_and_dicts_are_restored(tmp_path: Path) -> None:
     [("4", 10, [4, 8, 10]), ("25%", 12, [3, 6, 9, 12]), ("100", 5, [5]), (None, 3, [3])],
 )
 def test_step_saves_on_schedule_and_at_the_end(tmp_path, save_every, total, expected) -> None:
-    model, opt, sched = build(4)
+    model, _, _ = build(4)
     state = {"model": model}
     with Checkpointer(tmp_path, save_every=save_every, total_steps=total) as ckpt:
         saved = [s for s in range(1, total + 1) if ckpt.step(s, state)]
