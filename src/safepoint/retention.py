@@ -109,3 +109,47 @@ def plan(candidates: Sequence[Candidate], policy: RetentionPolicy) -> RetentionP
     keep = {s: tuple(r) for s, r in reasons.items() if r}
     delete = tuple(s for s, r in reasons.items() if not r)
     return RetentionPlan(keep, delete, over)
+
+
+def next_deletions(
+    candidates: Sequence[Candidate], policy: RetentionPolicy, *, step: int, size: int = 0
+) -> tuple[int, ...]:
+    """What committing a checkpoint at ``step`` (no metrics yet) would make retention delete."""
+    return plan([*candidates, Candidate(step, size)], policy).delete
+
+
+def free_before_commit(
+    candidates: Sequence[Candidate], policy: RetentionPolicy, incoming: Candidate
+) -> tuple[int, ...]:
+    """Steps that may be deleted *before* ``incoming`` is committed, to make room for it.
+
+    What the policy would delete once ``incoming`` is committed, except the newest and
+    the best of ``candidates``: the save may still fail, and then they are what resume
+    needs. Never all of ``candidates``.
+    """
+    if not candidates:
+        return ()
+    decision = plan([*candidates, incoming], policy)
+    protected = {max(c.step for c in candidates), *best_steps(candidates, policy)[:1]}
+    return tuple(s for s in decision.delete if s not in protected and s != incoming.step)
+
+
+def policy_to_json(policy: RetentionPolicy) -> dict[str, object]:
+    """The policy as JSON, stored with each checkpoint so that ``ls`` can explain it."""
+    return {
+        "keep_last": policy.keep_last,
+        "keep_best": policy.keep_best,
+        "metric": policy.metric,
+        "mode": policy.mode,
+        "keep_every": policy.keep_every,
+        "max_bytes": policy.max_bytes,
+    }
+
+
+def policy_from_json(doc: Mapping[str, object]) -> RetentionPolicy:
+    """Inverse of ``policy_to_json``; unknown keys are ignored, bad values raise ConfigError."""
+    fields = ("keep_last", "keep_best", "metric", "mode", "keep_every", "max_bytes")
+    try:
+        return RetentionPolicy(**{k: doc[k] for k in fields if k in doc})  # type: ignore[arg-type]
+    except TypeError as e:
+        raise ConfigError(f"unreadable retention policy {dict(doc)!r} ({e})") from e

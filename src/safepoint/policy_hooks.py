@@ -1,0 +1,192 @@
+"""The Checkpointer's policy glue: disk pre-flight, save-error handling, ``auto`` feedback.
+
+These functions are methods of ``Checkpointer`` (bound in its class body), kept here so
+that the engine file stays a thin orchestrator. Each takes the checkpointer first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from safepoint.disk import (
+    DiskCheck,
+    check_free_space,
+    estimate_checkpoint_bytes,
+    is_recoverable,
+    planned_saves,
+    preflight_warnings,
+    require_fits,
+)
+from safepoint.errors import SaveFailedError
+from safepoint.plan import overhead_warning
+from safepoint.retention import Candidate, free_before_commit, policy_to_json
+from safepoint.store import CheckpointInfo
+from safepoint.units import format_size
+
+if TYPE_CHECKING:
+    from safepoint.checkpointer import Checkpointer
+    from safepoint.snapshot import Snapshot
+
+log = logging.getLogger("safepoint")
+
+
+def preflight(self: Checkpointer, state: Mapping[str, Any]) -> DiskCheck | None:
+    """Check, before training, that the checkpoints of ``state`` will fit on the disk.
+
+    Estimates one checkpoint's size from ``state`` (no copy), derives the kept set from
+    the retention policy and the schedule, and raises ``DiskBudgetError`` with the
+    numbers and the options when the kept set plus one save in flight cannot fit.
+    Runs once per Checkpointer (``restore`` calls it); later calls return the first
+    result. Skipped with ``check_disk=False``.
+    """
+    if self._preflight is not None or not self.check_disk:
+        return self._preflight
+    size = estimate_checkpoint_bytes(state)
+    held = sum(i.size for i in self.store.scan() if i.valid and self._ours(i))
+    kinds = {t.kind for t in self.schedule.triggers}
+    keep_every, total = self.policy.keep_every, self.total_steps
+    check = check_free_space(
+        self.directory,
+        size,
+        self.policy,
+        saves=planned_saves(kinds, self.schedule.step_interval(), total),
+        milestones=total // keep_every if keep_every and total else 0,
+        held=held,
+    )
+    self._preflight = check
+    self.record.event(
+        "preflight",
+        checkpoint_bytes=size,
+        kept=check.kept,
+        needed_bytes=check.needed,
+        free_bytes=check.free,
+        held_bytes=held,
+    )
+    if self.schedule.auto is not None:
+        note = self.schedule.auto.assume(size)
+        log.info("%s", note)
+        self.record.event("schedule", interval_s=self.schedule.auto.interval, reason=note)
+    for note in preflight_warnings(check, self.policy):
+        log.warning("%s", note)
+        self.record.event("warning", message=note)
+    require_fits(check, self.policy)
+    return check
+
+
+def scheduled_save(
+    self: Checkpointer,
+    step: int,
+    state: Mapping[str, Any],
+    metrics: Mapping[str, float] | None,
+    reason: str,
+) -> CheckpointInfo | None:
+    """``save`` for a save the schedule asked for; ``on_save_error`` decides on failure."""
+    try:
+        return self.save(step, state, metrics=metrics, reason=reason)
+    except SaveFailedError as e:
+        if self.on_save_error == "stop":
+            raise
+        self.schedule.failed(time.monotonic())
+        log.error(
+            "SAVE FAILED at step %d, training goes on WITHOUT a new checkpoint "
+            "(on_save_error='continue'); the next save tries again: %s",
+            step,
+            e,
+        )
+        self.record.event("save_skipped", step=step, reason=reason, error=str(e))
+        return None
+
+
+def store_commit(self: Checkpointer, snapshot: Snapshot, **kwargs: Any) -> CheckpointInfo:
+    """``store.commit``; after a full disk or an I/O error, free space and retry once.
+
+    Space is freed by deleting what the retention policy would delete once this save is
+    committed, sparing the newest and the best checkpoints (the save may fail again).
+    """
+    try:
+        return self.store.commit(snapshot, **kwargs)
+    except SaveFailedError as e:
+        if not is_recoverable(e):
+            raise
+        first = e
+    freed = _free_for(self, snapshot)
+    log.warning("%s; freed %s by the retention policy, retrying once", first, format_size(freed))
+    self.record.event("save_retry", step=snapshot.step, error=str(first), freed_bytes=freed)
+    try:
+        return self.store.commit(snapshot, **kwargs)
+    except SaveFailedError as e:
+        newest = next((i.name for i in reversed(self.store.scan()) if i.valid), None)
+        resume = f"rerun the same command to resume from {newest}" if newest else "no checkpoint"
+        raise SaveFailedError(
+            f"{e} (retried once after freeing {format_size(freed)} by the retention policy; "
+            f"{resume})"
+        ) from e
+
+
+def _free_for(self: Checkpointer, snapshot: Snapshot) -> int:
+    valid = [i for i in self.store.scan() if i.valid and self._ours(i)]
+    incoming = Candidate(snapshot.step, snapshot.nbytes, dict(snapshot.metrics))
+    steps = free_before_commit(
+        [Candidate(i.step, i.size, i.metrics) for i in valid], self.policy, incoming
+    )
+    freed = 0
+    for info in valid:
+        if info.step in steps:
+            self.store.delete(info)
+            freed += info.size
+            self.record.event(
+                "delete",
+                step=info.step,
+                checkpoint=info.name,
+                bytes=info.size,
+                rule="free space for a failed save",
+            )
+    return freed
+
+
+def saved(self: Checkpointer, step: int, stall: float) -> None:
+    """After a save blocked training ``stall`` s: feed ``auto``, warn once if costly."""
+    change = self.schedule.saved(step, time.monotonic(), stall=stall)
+    auto = self.schedule.auto
+    if change and auto is not None:
+        log.info("%s", change)
+        self.record.event("schedule", interval_s=round(auto.interval, 3), reason=change)
+    step_time = self.schedule.step_time
+    # the first step's time may include set-up: judge from two samples or more
+    if self._warned_overhead or not step_time or self.schedule.step_samples < 2:
+        return
+    self._warned_overhead = True
+    interval = self.schedule.interval_seconds(step_time)
+    if interval is None:
+        return
+    note = overhead_warning(self.schedule.describe(), interval=interval, stall=stall)
+    if note:
+        log.warning("%s", note)
+        self.record.event("warning", message=note)
+
+
+def policy_json(self: Checkpointer) -> dict[str, Any]:
+    """The policy of this run, stored in each manifest's ``info`` for ``ls`` and ``plan``."""
+    auto = self.schedule.auto
+    return {
+        **policy_to_json(self.policy),
+        "save_every": self.schedule.describe(),
+        "save_every_spec": ",".join(_spec(t.kind, t.value) for t in self.schedule.triggers),
+        "total_steps": self.total_steps,
+        "mtbf_s": self.schedule.mtbf,
+        "max_overhead": auto.max_overhead if auto else None,
+        "on_save_error": self.on_save_error,
+    }
+
+
+def _spec(kind: str, value: float) -> str:
+    if kind == "steps":
+        return str(int(value))
+    if kind == "fraction":
+        return f"{value:g}%"
+    if kind == "time":
+        return f"{value:g}s"
+    return kind
