@@ -1,0 +1,97 @@
+"""The built-in tiny model and data set, so ``safepoint train`` runs with no download.
+
+The model is a 2-layer GPT-2-style causal LM built from a config with a fixed seed; its
+tokenizer is a real byte-level BPE trained locally (``tokenizers``) on the shipped data
+set. Both are written with ``save_pretrained`` into a cache folder and then loaded back
+with ``from_pretrained`` like any other model, so the built-in model takes the same
+code path as ``--model gpt2`` or ``--model ./my-model``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+TINY_MODEL = "tiny"
+"""The name ``--model`` takes for the built-in model."""
+TINY_VERSION = "tiny-gpt2-v1"
+BUILTIN_DATASET = "builtin"
+"""The name ``--dataset`` takes for the shipped instruction data set."""
+_EOS = "<|endoftext|>"
+_PAD = "<|pad|>"
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def cache_home() -> Path:
+    """``$SAFEPOINT_HOME`` or ``~/.cache/safepoint``: where the built-in model is cached."""
+    env = os.environ.get("SAFEPOINT_HOME")
+    return Path(env) if env else Path.home() / ".cache" / "safepoint"
+
+
+def builtin_dataset_path() -> Path:
+    """The shipped jsonl of prompt/completion pairs (``src/safepoint/data``)."""
+    return Path(str(resources.files("safepoint") / "data" / "instructions.jsonl"))
+
+
+def tiny_model_path() -> Path:
+    """The folder of the built-in model, built on first use (atomically: a crash while
+    building never leaves a half-written model for the next run to load)."""
+    target = cache_home() / "models" / TINY_VERSION
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=target.parent))
+    try:
+        _build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent builder: real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _texts() -> list[str]:
+    rows = [json.loads(line) for line in builtin_dataset_path().read_text().splitlines() if line]
+    return [r["prompt"] + r["completion"] for r in rows]
+
+
+def _build(folder: Path) -> None:
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        _texts(), vocab_size=1024, min_frequency=1, special_tokens=[_EOS, _PAD], show_progress=False
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token=_EOS,
+        eos_token=_EOS,
+        pad_token=_PAD,
+        model_max_length=128,
+    )
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)

@@ -1,0 +1,473 @@
+"""``SafepointCallback``: safepoint saving and resuming for ``transformers.Trainer`` / TRL.
+
+One line in a user's script::
+
+    trainer = SFTTrainer(..., callbacks=[SafepointCallback(save_every="50", keep_last=3)])
+    trainer.train()          # a rerun continues from the newest valid checkpoint
+
+How it works, and which Trainer internals it relies on (each pinned by
+``tests/test_hf_callback.py``):
+
+- Saving: at step boundaries, after the step's logging and evaluation, the callback
+  builds a ``Snapshot`` (adapter or model in Hugging Face layout, optimizer, scheduler,
+  RNG, trainer progress) and commits it through the ``Checkpointer``. The Trainer's own
+  checkpoint saving is switched off (``control.should_save`` is cleared every step).
+- Resuming: the callback finds its Trainer when the Trainer calls ``on_init_end`` from
+  its ``__init__`` and wraps that Trainer's ``train`` so that ``resume_from_checkpoint``
+  (None, True or a path) becomes the newest valid safepoint checkpoint. The Trainer then
+  resumes with its own code: it loads the adapter/model and ``trainer_state.json`` and
+  skips the batches already consumed, exactly as for its own checkpoints. It finds no
+  ``optimizer.pt``/``rng_state.pth`` (safepoint never writes pickles), so the callback
+  loads the optimizer and scheduler in ``on_train_begin`` and the RNG states at the
+  point where the Trainer would have loaded its own (first ``on_step_begin``, or
+  ``on_epoch_begin`` when the checkpoint ends an epoch).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import inspect as _inspect
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from safepoint.checkpointer import Checkpointer
+from safepoint.errors import CheckpointNotFoundError, ConfigError, IncompatibleCheckpointError
+from safepoint.retention import RetentionPolicy
+from safepoint.rng import restore_rng
+from safepoint.schedule import Schedule, parse_save_every
+from safepoint.snapshot import Snapshot, TensorFile, capture, copy_tensors, read_state_doc
+from safepoint.store import CheckpointInfo, inspect, newest_first, scan
+from safepoint.units import parse_size
+
+log = logging.getLogger("safepoint")
+
+TRAINER_STATE_NAME = "trainer_state.json"
+_SAFETENSORS_META = {"format": "pt"}
+
+
+def _is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def adapter_files(model: Any, *, copy_data: bool) -> dict[str, TensorFile | bytes]:
+    """``adapter_model.safetensors`` + ``adapter_config.json`` as ``PeftModel.save_pretrained``
+    writes them, so ``PeftModel.from_pretrained(folder)`` loads the folder as is."""
+    from peft import get_peft_model_state_dict
+
+    name = model.active_adapter
+    tensors = get_peft_model_state_dict(model, adapter_name=name)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    config = copy.deepcopy(model.peft_config[name])
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = model.base_model.model.__dict__.get("name_or_path")
+    config.inference_mode = True
+    doc = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    return {
+        "adapter_model.safetensors": TensorFile(
+            copy_tensors(tensors) if copy_data else tensors, dict(_SAFETENSORS_META)
+        ),
+        "adapter_config.json": json.dumps(doc, indent=2, sort_keys=True, default=str).encode(),
+    }
+
+
+def model_files(model: Any, *, copy_data: bool) -> dict[str, TensorFile | bytes]:
+    """``model.safetensors`` (tied weights stored once) + ``config.json``, loadable with
+    ``AutoModelForCausalLM.from_pretrained(folder)``."""
+    seen: set[int] = set()
+    tensors = {}
+    for key, t in model.state_dict().items():
+        # Tied weights (lm_head = embeddings) share storage; keep the first name, as
+        # save_pretrained does, and from_pretrained ties them again.
+        ptr = t.untyped_storage().data_ptr() if t.numel() else id(t)
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        tensors[key] = t.contiguous()
+    files: dict[str, TensorFile | bytes] = {
+        "model.safetensors": TensorFile(
+            copy_tensors(tensors) if copy_data else tensors, dict(_SAFETENSORS_META)
+        ),
+        "config.json": model.config.to_json_string(use_diff=True).encode(),
+    }
+    return files
+
+
+def trainer_state_json(trainer: Trainer) -> bytes:
+    """``trainer_state.json`` as ``Trainer._save_checkpoint`` writes it (JSON, no pickle)."""
+    state = trainer.state
+    for cb in [*trainer.callback_handler.callbacks, trainer.control]:
+        if isinstance(cb, ExportableState):
+            state.stateful_callbacks[cb.__class__.__name__] = cb.state()
+    return (json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n").encode()
+
+
+def _find_trainer() -> Trainer | None:
+    # on_init_end is called from Trainer.__init__: the Trainer is `self` a few frames up.
+    frame = _inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+class SafepointCallback(TrainerCallback):
+    """Saves a Trainer's run with safepoint and resumes it on ``trainer.train()``.
+
+    Takes the ``Checkpointer`` options (``save_every``, ``keep_last``, ``keep_best``,
+    ``metric``, ``mode``, ``keep_every``, ``max_disk``, ``fingerprint``...) plus:
+    ``output_dir`` (default: the Trainer's ``args.output_dir``), ``resume`` (False: never
+    resume automatically) and ``early_stopping`` (stop after this many evaluations
+    without improving ``metric``). ``save_every`` defaults to the Trainer's own
+    ``save_steps``/``save_strategy``. ``info`` is JSON stored in every manifest.
+
+    Hooks for other parts of safepoint: ``save_now(reason)`` saves at the current step
+    boundary; ``committed(info, seconds)`` is called after each commit (override it).
+    """
+
+    def __init__(
+        self,
+        *,
+        output_dir: str | os.PathLike[str] | None = None,
+        resume: bool = True,
+        early_stopping: int | None = None,
+        info: dict[str, Any] | None = None,
+        **checkpointer_options: Any,
+    ) -> None:
+        bad = set(checkpointer_options) - _CHECKPOINTER_OPTIONS
+        if bad:
+            raise ConfigError(
+                f"SafepointCallback got unknown option(s) {', '.join(sorted(bad))}; valid: "
+                f"{', '.join(sorted(_CHECKPOINTER_OPTIONS | {'output_dir', 'resume', 'info'}))}"
+            )
+        if early_stopping is not None and early_stopping < 1:
+            raise ConfigError(f"early_stopping={early_stopping}: give a patience of 1 or more")
+        # Fail at construction, not an hour into training, on a bad option.
+        parse_save_every(checkpointer_options.get("save_every"))
+        max_disk = checkpointer_options.get("max_disk")
+        RetentionPolicy(
+            keep_last=checkpointer_options.get("keep_last"),
+            keep_best=checkpointer_options.get("keep_best", 0),
+            mode=checkpointer_options.get("mode", "min"),
+            keep_every=checkpointer_options.get("keep_every"),
+            max_bytes=None if max_disk is None else parse_size(max_disk, what="max_disk"),
+        )
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.resume = resume
+        self.early_stopping = early_stopping
+        self.info = dict(info or {})
+        self.options = checkpointer_options
+        self.checkpointer: Checkpointer | None = None
+        self.trainer: Trainer | None = None
+        self.resumed_from: CheckpointInfo | None = None
+        self.last_commit: CheckpointInfo | None = None
+        self.last_commit_seconds: float | None = None
+        self._pending: str | None = None
+        self._rng: dict[str, Any] | None = None
+        self._eval: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ wiring
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = _find_trainer()
+        if trainer is None:
+            raise ConfigError(
+                "SafepointCallback could not find its Trainer; pass it to "
+                "Trainer(..., callbacks=[SafepointCallback(...)]) rather than add_callback later"
+            )
+        if args.load_best_model_at_end:
+            raise ConfigError(
+                "load_best_model_at_end needs the Trainer's own checkpoints, which "
+                "SafepointCallback replaces; set it False and use keep_best / "
+                "`safepoint export --checkpoint best`"
+            )
+        self.trainer = trainer
+        original = trainer.train
+
+        @functools.wraps(original)
+        def train(resume_from_checkpoint: Any = None, *a: Any, **kw: Any) -> Any:
+            path = self._begin(trainer.args, resume_from_checkpoint)
+            try:
+                return original(path, *a, **kw)
+            finally:
+                self._end()
+
+        trainer.train = train  # type: ignore[method-assign]
+
+    def _directory(self, args: Any) -> Path:
+        return self.output_dir if self.output_dir is not None else Path(args.output_dir)
+
+    def _begin(self, args: Any, resume: Any) -> str | None:
+        """Open the Checkpointer (lock, sweep) and pick the checkpoint to resume from."""
+        options = dict(self.options)
+        if options.get("save_every") is None:
+            options["save_every"] = _trainer_schedule(args)
+        self._save_every = options.pop("save_every")
+        if args.save_strategy != "no":
+            log.info(
+                "safepoint saves this run; the Trainer's own save_strategy=%s is turned off",
+                args.save_strategy,
+            )
+        self.checkpointer = Checkpointer(self._directory(args), **options)
+        try:
+            self.resumed_from = self._pick(resume)
+        except BaseException:
+            self._end()
+            raise
+        return None if self.resumed_from is None else str(self.resumed_from.path)
+
+    def _pick(self, resume: Any) -> CheckpointInfo | None:
+        ckpt = self.checkpointer
+        assert ckpt is not None
+        if resume is False or (resume is None and not self.resume):
+            return None
+        if resume is None or resume is True:
+            for info in newest_first(ckpt.directory, deep=ckpt.verify_on_resume):
+                self._check_ours(info)
+                return info
+            if resume is True:
+                log.warning("no valid checkpoint in %s; starting from scratch", ckpt.directory)
+            return None
+        path = ckpt.store.path_for(resume) if isinstance(resume, int) else Path(resume)
+        if not os.path.lexists(path):
+            valid = [i.name for i in scan(ckpt.directory) if i.valid]
+            raise CheckpointNotFoundError(
+                f"{path}: no such checkpoint; valid checkpoints in {ckpt.directory}: "
+                f"{', '.join(valid) or 'none'}"
+            )
+        info = inspect(path, deep=ckpt.verify_on_resume)
+        if not info.valid:
+            raise IncompatibleCheckpointError(
+                f"{path} is {info.status}: {'; '.join(info.problems)}; resume from another "
+                "checkpoint or run `safepoint verify` for details"
+            )
+        self._check_ours(info)
+        return info
+
+    def _check_ours(self, info: CheckpointInfo) -> None:
+        ckpt = self.checkpointer
+        assert ckpt is not None and info.manifest is not None
+        theirs = info.manifest.fingerprint
+        if ckpt.fingerprint and theirs and theirs != ckpt.fingerprint:
+            raise IncompatibleCheckpointError(
+                f"{info.path} was written by another configuration (fingerprint {theirs}, "
+                f"this run {ckpt.fingerprint}); use the same configuration or another output dir"
+            )
+        if TRAINER_STATE_NAME not in info.manifest.files:
+            raise IncompatibleCheckpointError(
+                f"{info.path} was not written by SafepointCallback (no {TRAINER_STATE_NAME}); "
+                "resume it with the loop that wrote it, or use another output dir"
+            )
+
+    def _end(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+            self.checkpointer = None
+
+    # ------------------------------------------------------------ train events
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        ckpt = self._require()
+        ckpt.total_steps = state.max_steps
+        ckpt.schedule = Schedule(parse_save_every(self._save_every), total_steps=state.max_steps)
+        ckpt.schedule.start(time.monotonic(), state.global_step)
+        self._eval = {}
+        self._pending = None
+        info = self.resumed_from
+        if info is None:
+            return
+        # The Trainer restored the weights and trainer_state.json; optimizer, scheduler
+        # and RNG live in safepoint's pickle-free files.
+        ckpt.restore(
+            {"optimizer": kw["optimizer"], "scheduler": kw["lr_scheduler"]}, checkpoint=info.path
+        )
+        if state.global_step != info.step:
+            raise IncompatibleCheckpointError(
+                f"{info.path}: the Trainer resumed at step {state.global_step}, not {info.step}"
+            )
+        self._rng = read_state_doc(info.path).get("rng")
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._flush(state)
+        # Resumed at an epoch end: the Trainer would load its RNG file before drawing
+        # the next epoch's order.
+        if self._rng is not None and float(state.epoch or 0).is_integer():
+            self._restore_rng()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._flush(state)
+        # Resumed mid-epoch: the Trainer loads its RNG file after fetching the first
+        # batch past the skipped ones, right before this event.
+        if self._rng is not None:
+            self._restore_rng()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        control.should_save = False  # safepoint saves this run, never the Trainer too
+        self._maybe_save(state, control, epoch_end=False)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        control.should_save = False
+        self._maybe_save(state, control, epoch_end=True)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if self._pending and not control.should_evaluate:
+            self._flush(state)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any):
+        self._eval = {
+            k: float(v)
+            for k, v in (metrics or {}).items()
+            if isinstance(v, (int, float)) and math.isfinite(float(v))
+        }
+        if self.early_stopping and self._patience_spent(state):
+            control.should_training_stop = True
+            self._pending = self._pending or "early stopping"
+        self._flush(state)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._flush(state)
+        ckpt = self.checkpointer
+        if ckpt is not None and state.global_step > (ckpt.schedule.last_save_step or 0):
+            self._save(state, "end of training")
+
+    # ------------------------------------------------------------------ saving
+
+    def save_now(self, reason: str = "manual") -> CheckpointInfo | None:
+        """Save at the current step boundary unless this step is already saved.
+
+        Call between steps only (from a callback event or a signal handler that defers
+        to one). Returns the checkpoint committed, or None if there was nothing new.
+        """
+        if self.trainer is None or self.checkpointer is None:
+            return None
+        state = self.trainer.state
+        if self.checkpointer.schedule.last_save_step == state.global_step:
+            return None
+        self._pending = None
+        return self._save(state, reason)
+
+    def committed(self, info: CheckpointInfo, seconds: float) -> None:
+        """Called after each commit with the checkpoint and the training stall in seconds."""
+
+    def _require(self) -> Checkpointer:
+        if self.checkpointer is None:
+            raise ConfigError(
+                "SafepointCallback is not attached to this training; pass it in "
+                "Trainer(..., callbacks=[...]) and start with trainer.train()"
+            )
+        return self.checkpointer
+
+    def _maybe_save(self, state: Any, control: Any, *, epoch_end: bool) -> None:
+        ckpt = self._require()
+        step = state.global_step
+        reason = ckpt.schedule.due(step, time.monotonic(), epoch_end=epoch_end)
+        if reason is None and step >= state.max_steps and ckpt.schedule.last_save_step != step:
+            reason = "end of training"
+        if reason is None or step == 0:
+            return
+        self._pending = reason
+        # Save after this step's logging and evaluation, so the log history and the eval
+        # metrics are in the checkpoint; the Trainer runs those right after this event.
+        if not (control.should_log or control.should_evaluate):
+            self._flush(state)
+
+    def _flush(self, state: Any) -> None:
+        if self._pending is not None:
+            reason, self._pending = self._pending, None
+            if self.checkpointer is not None and (
+                self.checkpointer.schedule.last_save_step != state.global_step
+            ):
+                self._save(state, reason)
+
+    def _save(self, state: Any, reason: str) -> CheckpointInfo:
+        ckpt = self._require()
+        trainer = self.trainer
+        assert trainer is not None
+        t0 = time.perf_counter()
+        copy_data = bool(self.options.get("async_save"))
+        model = trainer.model
+        snapshot: Snapshot = capture(
+            {"optimizer": trainer.optimizer, "scheduler": trainer.lr_scheduler},
+            step=state.global_step,
+            copy=copy_data,
+            progress={
+                "global_step": state.global_step,
+                "epoch": state.epoch,
+                "max_steps": state.max_steps,
+            },
+        )
+        weights = adapter_files(model, copy_data=copy_data) if _is_peft(model) else None
+        snapshot.files.update(weights or model_files(model, copy_data=copy_data))
+        snapshot.files[TRAINER_STATE_NAME] = trainer_state_json(trainer)
+        snapshot.info.update(self.info)
+        snapshot.info["epoch"] = state.epoch
+        metrics = self._metrics(state)
+        info = ckpt.commit(snapshot, metrics=metrics, reason=reason, started=t0)
+        self.last_commit = info
+        self.last_commit_seconds = time.perf_counter() - t0
+        self.committed(info, self.last_commit_seconds)
+        return info
+
+    def _metrics(self, state: Any) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for entry in state.log_history:
+            if entry.get("step") != state.global_step:
+                continue
+            for k, v in entry.items():
+                if (k == "loss" or k.startswith("eval_")) and isinstance(v, (int, float)):
+                    metrics[k] = float(v)
+        metrics.update(self._eval)
+        return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+    def _patience_spent(self, state: Any) -> bool:
+        metric = self.options.get("metric", "eval_loss")
+        sign = 1.0 if self.options.get("mode", "min") == "min" else -1.0
+        values = [sign * e[metric] for e in state.log_history if metric in e]
+        if len(values) <= (self.early_stopping or 0):
+            return False
+        best_at = min(range(len(values)), key=lambda i: (values[i], i))
+        return len(values) - 1 - best_at >= (self.early_stopping or 0)
+
+    def _restore_rng(self) -> None:
+        rng, self._rng = self._rng, None
+        if rng:
+            restore_rng(rng)
+
+
+_CHECKPOINTER_OPTIONS = set(_inspect.signature(Checkpointer.__init__).parameters) - {
+    "self",
+    "directory",
+    "total_steps",
+}
+
+
+def _trainer_schedule(args: Any) -> str | None:
+    """The Trainer's own save schedule, in safepoint's terms, for when save_every is unset."""
+    strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    if strategy == "steps":
+        steps = args.save_steps
+        return f"{steps * 100:g}%" if 0 < steps < 1 else str(int(steps))
+    if strategy == "epoch":
+        return "epoch"
+    return None
+
+
+__all__ = ["SafepointCallback", "adapter_files", "model_files"]
