@@ -304,7 +304,9 @@ class Mirror:
             try:
                 info = self.remote.download(rc, self.store)
             except CorruptCheckpointError as e:
-                log.warning("remote %s/%s is damaged, trying an older one: %s", self.url, rc.name, e)
+                log.warning(
+                    "remote %s/%s is damaged, trying an older one: %s", self.url, rc.name, e
+                )
                 continue
             self.record.event(
                 "download",
@@ -402,8 +404,11 @@ class Mirror:
                 self.remote.delete(step)
                 self.record.event("remote_delete", step=step, checkpoint=f"checkpoint-{step}")
         except Exception as e:
-            log.warning("remote retention on %s failed (%s); will retry after the next upload",
-                        self.url, _short(e))
+            log.warning(
+                "remote retention on %s failed (%s); will retry after the next upload",
+                self.url,
+                _short(e),
+            )
 
 
 def _short(e: BaseException) -> str:

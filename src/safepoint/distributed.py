@@ -1,0 +1,159 @@
+"""Several processes, one run: torch.distributed (torchrun, accelerate launch).
+
+Replicated state (DDP: every rank holds the same weights and optimizer) is written once,
+by rank 0, which alone holds the run lock, writes the run record and commits. What
+differs between ranks is their random number generators: at each save every rank's RNG
+state is gathered to rank 0 and stored in ``ranks.json`` inside the checkpoint, so the
+manifest covers it like any other file. The gather is also the barrier of the commit
+protocol: rank 0 commits only after every rank has handed over its state.
+
+Agreement, so that ranks never diverge on what to do:
+
+- saving: rank 0's schedule decides (a time-based schedule would otherwise fire at
+  different steps), and a stop request on any rank (a signal) makes every rank save the
+  same step; one small ``all_reduce`` per step carries both.
+- resuming: rank 0 picks the checkpoint (after fetching it from a remote mirror when
+  needed) and broadcasts its step; every rank loads that one.
+
+Without torch.distributed initialised every function here is a no-op for one process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safepoint.format import dumps_json, loads_json
+from safepoint.records import RunRecord
+from safepoint.rng import capture_rng, restore_rng
+from safepoint.snapshot import Snapshot
+
+log = logging.getLogger("safepoint")
+
+RANKS_NAME = "ranks.json"
+"""Per-rank state of a multi-process checkpoint: world size and each rank's RNG."""
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run: rank, world size, whether it writes."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> Ranks:
+        """From the initialised default process group, else a single process."""
+        dist = _dist()
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def active(self) -> bool:
+        """True when several processes must agree (a process group of more than one)."""
+        return self.world_size > 1
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 holds the lock, writes the record and commits checkpoints."""
+        return self.rank == 0
+
+    # ------------------------------------------------------------------- saving
+
+    def agree_to_save(self, reason: str | None, stop: Any = None) -> str | None:
+        """The save decision of this step, the same on every rank.
+
+        Rank 0's ``reason`` decides. A stop signal received by any rank (``stop`` is the
+        Checkpointer's ``EmergencyStop``) is passed on to every rank, so that all of them
+        save the same step and stop. Collective: every rank calls it at every step.
+        """
+        if not self.active:
+            return reason
+        guard = getattr(stop, "guard", None)
+        mine = int(guard.signal) if guard is not None and guard.signal is not None else 0
+        flags = torch.tensor([int(self.is_writer and reason is not None), mine], dtype=torch.int32)
+        _dist().all_reduce(flags, op=_dist().ReduceOp.MAX)
+        due, signum = bool(flags[0]), int(flags[1])
+        if signum and guard is not None and guard.signal is None:
+            log.warning("another rank received a stop signal; this rank stops with it")
+            guard.received(signal.Signals(signum))
+        if not due:
+            return None
+        return reason or "in step with rank 0"
+
+    def gather_rng(self, snapshot: Snapshot) -> None:
+        """Gather every rank's RNG state; on rank 0, add them to ``snapshot`` as
+        ``ranks.json``. Collective: every rank calls it for the same step."""
+        if not self.active:
+            return
+        mine = json.dumps(capture_rng())
+        gathered: list[Any] | None = [None] * self.world_size if self.is_writer else None
+        # Strings only, so nothing but JSON ever crosses (and nothing is unpickled from disk).
+        _dist().gather_object(mine, gathered, dst=0)
+        if self.is_writer and gathered is not None:
+            doc = {
+                "world_size": self.world_size,
+                "step": snapshot.step,
+                "rng": [json.loads(s) for s in gathered],
+            }
+            snapshot.files[RANKS_NAME] = dumps_json(doc)
+
+    # ----------------------------------------------------------------- resuming
+
+    def agree_on_checkpoint(self, choose: Callable[[], int | None]) -> int | None:
+        """The step every rank resumes from: ``choose()`` on rank 0, broadcast to all."""
+        if not self.active:
+            return choose()
+        box: list[Any] = [choose() if self.is_writer else None]
+        _dist().broadcast_object_list(box, src=0)
+        step = box[0]
+        return step if isinstance(step, int) else None
+
+    def restore_rank_rng(self, path: Path, *, rng: bool = True) -> None:
+        """After a checkpoint was loaded: this rank's own RNG state, and a warning when
+        the checkpoint was saved by another number of processes."""
+        try:
+            doc = loads_json((path / RANKS_NAME).read_bytes(), where=str(path / RANKS_NAME))
+        except FileNotFoundError:
+            doc = {"world_size": 1, "rng": []}
+        saved = doc.get("world_size") if isinstance(doc, dict) else None
+        states = doc.get("rng") if isinstance(doc, dict) else None
+        if saved != self.world_size:
+            log.warning(
+                "%s was saved by %s process(es), this run has %d: training continues from "
+                "the same step and sample position, but the order in which data reaches "
+                "each process changes, so the run will not match an uninterrupted one",
+                path.name,
+                saved,
+                self.world_size,
+            )
+        if rng and isinstance(states, list) and states:
+            restore_rng(states[self.rank % len(states)])
+
+    def barrier(self) -> None:
+        if self.active:
+            _dist().barrier()
+
+
+class QuietRecord(RunRecord):
+    """The run record of a rank other than 0: rank 0 alone writes the run's record."""
+
+    def __init__(self) -> None:
+        super().__init__(Path("."))
+
+    def event(self, kind: str, **fields: Any) -> None:
+        pass

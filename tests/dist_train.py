@@ -1,0 +1,82 @@
+"""A plain PyTorch loop on safepoint, for one process or several (torchrun, gloo on CPU).
+
+usage: [torchrun --standalone --nproc_per_node N] python dist_train.py OUT_DIR
+       [--steps N] [--save-every S] [--keep-last K] [--remote URL] [--step-sleep SECONDS]
+
+Each rank draws its own batches and dropout masks from its own RNGs (seeded by rank),
+and DDP averages the gradients, so the final weights depend on every rank's RNG stream:
+a resume that restores any rank's RNG wrongly ends with different weights. Rank 0 writes
+the final weights to OUT_DIR/final.safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from safepoint import Checkpointer
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--save-every", default="5")
+    p.add_argument("--keep-last", type=int, default=None)
+    p.add_argument("--remote", default=None)
+    p.add_argument("--step-sleep", type=float, default=0.0)
+    args = p.parse_args(argv)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 4)
+    )
+    # Save the inner module: its state dict is the same under any number of processes.
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.manual_seed(100 + rank)
+    random.seed(1 + rank)
+    np.random.seed(2 + rank)
+    state = {"model": net, "optimizer": opt}
+    with Checkpointer(
+        args.out,
+        save_every=args.save_every,
+        keep_last=args.keep_last,
+        total_steps=args.steps,
+        remote=args.remote,
+    ) as ckpt:
+        start = ckpt.restore(state) or 0
+        print(f"rank {rank} pid {os.getpid()} start {start}", flush=True)
+        for step in range(start, args.steps):
+            x = torch.randn(8, 16)
+            y = torch.randn(8, 4) * (float(np.random.rand()) + random.random())
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            time.sleep(args.step_sleep)
+            ckpt.step(step + 1, state, metrics={"loss": float(loss)})
+            print(f"rank {rank} step {step + 1}", flush=True)
+    if rank == 0:
+        weights = {k: v.contiguous() for k, v in net.state_dict().items()}
+        save_file(weights, f"{args.out}/final.safetensors")
+    if world > 1:
+        dist.destroy_process_group()
+    print(f"rank {rank} done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
