@@ -62,6 +62,7 @@ class RunRecord:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.path = Path(directory) / RECORD_NAME
         self._failed = False
+        self._tail_checked = False
 
     def event(self, kind: str, **fields: Any) -> None:
         """Append one event. A failure to write the record is logged once, never raised:
@@ -77,6 +78,12 @@ class RunRecord:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
+                if not self._tail_checked:
+                    # A crash may have torn the last line: start ours on a fresh line so
+                    # that only the torn one is lost.
+                    if _ends_torn(self.path):
+                        line = "\n" + line
+                    self._tail_checked = True
                 os.write(fd, line.encode())
             finally:
                 os.close(fd)
@@ -88,6 +95,18 @@ class RunRecord:
                     e.strerror,
                 )
             self._failed = True
+
+
+def _ends_torn(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
 
 
 def read_events(directory: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:

@@ -134,7 +134,7 @@ def _numbers(raw: Any) -> dict[str, float]:
 def is_emergency(reason: str) -> bool:
     """Whether a save reason names an emergency save (a signal or an exception)."""
     reason = reason.lower()
-    return "emergency" in reason or "signal" in reason
+    return any(word in reason for word in ("emergency", "signal", "exception"))
 
 
 # --------------------------------------------------------------------------- extract
