@@ -115,6 +115,10 @@ def trainer_state_json(trainer: Trainer) -> bytes:
     return (json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n").encode()
 
 
+def _unwrap(optimizer: Any) -> Any:
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def _find_trainer() -> Trainer | None:
     # on_init_end is called from Trainer.__init__: the Trainer is `self` a few frames up.
     frame = _inspect.currentframe()
@@ -207,6 +211,13 @@ class SafepointCallback(TrainerCallback):
             path = self._begin(trainer.args, resume_from_checkpoint)
             try:
                 return original(path, *a, **kw)
+            except Exception as e:  # OOM, data error: save the last step if consistent
+                if self.checkpointer is not None:
+                    reason = f"exception: {type(e).__name__}"
+                    self.checkpointer.on_exception(
+                        e, lambda _s, _st: self._save(trainer.state, reason)
+                    )
+                raise
             finally:
                 self._end()
 
@@ -322,6 +333,15 @@ class SafepointCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         control.should_save = False  # safepoint saves this run, never the Trainer too
         self._maybe_save(state, control, epoch_end=False)
+        # A stop signal: emergency save of this exact step, then TrainingStopped (exit 3).
+        trainer = self.trainer
+        assert trainer is not None
+        self._require().at_boundary(
+            state.global_step,
+            # accelerate wraps the optimizer; its hooks live on the torch optimizer inside
+            {"optimizer": _unwrap(trainer.optimizer), "model": trainer.model},
+            lambda: self._save(state, "emergency"),
+        )
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         control.should_save = False
@@ -427,15 +447,18 @@ class SafepointCallback(TrainerCallback):
         return info
 
     def _metrics(self, state: Any) -> dict[str, float]:
+        # The losses and the ranking metric; the Trainer's timings would only clutter `ls`.
+        wanted = {"loss", "eval_loss", self.options.get("metric", "eval_loss")}
         metrics: dict[str, float] = {}
         for entry in state.log_history:
-            if entry.get("step") != state.global_step:
-                continue
-            for k, v in entry.items():
-                if (k == "loss" or k.startswith("eval_")) and isinstance(v, (int, float)):
-                    metrics[k] = float(v)
+            if entry.get("step") == state.global_step:
+                metrics.update(entry)
         metrics.update(self._eval)
-        return {k: v for k, v in metrics.items() if math.isfinite(v)}
+        return {
+            k: float(v)
+            for k, v in metrics.items()
+            if k in wanted and isinstance(v, (int, float)) and math.isfinite(float(v))
+        }
 
     def _patience_spent(self, state: Any) -> bool:
         metric = self.options.get("metric", "eval_loss")

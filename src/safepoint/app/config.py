@@ -1,0 +1,239 @@
+"""The resolved configuration of ``safepoint train``: defaults < YAML file < flags.
+
+Every field is both a YAML key and a flag (``lora_r`` is ``--lora-r``). ``validate``
+rejects bad values before anything is written; ``fingerprint`` identifies what makes
+two runs incompatible (model, data, LoRA shape...), so a rerun cannot resume from
+another configuration's checkpoints by mistake.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safepoint.errors import ConfigError
+from safepoint.retention import RetentionPolicy
+from safepoint.schedule import parse_save_every
+from safepoint.units import parse_size
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``safepoint train`` needs; the defaults run the built-in example."""
+
+    model: str = "tiny"
+    """``tiny`` (built in), a local folder, or a Hugging Face model name already cached."""
+    dataset: str = "builtin"
+    """``builtin`` or a file: .jsonl, .json, .csv, .parquet, .txt."""
+    text_field: str | None = None
+    """Column holding plain text; unset: ``text``, ``prompt``/``completion`` or ``messages``."""
+    output_dir: str = "runs/default"
+    """Where checkpoints go; rerunning with the same directory resumes."""
+    epochs: float = 3.0
+    """Passes over the data (ignored when ``max_steps`` is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    batch_size: int = 8
+    learning_rate: float = 1e-2
+    max_length: int = 64
+    """Longest tokenized example; longer ones are truncated."""
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None
+    """Module names LoRA adapts; unset: PEFT's default for the architecture."""
+    full: bool = False
+    """Fine-tune every weight instead of a LoRA adapter."""
+    seed: int = 42
+    save_every: str = "10"
+    """Steps (``10``), a fraction of the run (``10%``), a time (``15m``) or ``epoch``."""
+    keep_last: int | None = 3
+    keep_best: int = 1
+    keep_every: int | None = None
+    max_disk: str | None = None
+    metric: str = "eval_loss"
+    mode: str = "min"
+    eval_split: float = 0.1
+    """Fraction of the data held out for evaluation (0: none)."""
+    eval_dataset: str | None = None
+    """A separate evaluation file (then ``eval_split`` is not used)."""
+    eval_every: int | None = None
+    """Evaluate every N steps; unset: at each step save when saving every N steps."""
+    early_stopping: int | None = None
+    """Stop after this many evaluations without a better ``metric``."""
+    resume: str = "auto"
+    signals: str = "TERM,INT,USR1"
+    """Signals that stop the run with an emergency checkpoint and exit code 3 (or none)."""
+    grace: str | None = None
+    """Time between the stop signal and the kill (e.g. ``120s``): a save that cannot
+    finish in it is not started."""
+    """``auto`` (newest valid checkpoint), ``never`` (fresh, in a new directory) or a path."""
+
+    # ------------------------------------------------------------------ build
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def resolve(cls, file: str | None, flags: dict[str, Any]) -> TrainConfig:
+        """Defaults, then the YAML ``file``, then the ``flags`` that were given (not None)."""
+        values: dict[str, Any] = {}
+        if file is not None:
+            values.update(_read_yaml(Path(file)))
+        values.update({k: v for k, v in flags.items() if v is not None})
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` on any bad value; writes nothing."""
+        parse_save_every(self.save_every)
+        RetentionPolicy(
+            keep_last=self.keep_last,
+            keep_best=self.keep_best,
+            metric=self.metric,
+            mode=self.mode,  # type: ignore[arg-type]
+            keep_every=self.keep_every,
+            max_bytes=None if self.max_disk is None else parse_size(self.max_disk),
+        )
+        checks = [
+            (self.epochs > 0, "epochs must be more than 0"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be at least 1"),
+            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.learning_rate > 0, "learning_rate must be more than 0"),
+            (self.max_length >= 8, "max_length must be at least 8 tokens"),
+            (self.lora_r >= 1, "lora_r must be at least 1"),
+            (self.lora_alpha >= 1, "lora_alpha must be at least 1"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            (0 <= self.eval_split < 1, "eval_split must be in [0, 1), e.g. 0.1"),
+            (self.eval_every is None or self.eval_every >= 1, "eval_every must be at least 1"),
+            (
+                self.early_stopping is None or self.early_stopping >= 1,
+                "early_stopping must be a patience of at least 1 evaluation",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{message} (see `safepoint train --help`)")
+        if self.early_stopping and not (self.eval_split or self.eval_dataset):
+            raise ConfigError(
+                "early_stopping needs evaluations: set --eval-split or --eval-dataset"
+            )
+
+    # ------------------------------------------------------------------ views
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.keys()}
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must share with this run to be resumed by it."""
+        keys = [
+            "model",
+            "dataset",
+            "text_field",
+            "full",
+            "lora_r",
+            "lora_alpha",
+            "lora_dropout",
+            "lora_target_modules",
+            "max_length",
+            "batch_size",
+            "seed",
+            "eval_split",
+            "eval_dataset",
+        ]
+        ident = {k: getattr(self, k) for k in keys}
+        if self.full:
+            for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
+                ident.pop(k)
+        for k in ("dataset", "eval_dataset"):
+            value = ident[k]
+            if value and Path(value).is_file():
+                ident[f"{k}_sha256"] = _file_digest(Path(value))
+        return ident
+
+    def fingerprint(self) -> str:
+        """A short hash of ``identity()``, stored in every checkpoint's manifest."""
+        body = json.dumps(self.identity(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(body).hexdigest()[:16]
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    """A YAML or flag value as the field's type, or ``ConfigError`` naming the key."""
+    if value is None and "None" in kind:
+        return None
+    base = kind.split(" |")[0]
+    try:
+        if base == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+                return value.lower() in ("true", "yes")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "list[str]":
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list):
+                raise ValueError
+            return [str(v).strip() for v in items if str(v).strip()]
+        if base == "str":
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {base}") from None
+    return value
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e})".splitlines()[0]) from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: a config file is a mapping of keys to values")
+    valid = TrainConfig.keys()
+    out = {}
+    for key, value in doc.items():
+        name = str(key).replace("-", "_")
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            raise ConfigError(f"{path}: unknown key {key!r}; {hint}")
+        out[name] = value
+    return out
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The resolved configuration as YAML, loadable again with ``--config``."""
+    import yaml
+
+    return yaml.safe_dump(cfg.as_dict(), sort_keys=False)

@@ -1,0 +1,266 @@
+"""The ``safepoint train`` job: LoRA (or full) SFT with TRL, saved and resumed by safepoint.
+
+Order matters for "bad input loses nothing": the configuration, the model and the data
+are all checked before the output directory is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safepoint.app.config import TrainConfig
+from safepoint.app.tiny import BUILTIN_DATASET, TINY_MODEL, builtin_dataset_path, tiny_model_path
+from safepoint.errors import CheckpointNotFoundError, ConfigError, IncompatibleCheckpointError
+from safepoint.store import CheckpointInfo, newest_first, scan
+
+log = logging.getLogger("safepoint")
+
+_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class Plan:
+    """What a run will do, decided before anything is written."""
+
+    config: TrainConfig
+    model_path: str
+    output_dir: Path
+    resume_from: str | None
+    train: Any
+    eval: Any | None
+
+
+# ---------------------------------------------------------------------- inputs
+
+
+def resolve_model(name: str) -> str:
+    """A folder ``from_pretrained`` can load, or ``ConfigError``."""
+    if name == TINY_MODEL:
+        return str(tiny_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--model {name}: {path} has no config.json; give a model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]:
+        raise ConfigError(f"--model {name}: no such folder; give a model folder, or 'tiny'")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    except Exception as e:  # the hub client raises many types; all mean "cannot get it"
+        raise ConfigError(
+            f"--model {name}: not a local folder and not obtainable from the Hugging Face hub "
+            f"({type(e).__name__}); give a model folder, or 'tiny' for the built-in model"
+        ) from None
+
+
+def _load_file(path_text: str, what: str) -> Any:
+    from datasets import load_dataset
+
+    if path_text == BUILTIN_DATASET:
+        path = builtin_dataset_path()
+    else:
+        path = Path(path_text).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--{what} {path_text}: no such file")
+    loader = _LOADERS.get(path.suffix.lower())
+    if loader is None:
+        raise ConfigError(
+            f"--{what} {path_text}: unknown file type {path.suffix!r}; use "
+            f"{', '.join(sorted(_LOADERS))}"
+        )
+    try:
+        data = load_dataset(loader, data_files=str(path), split="train")
+    except Exception as e:  # datasets wraps parser errors in many types
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"--{what} {path_text}: cannot read it as {loader} ({reason})") from None
+    if len(data) == 0:
+        raise ConfigError(f"--{what} {path_text}: the data set is empty; give it some examples")
+    return data
+
+
+def _check_columns(data: Any, cfg: TrainConfig, where: str) -> None:
+    columns = set(data.column_names)
+    if cfg.text_field:
+        if cfg.text_field not in columns:
+            raise ConfigError(
+                f"{where}: no column {cfg.text_field!r} for --text-field; it has "
+                f"{', '.join(sorted(columns))}"
+            )
+        return
+    if "text" in columns or "messages" in columns or {"prompt", "completion"} <= columns:
+        return
+    raise ConfigError(
+        f"{where}: no text to train on; expected a 'text' column, 'prompt' and "
+        f"'completion', or 'messages' (it has {', '.join(sorted(columns))}); "
+        "name the column with --text-field"
+    )
+
+
+def load_data(cfg: TrainConfig) -> tuple[Any, Any | None]:
+    """The train and eval splits, checked for content."""
+    data = _load_file(cfg.dataset, "dataset")
+    _check_columns(data, cfg, f"--dataset {cfg.dataset}")
+    if cfg.eval_dataset:
+        eval_data = _load_file(cfg.eval_dataset, "eval-dataset")
+        _check_columns(eval_data, cfg, f"--eval-dataset {cfg.eval_dataset}")
+        return data, eval_data
+    if cfg.eval_split > 0:
+        n_eval = int(len(data) * cfg.eval_split)
+        if n_eval < 1 or n_eval >= len(data):
+            raise ConfigError(
+                f"--eval-split {cfg.eval_split} of {len(data)} examples leaves no "
+                "evaluation or no training data; use --eval-split 0 or more data"
+            )
+        split = data.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
+        return split["train"], split["test"]
+    return data, None
+
+
+# ---------------------------------------------------------------- output dir
+
+
+def _checkpoints(directory: Path) -> list[CheckpointInfo]:
+    return [i for i in scan(directory) if i.status != "staging"] if directory.is_dir() else []
+
+
+def choose_output(cfg: TrainConfig) -> tuple[Path, str | None]:
+    """The output directory and the checkpoint to resume from (None: newest valid, or
+    fresh when there is none). Raises before anything is written."""
+    out = Path(cfg.output_dir)
+    if cfg.resume == "never":
+        if _checkpoints(out):
+            n = 2
+            while _checkpoints(Path(f"{out}-{n}")) or Path(f"{out}-{n}").is_file():
+                n += 1
+            new = Path(f"{out}-{n}")
+            log.warning("--resume never: starting fresh in %s; %s is left untouched", new, out)
+            return new, None
+        return out, None
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        if not path.is_dir():
+            valid = [i.name for i in _checkpoints(out) if i.valid]
+            raise CheckpointNotFoundError(
+                f"--resume {cfg.resume}: no such checkpoint; valid checkpoints in {out}: "
+                f"{', '.join(valid) or 'none'}"
+            )
+        _check_identity(path, cfg, out)
+        return out, str(path)
+    for info in newest_first(out, deep=False):
+        _check_identity(info.path, cfg, out)
+        break
+    return out, None
+
+
+def _check_identity(checkpoint: Path, cfg: TrainConfig, out: Path) -> None:
+    from safepoint.store import inspect
+
+    info = inspect(checkpoint)
+    theirs = (info.manifest.info.get("config") if info.manifest else None) or {}
+    fingerprint = info.manifest.fingerprint if info.manifest else None
+    if not fingerprint or fingerprint == cfg.fingerprint():
+        return
+    ours = cfg.identity()
+    differ = [
+        f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now"
+        for k in sorted(set(theirs) | set(ours))
+        if theirs.get(k) != ours.get(k)
+    ]
+    raise IncompatibleCheckpointError(
+        f"{checkpoint} belongs to another configuration ({'; '.join(differ) or 'fingerprint'}); "
+        f"rerun with the same settings, choose another --output-dir, or --resume never "
+        f"to start fresh beside {out}"
+    )
+
+
+def plan(cfg: TrainConfig) -> Plan:
+    """Check everything and decide where the run goes. Writes nothing but the model cache."""
+    _quiet_libraries()
+    model_path = resolve_model(cfg.model)
+    train, eval_data = load_data(cfg)
+    out, resume = choose_output(cfg)
+    return Plan(cfg, model_path, out, resume, train, eval_data)
+
+
+def _quiet_libraries() -> None:
+    # The libraries' own progress bars and deprecation notices would bury safepoint's
+    # output; their errors still surface as exceptions.
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    for module in ("transformers", "peft", "trl", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ------------------------------------------------------------------------ run
+
+
+def build_trainer(p: Plan, callback: Any) -> Any:
+    """The TRL ``SFTTrainer`` for a plan, with ``callback`` (a ``SafepointCallback``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = p.config
+    tokenizer = AutoTokenizer.from_pretrained(p.model_path)
+    model = AutoModelForCausalLM.from_pretrained(p.model_path)
+    peft_config = None
+    if not cfg.full:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+    eval_every = cfg.eval_every or (int(cfg.save_every) if cfg.save_every.isdigit() else 10)
+    args = SFTConfig(
+        output_dir=str(p.output_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        max_length=cfg.max_length,
+        dataset_text_field=cfg.text_field or "text",
+        seed=cfg.seed,
+        logging_steps=1,
+        eval_strategy="steps" if p.eval is not None else "no",
+        eval_steps=eval_every,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=p.train,
+        eval_dataset=p.eval,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback],
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def stdout_is_tty() -> bool:
+    return sys.stdout.isatty()

@@ -1,0 +1,174 @@
+"""``safepoint train``: the main job. LoRA SFT with TRL, saved and resumed by safepoint."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+
+from safepoint.app.config import TrainConfig, to_yaml
+from safepoint.store import CheckpointInfo, scan
+from safepoint.units import format_size
+
+# (flag name = config key, click type, help). Every key is also a YAML key.
+_OPTIONS: list[tuple[str, Any, str]] = [
+    ("model", str, "'tiny' (built in, default), a model folder, or a cached hub name."),
+    ("dataset", str, "'builtin' (default) or a .jsonl/.json/.csv/.parquet/.txt file."),
+    ("text_field", str, "Column with plain text (default: text, prompt/completion, messages)."),
+    ("output_dir", str, "Where checkpoints go (default runs/default); a rerun resumes there."),
+    ("epochs", float, "Passes over the data (default 3)."),
+    ("max_steps", int, "Stop after this many optimizer steps (overrides --epochs)."),
+    ("batch_size", int, "Examples per step (default 8)."),
+    ("learning_rate", float, "Peak learning rate (default 1e-2)."),
+    ("max_length", int, "Longest example in tokens (default 64)."),
+    ("lora_r", int, "LoRA rank (default 8)."),
+    ("lora_alpha", int, "LoRA alpha (default 16)."),
+    ("lora_dropout", float, "LoRA dropout (default 0.05)."),
+    ("lora_target_modules", str, "Comma-separated module names (default: PEFT's choice)."),
+    ("seed", int, "Random seed (default 42)."),
+    ("save_every", str, "Steps (10), a fraction (10%), a time (15m) or 'epoch' (default 10)."),
+    ("keep_last", int, "Keep the newest N checkpoints (default 3)."),
+    ("keep_best", int, "Keep the best K by --metric (default 1)."),
+    ("keep_every", int, "Also keep every checkpoint whose step is a multiple of N."),
+    ("max_disk", str, "Byte budget for all checkpoints, e.g. 2GB."),
+    ("metric", str, "Metric ranking checkpoints (default eval_loss)."),
+    ("mode", click.Choice(["min", "max"]), "Whether lower or higher --metric is better."),
+    ("eval_split", float, "Fraction of the data held out for evaluation (default 0.1)."),
+    ("eval_dataset", str, "A separate evaluation file."),
+    ("eval_every", int, "Evaluate every N steps (default: at each save)."),
+    ("early_stopping", int, "Stop after N evaluations without improvement."),
+    ("resume", str, "auto (default), never (fresh, in a new directory) or a checkpoint path."),
+    ("signals", str, "Stop signals: save, exit 3 (default TERM,INT,USR1; 'none')."),
+    ("grace", str, "Time a stop signal leaves before the kill, e.g. 120s."),
+]
+
+
+def _decorate(f: Any) -> Any:
+    for name, kind, text in reversed(_OPTIONS):
+        f = click.option(f"--{name.replace('_', '-')}", name, type=kind, help=text)(f)
+    f = click.option("--full/--lora", "full", default=None, help="Full fine-tune, or LoRA.")(f)
+    return f
+
+
+def _bar(step: int, total: int, width: int = 24) -> str:
+    filled = int(width * step / max(total, 1))
+    return "#" * filled + "." * (width - filled)
+
+
+def _make_callback(cfg: TrainConfig, tty: bool) -> Any:
+    from safepoint.integrations.hf import SafepointCallback
+
+    class JobCallback(SafepointCallback):
+        """Prints progress, one line per commit, and remembers the run's outcome."""
+
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.started = time.monotonic()
+            self.commits = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            super().on_train_begin(args, state, control, **kw)
+            where = (
+                f"resuming from {self.resumed_from.path} (step {state.global_step})"
+                if self.resumed_from
+                else "starting fresh"
+            )
+            click.echo(
+                f"safepoint train: {where}; {state.max_steps} steps, saving {cfg.save_every}"
+            )
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any):
+            super().on_log(args, state, control, logs=logs, **kw)
+            logs = logs or {}
+            if "loss" not in logs or self.checkpointer is None:
+                return
+            interval = self.checkpointer.schedule.step_interval()
+            nxt = ((state.global_step // interval) + 1) * interval if interval else None
+            last = f"{self.last_commit_seconds:.2f} s" if self.last_commit_seconds else "-"
+            line = (
+                f"[{_bar(state.global_step, state.max_steps)}] {state.global_step}/"
+                f"{state.max_steps}  loss {logs['loss']:.4f}  next save "
+                f"{'step ' + str(min(nxt, state.max_steps)) if nxt else cfg.save_every}"
+                f"  last save {last}"
+            )
+            if tty:
+                click.echo("\r" + line, nl=False)
+            elif state.global_step % 5 == 0 or state.global_step == state.max_steps:
+                click.echo(line)
+
+        def committed(self, info: CheckpointInfo, seconds: float) -> None:
+            self.commits += 1
+            metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(info.metrics.items()))
+            prefix = "\r\x1b[K" if tty else ""
+            click.echo(
+                f"{prefix}saved {info.path} in {seconds:.2f} s ({format_size(info.size)})"
+                f"{'  ' + metrics if metrics else ''}"
+            )
+
+    return JobCallback(
+        save_every=cfg.save_every,
+        keep_last=cfg.keep_last,
+        keep_best=cfg.keep_best,
+        keep_every=cfg.keep_every,
+        max_disk=cfg.max_disk,
+        metric=cfg.metric,
+        mode=cfg.mode,
+        fingerprint=cfg.fingerprint(),
+        early_stopping=cfg.early_stopping,
+        resume=cfg.resume != "never",
+        signals=cfg.signals,
+        grace=cfg.grace,
+        info={"config": cfg.identity()},
+    )
+
+
+def _summary(ctx: click.Context, directory: str, cfg: TrainConfig) -> None:
+    from safepoint.cli.inspect_cmds import ls_cmd
+    from safepoint.retention import Candidate, RetentionPolicy, best_steps
+
+    click.echo("")
+    ctx.invoke(ls_cmd, directory=directory, as_json=False)
+    valid = [i for i in scan(directory) if i.valid]
+    if not valid:
+        return
+    policy = RetentionPolicy(keep_best=1, metric=cfg.metric, mode=cfg.mode)  # type: ignore[arg-type]
+    best = best_steps([Candidate(i.step, i.size, i.metrics) for i in valid], policy)
+    if best:
+        info = next(i for i in valid if i.step == best[0])
+        click.echo(f"best:   {info.path}  ({cfg.metric} {info.metrics[cfg.metric]:.4f})")
+    click.echo(f"latest: {valid[-1].path}")
+
+
+@click.command("train")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
+@_decorate
+@click.pass_context
+def train_cmd(ctx: click.Context, config_file: str | None, print_config: bool, **flags: Any):
+    """LoRA (or --full) SFT with TRL; built-in tiny model and data by default.
+
+    Rerunning the same command resumes from the newest valid checkpoint.
+    """
+    cfg = TrainConfig.resolve(config_file, flags)
+    if print_config:
+        click.echo(to_yaml(cfg), nl=False)
+        return
+    from safepoint.app.job import build_trainer, plan
+
+    p = plan(cfg)
+    callback = _make_callback(cfg, sys.stdout.isatty())
+    trainer = build_trainer(p, callback)
+    trainer.train(resume_from_checkpoint=p.resume_from)
+    if sys.stdout.isatty():
+        click.echo("")
+    stopped = " (early stopping)" if trainer.state.global_step < trainer.state.max_steps else ""
+    click.echo(
+        f"done: {trainer.state.global_step} steps{stopped}, {callback.commits} checkpoints "
+        f"committed, {time.monotonic() - callback.started:.0f} s"
+    )
+    _summary(ctx, str(p.output_dir), cfg)
+
+
+COMMANDS = [train_cmd]
