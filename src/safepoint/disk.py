@@ -206,8 +206,8 @@ def preflight_warnings(check: DiskCheck, policy: RetentionPolicy) -> list[str]:
     """Choices that will work but probably hurt, found by the pre-flight check."""
     size = check.checkpoint_bytes
     notes = []
-    if check.unbounded:
-        room = (check.free + check.held) // size if size else 0
+    room = (check.free + check.held) // size if size else 0
+    if check.unbounded and room < 100:
         notes.append(
             f"every checkpoint is kept (no keep_last or max_disk) at ~{format_size(size)} each; "
             f"{format_size(check.free)} free holds ~{room} of them; consider --keep-last or "

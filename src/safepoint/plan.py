@@ -19,7 +19,10 @@ interval).
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_MTBF_S = 24 * 3600.0
 """Failure rate assumed when the user gives none: one failure a day (preemptible cloud
@@ -168,4 +171,52 @@ def overhead_warning(
     return (
         f"saving {description} at ~{stall:.2g} s per save spends ~{share:.0%} of the run on "
         "checkpoints; consider a longer --save-every or --save-every auto"
+    )
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a run record tells about a run, for ``safepoint plan DIR``."""
+
+    step_time: float | None
+    stall: float | None
+    checkpoint_bytes: int | None
+    saves: int
+    resumes: int
+    config: dict[str, Any]
+    """The options of the newest start of the run (``start`` event), possibly empty."""
+
+
+def measured(events: Iterable[Mapping[str, Any]]) -> Measured:
+    """Medians of the step times, save stalls and sizes a run recorded (recent ones)."""
+    stalls: list[float] = []
+    sizes: list[int] = []
+    paces: list[float] = []
+    resumes = 0
+    config: dict[str, Any] = {}
+    for e in events:
+        kind = e.get("event")
+        if kind == "save" and e.get("result", "committed") == "committed":
+            if isinstance(e.get("stall_s"), (int, float)):
+                stalls.append(float(e["stall_s"]))
+            if isinstance(e.get("bytes"), int):
+                sizes.append(e["bytes"])
+        elif kind == "pace" and isinstance(e.get("step_time_s"), (int, float)):
+            paces.append(float(e["step_time_s"]))
+        elif kind == "resume":
+            resumes += 1
+        elif kind == "start" and isinstance(e.get("config"), dict):
+            config = dict(e["config"])
+
+    def median(xs: list[float]) -> float | None:
+        return statistics.median(xs[-20:]) if xs else None
+
+    size = median([float(s) for s in sizes])
+    return Measured(
+        step_time=median(paces),
+        stall=median(stalls),
+        checkpoint_bytes=None if size is None else int(size),
+        saves=len(stalls),
+        resumes=resumes,
+        config=config,
     )

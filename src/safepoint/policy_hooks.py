@@ -155,8 +155,13 @@ def saved(self: Checkpointer, step: int, stall: float) -> None:
         log.info("%s", change)
         self.record.event("schedule", interval_s=round(auto.interval, 3), reason=change)
     step_time = self.schedule.step_time
+    if step_time:  # for `safepoint plan DIR`
+        self.record.event("pace", step=step, step_time_s=round(step_time, 6))
     # the first step's time may include set-up: judge from two samples or more
+    # auto bounds its own overhead (max_overhead)
     if self._warned_overhead or not step_time or self.schedule.step_samples < 2:
+        return
+    if self.schedule.auto is not None:
         return
     self._warned_overhead = True
     interval = self.schedule.interval_seconds(step_time)

@@ -120,9 +120,9 @@ class AutoInterval:
         if not first and abs(interval - self.interval) <= 0.2 * self.interval:
             return None
         old, self.interval, self.rule = self.interval, interval, rule
-        return f"{format_duration(old)} -> " + self.describe("measured")
+        return self.describe("measured", was=old)
 
-    def describe(self, what: str) -> str:
+    def describe(self, what: str, *, was: float | None = None) -> str:
         steps = (
             f", ~{steps_for(self.interval, self.step_time)} steps of "
             f"{format_duration(self.step_time)}"
@@ -130,7 +130,9 @@ class AutoInterval:
             else ""
         )
         return (
-            f"auto save interval {format_duration(self.interval)}{steps} ({self.rule}; "
+            f"auto save interval {format_duration(self.interval)}"
+            + (f" (was {format_duration(was)})" if was is not None else "")
+            + f"{steps} ({self.rule}; "
             f"{what} {self.stall:.3g} s per save, MTBF {format_duration(self.mtbf)})"
         )
 

@@ -1,0 +1,159 @@
+"""What to keep: the retention rules as tables, their combinations, and the engine's use of
+them (deletion only after a commit, the policy stored for ``ls``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from safepoint import Checkpointer, ConfigError
+from safepoint.retention import (
+    Candidate,
+    RetentionPolicy,
+    free_before_commit,
+    next_deletions,
+    plan,
+    policy_from_json,
+    policy_to_json,
+)
+from tests.conftest import run_toy
+
+LOSS = {10: 0.9, 20: 0.5, 30: 0.7, 40: 0.3, 50: 0.8, 60: 0.6}
+
+
+def cands(steps: list[int], *, size: int = 100, metric: str = "eval_loss") -> list[Candidate]:
+    return [Candidate(s, size, {metric: LOSS[s]} if s in LOSS else {}) for s in steps]
+
+
+ALL = [10, 20, 30, 40, 50, 60]
+
+# policy kwargs -> (kept steps, {step: reasons that must be among its reasons})
+TABLE = [
+    ({}, ALL, {60: ["latest", "all"], 40: ["best"]}),
+    ({"keep_last": 1}, [40, 60], {60: ["latest", "last-1"], 40: ["best"]}),
+    ({"keep_last": 2}, [40, 50, 60], {50: ["last-2"]}),
+    ({"keep_last": 1, "keep_best": 3}, [20, 40, 60], {20: ["best-3"], 60: ["best-3"]}),
+    ({"keep_last": 1, "keep_best": 2, "mode": "max"}, [10, 50, 60], {10: ["best"]}),
+    ({"keep_last": 1, "keep_every": 20}, [20, 40, 60], {20: ["milestone"]}),
+    ({"keep_last": 1, "keep_every": 25}, [40, 50, 60], {50: ["milestone"]}),
+    ({"keep_last": 1, "metric": "accuracy"}, [60], {}),  # unknown metric: no best
+    ({"max_bytes": 300}, [40, 50, 60], {}),  # the budget trims the oldest
+    ({"max_bytes": 200}, [40, 60], {}),
+    ({"max_bytes": 1}, [40, 60], {}),  # never below latest + best
+    ({"keep_last": 2, "keep_every": 20, "max_bytes": 400}, [20, 40, 50, 60], {}),
+    ({"keep_last": 2, "keep_every": 20, "max_bytes": 300}, [40, 50, 60], {}),
+    ({"keep_last": 4, "keep_best": 2, "max_bytes": 300}, [40, 50, 60], {}),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "kept", "reasons"), TABLE)
+def test_retention_table(kwargs: dict, kept: list[int], reasons: dict[int, list[str]]) -> None:
+    decision = plan(cands(ALL), RetentionPolicy(**kwargs))
+    assert sorted(decision.keep) == kept
+    assert sorted(decision.delete) == sorted(set(ALL) - set(kept))
+    for step, want in reasons.items():
+        assert set(want) <= set(decision.keep[step]), decision.keep[step]
+
+
+def test_over_budget_flag() -> None:
+    assert plan(cands(ALL), RetentionPolicy(max_bytes=1)).over_budget
+    assert not plan(cands(ALL), RetentionPolicy(max_bytes=200)).over_budget
+
+
+def test_empty_and_single() -> None:
+    assert plan([], RetentionPolicy(keep_last=1)).keep == {}
+    only = plan(cands([10]), RetentionPolicy(keep_last=1, max_bytes=1))
+    assert list(only.keep) == [10] and only.delete == ()
+
+
+def test_ties_prefer_the_newer_checkpoint() -> None:
+    same = [Candidate(s, 1, {"eval_loss": 0.5}) for s in (1, 2, 3)]
+    decision = plan(same, RetentionPolicy(keep_last=1))
+    assert "best" in decision.keep[3]
+    assert decision.delete == (1, 2)
+
+
+def test_next_deletions() -> None:
+    policy = RetentionPolicy(keep_last=2)
+    assert next_deletions(cands([40, 50, 60]), policy, step=70) == (50,)  # 40 is best
+    assert next_deletions(cands([50, 60]), policy, step=70) == (50,)
+    assert next_deletions(cands([50, 60]), RetentionPolicy(keep_last=3), step=70) == ()
+
+
+def test_free_before_commit_spares_newest_and_best() -> None:
+    policy = RetentionPolicy(keep_last=2)
+    incoming = Candidate(70, 100, {"eval_loss": 0.1})  # will be the new best
+    assert free_before_commit(cands([20, 40, 50, 60]), policy, incoming) == (20, 50)
+    # keep_last=1: the policy would delete all older ones, but newest and best stay
+    one = RetentionPolicy(keep_last=1)
+    assert free_before_commit(cands([50, 60]), one, incoming) == (50,)
+    assert free_before_commit(cands([60]), one, incoming) == ()
+    assert free_before_commit([], one, incoming) == ()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"keep_last": 0},
+        {"keep_best": -1},
+        {"mode": "median"},
+        {"keep_every": 0},
+        {"max_bytes": 0},
+    ],
+)
+def test_bad_policies(kwargs: dict) -> None:
+    with pytest.raises(ConfigError):
+        RetentionPolicy(**kwargs)
+
+
+def test_policy_json_round_trip() -> None:
+    policy = RetentionPolicy(keep_last=3, keep_best=2, metric="acc", mode="max", max_bytes=9)
+    assert policy_from_json({**policy_to_json(policy), "unknown": 1}) == policy
+    with pytest.raises(ConfigError):
+        policy_from_json({"keep_last": -3})
+
+
+# ------------------------------------------------------------- with the Checkpointer
+
+
+def test_checkpointer_applies_combined_rules(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 2)
+    state = {"model": model}
+    losses = {1: 0.9, 2: 0.2, 3: 0.8, 4: 0.7, 5: 0.6, 6: 0.95}
+    with Checkpointer(
+        tmp_path, save_every="1", keep_last=2, keep_best=1, keep_every=3, metric="eval_loss"
+    ) as ckpt:
+        ckpt.restore(state)
+        for step, loss in losses.items():
+            ckpt.step(step, state, metrics={"eval_loss": loss})
+        assert [i.step for i in ckpt.list()] == [2, 3, 5, 6]
+    doc = json.loads((tmp_path / "checkpoint-6" / "safepoint.json").read_text())
+    stored = policy_from_json(doc["info"]["policy"])
+    assert stored == RetentionPolicy(keep_last=2, keep_best=1, keep_every=3)
+
+
+def test_retention_only_after_commit(tmp_path: Path) -> None:
+    """Killed after writing the new manifest but before the rename: the old checkpoint,
+    which keep_last=1 would delete, is still there and valid."""
+    proc = run_toy(
+        tmp_path,
+        "--steps",
+        "20",
+        "--save-every",
+        "5",
+        "--keep-last",
+        "1",
+        env={"SAFEPOINT_CRASH_AT": "after_manifest@2"},
+        check=False,
+    )
+    assert proc.returncode == -9
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
+    assert names == ["checkpoint-5"]
+    ckpt = Checkpointer(tmp_path)
+    try:
+        assert ckpt.latest() is not None and ckpt.latest().step == 5
+    finally:
+        ckpt.close()
