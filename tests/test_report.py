@@ -231,3 +231,17 @@ def test_stock_trainer_directory_shows_loss_and_checkpoints(stock_dir: Path) -> 
     assert data.saves == [] and data.disk == [] and data.notes
     paths = write_report(data, stock_dir / "report")
     assert "stock Trainer" in paths["html"].read_text()
+
+
+@pytest.mark.crash
+def test_ls_shows_stall_and_write_of_each_save(run_dir: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")  # rich would squeeze the headers into 80 columns
+    data = extract(run_dir)
+    assert main(["ls", str(run_dir), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    for kept in data.kept:
+        assert rows[kept.name]["stall_s"] == kept.stall_s > 0
+        assert rows[kept.name]["write_s"] == kept.write_s > 0
+    assert main(["ls", str(run_dir)]) == 0
+    header = capsys.readouterr().out
+    assert "stall" in header and "write" in header

@@ -333,6 +333,7 @@ th{background:#edf2f7}td.n{text-align:right;font-variant-numeric:tabular-nums}
 
 # Counts the plots that decoded, so a headless browser can tell the page rendered.
 _SCRIPT = """
+window.addEventListener('error',function(e){document.body.setAttribute('data-error',e.message);});
 window.addEventListener('load',function(){var ok=0;
 document.querySelectorAll('img.plot').forEach(function(i){if(i.naturalWidth>0)ok++;});
 document.body.setAttribute('data-plots-loaded',String(ok));});
