@@ -14,6 +14,8 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, Literal
 
+from safepoint import policy_hooks
+from safepoint.disk import DiskCheck
 from safepoint.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -22,12 +24,13 @@ from safepoint.errors import (
     SaveFailedError,
 )
 from safepoint.lock import RunLock
+from safepoint.plan import DEFAULT_MAX_OVERHEAD
 from safepoint.records import RunRecord, reached_step, read_events, retention_rule
 from safepoint.retention import Candidate, RetentionPolicy, plan
 from safepoint.schedule import Schedule, parse_save_every
 from safepoint.snapshot import Snapshot, apply, capture
 from safepoint.store import CheckpointInfo, Store, checkpoint_step, inspect, newest_first
-from safepoint.units import parse_size
+from safepoint.units import parse_duration, parse_size
 
 log = logging.getLogger("safepoint")
 
@@ -101,13 +104,28 @@ class Checkpointer:
         verify_on_resume: bool = True,
         fingerprint: str | None = None,
         save_rng: bool = True,
+        mtbf: str | float = "24h",
+        max_overhead: float = DEFAULT_MAX_OVERHEAD,
+        on_save_error: Literal["stop", "continue"] = "stop",
+        check_disk: bool = True,
     ) -> None:
         if remote is not None:
             raise ConfigError("remote mirrors are not available in this version of safepoint")
         if async_save:
             raise ConfigError("async_save is not available in this version of safepoint")
         self.directory = Path(directory)
-        self.schedule = Schedule(parse_save_every(save_every), total_steps=total_steps)
+        if on_save_error not in ("stop", "continue"):
+            raise ConfigError(f"on_save_error={on_save_error!r} must be 'stop' or 'continue'")
+        self.on_save_error = on_save_error
+        self.check_disk = check_disk
+        self._preflight: DiskCheck | None = None
+        self._warned_overhead = False
+        self.schedule = Schedule(
+            parse_save_every(save_every),
+            total_steps=total_steps,
+            mtbf=parse_duration(mtbf, what="mtbf"),
+            max_overhead=max_overhead,
+        )
         self.policy = RetentionPolicy(
             keep_last=keep_last,
             keep_best=keep_best,
@@ -165,8 +183,10 @@ class Checkpointer:
         Returns the step restored, or None when there is nothing to resume from. A newer
         checkpoint that is damaged is skipped with a warning naming the problem.
         Raises ``IncompatibleCheckpointError`` if the newest valid checkpoint belongs to
-        another configuration (fingerprint) or does not fit ``state``.
+        another configuration (fingerprint) or does not fit ``state``. Runs ``preflight``
+        first: raises ``DiskBudgetError`` before training if the checkpoints cannot fit.
         """
+        self.preflight(state)
         if checkpoint is not None:
             info = self._explicit(checkpoint)
             progress = self._load(info, state)
@@ -269,7 +289,7 @@ class Checkpointer:
             reason = "end of training"
         if reason is None:
             return None
-        return self.save(step, state, metrics=metrics, reason=reason)
+        return self._scheduled_save(step, state, metrics, reason)
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record training or eval ``metrics`` reached at ``step`` in the run record.
@@ -319,15 +339,17 @@ class Checkpointer:
         snapshot.reason = reason
         snapshot.fingerprint = self.fingerprint
         try:
-            info = self.store.commit(
-                snapshot, versions=library_versions(), info={"bytes": snapshot.nbytes}
+            info = self._store_commit(
+                snapshot,
+                versions=library_versions(),
+                info={"bytes": snapshot.nbytes, "policy": self._policy_json()},
             )
         except SaveFailedError as e:
             self.record.event("save", step=snapshot.step, reason=reason, result="failed")
             self.record.event("error", where="save", step=snapshot.step, error=str(e))
             raise
         stall = time.perf_counter() - started
-        self.schedule.saved(snapshot.step, time.monotonic())
+        self._saved(snapshot.step, stall)
         log.info("saved %s (%s) in %.2f s", info.path.name, reason, stall)
         self.record.event(
             "save",
@@ -363,6 +385,14 @@ class Checkpointer:
                 )
                 deleted.append(info)
         return deleted
+
+    # ---------------------------------------------- policies: disk, errors (policy_hooks)
+
+    preflight = policy_hooks.preflight
+    _scheduled_save = policy_hooks.scheduled_save
+    _store_commit = policy_hooks.store_commit
+    _saved = policy_hooks.saved
+    _policy_json = policy_hooks.policy_json
 
     def _ours(self, info: CheckpointInfo) -> bool:
         theirs = info.manifest.fingerprint if info.manifest else None
