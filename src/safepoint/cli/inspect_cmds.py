@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from safepoint.cli import policy_cmds
 from safepoint.errors import CheckpointNotFoundError
 from safepoint.store import CheckpointInfo, scan, verify
 from safepoint.units import format_size
@@ -55,18 +57,31 @@ def _directory(path: str) -> Path:
 @click.command("ls")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def ls_cmd(directory: str, as_json: bool) -> None:
-    """List the checkpoints of DIRECTORY: step, time, size, metrics, state."""
+@policy_cmds.policy_options
+def ls_cmd(directory: str, as_json: bool, **policy: Any) -> None:
+    """List the checkpoints of DIRECTORY: step, time, size, metrics, state, why kept.
+
+    The retention policy is the one the run recorded, or the one given by the options.
+    """
     infos = scan(_directory(directory))
+    why, nxt, policy_note = policy_cmds.ls_retention(infos, policy)
     if as_json:
-        click.echo(json.dumps([info_json(i) for i in infos], indent=1))
+        click.echo(
+            json.dumps(
+                [
+                    {**info_json(i), "kept_because": why.get(i.name), "next_deletes": i.name in nxt}
+                    for i in infos
+                ],
+                indent=1,
+            )
+        )
         return
     if not infos:
         click.echo(f"{directory}: no checkpoints yet")
         return
     metric_names = sorted({k for i in infos for k in i.metrics})
     table = Table(title=str(directory), title_justify="left")
-    for col in ("checkpoint", "step", "saved", "size", *metric_names, "state", "note"):
+    for col in ("checkpoint", "step", "saved", "size", *metric_names, "state", "kept", "note"):
         table.add_column(col, justify="right" if col in ("step", "size") else "left")
     for i in infos:
         table.add_row(
@@ -76,9 +91,12 @@ def ls_cmd(directory: str, as_json: bool) -> None:
             format_size(i.size),
             *(f"{i.metrics[k]:.4g}" if k in i.metrics else "-" for k in metric_names),
             f"[{_STYLE[i.status]}]{i.status}[/]",
+            why.get(i.name, ""),
             "; ".join(i.problems) or (i.manifest.reason if i.manifest else ""),
         )
     Console().print(table)
+    if policy_note:
+        click.echo(policy_note)
 
 
 @click.command("verify")
