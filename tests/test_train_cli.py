@@ -1,0 +1,179 @@
+"""``safepoint train``: bad input, config files, and kill -9 + rerun ending bit-identical."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from safepoint.cli import main
+from tests.conftest import same_tensors
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SAFEPOINT_HOME shared by this module, so the tiny model is built once."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(autouse=True)
+def _home_env(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFEPOINT_HOME", str(home))
+
+
+def train_cmd(out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "safepoint", "train", "--output-dir", str(out), *args]
+
+
+def run_train(out: Path, *args: str, env: dict[str, str] | None = None, check: bool = True):
+    proc = subprocess.run(
+        train_cmd(out, *args),
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def kill_after(out: Path, delay: float, *args: str) -> None:
+    """Start a run, SIGKILL it ``delay`` seconds after its Checkpointer opened."""
+    proc = subprocess.Popen(
+        train_cmd(out, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "safepoint.log.jsonl").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.05)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    out = tmp_path / "out"
+    code = main(["train", "--output-dir", str(out), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert not out.exists(), "a refused run must write nothing"
+    assert err.startswith("Error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_missing_model_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _bad(tmp_path, capsys, "--model", str(tmp_path / "nope"))
+    assert "no such folder" in err
+
+
+def test_dataset_without_text_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "a", "answer": "b"}\n' * 5)
+    err = _bad(tmp_path, capsys, "--dataset", str(data))
+    assert "question" in err and "--text-field" in err
+    err = _bad(tmp_path, capsys, "--dataset", str(data), "--text-field", "body")
+    assert "'body'" in err
+
+
+def test_empty_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "empty.csv"
+    data.write_text("text\n")
+    assert "empty" in _bad(tmp_path, capsys, "--dataset", str(data))
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [("--save-every", "0", "at least 1"), ("--keep-last", "0", "keep at least 1")],
+)
+def test_bad_numbers(tmp_path: Path, capsys, flag: str, value: str, needle: str) -> None:
+    assert needle in _bad(tmp_path, capsys, flag, value)
+
+
+def test_unknown_yaml_key_names_the_closest(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lora_rank: 4\nsave_every: 5\n")
+    err = _bad(tmp_path, capsys, "--config", str(cfg))
+    assert "'lora_rank'" in err and "'lora_r'" in err
+
+
+def test_resume_path_that_does_not_exist(tmp_path: Path, capsys) -> None:
+    err = _bad(tmp_path, capsys, "--resume", str(tmp_path / "checkpoint-7"))
+    assert "no such checkpoint" in err and "valid checkpoints" in err
+
+
+def test_print_config_merges_file_and_flags(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lora_r: 4\nsave_every: '5'\n")
+    assert main(["train", "--config", str(cfg), "--save-every", "7", "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["lora_r"] == 4 and resolved["save_every"] == "7"
+    assert resolved["model"] == "tiny"
+
+
+# ---------------------------------------------------------- kill -9 and rerun
+
+FAST = ("--max-steps", "16", "--save-every", "4", "--batch-size", "4")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run_train(out, *FAST, env={"SAFEPOINT_HOME": str(home)})
+    return out
+
+
+@pytest.mark.crash
+def test_killed_at_random_and_rerun_is_bit_identical(reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    # One kill inside a save (between the tensor files), one at a random instant.
+    proc = run_train(out, *FAST, env={"SAFEPOINT_CRASH_AT": "tensor_file@2"}, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    kill_after(out, random.Random(1).uniform(2.0, 6.0), *FAST)
+    proc = run_train(out, *FAST)
+    assert "resuming from" in proc.stdout
+    final = "checkpoint-16/adapter_model.safetensors"
+    assert same_tensors(reference / final, out / final)
+    assert "best:" in proc.stdout and "latest:" in proc.stdout
+
+
+@pytest.mark.crash
+@pytest.mark.slow
+def test_forty_steps_killed_many_times(tmp_path: Path) -> None:
+    args = ("--max-steps", "40", "--save-every", "5")
+    ref = tmp_path / "ref"
+    run_train(ref, *args)
+    out = tmp_path / "run"
+    rng = random.Random(7)
+    for point in ("after_files@2", "after_manifest@3", "tensor_file@4"):
+        run_train(out, *args, env={"SAFEPOINT_CRASH_AT": point}, check=False)
+    for _ in range(3):
+        kill_after(out, rng.uniform(1.0, 8.0), *args)
+    run_train(out, *args)
+    final = "checkpoint-40/adapter_model.safetensors"
+    assert same_tensors(ref / final, out / final)
+
+
+def test_other_config_is_refused_and_never_starts_beside(reference: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    run_train(out, "--max-steps", "2", "--save-every", "2", "--eval-split", "0")
+    proc = run_train(out, "--max-steps", "2", "--eval-split", "0", "--lora-r", "4", check=False)
+    assert proc.returncode == 2
+    assert "lora_r: 8 there, 4 now" in proc.stderr
+    before = sorted(p.name for p in out.iterdir())
+    proc = run_train(
+        out, "--max-steps", "2", "--eval-split", "0", "--lora-r", "4", "--resume", "never"
+    )
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert (tmp_path / "run-2" / "checkpoint-2").is_dir()
