@@ -1,0 +1,252 @@
+"""Disk safety on real small disks (tmpfs): size estimate, pre-flight, full disk during a
+save (free by retention, retry once, then stop or continue), unusable output folders."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from safepoint import Checkpointer, ConfigError, DiskBudgetError, SaveFailedError, verify
+from safepoint.disk import (
+    check_free_space,
+    estimate_checkpoint_bytes,
+    is_recoverable,
+    planned_saves,
+    require_fits,
+)
+from safepoint.records import read_events
+from safepoint.retention import RetentionPolicy
+from tests.conftest import run_toy
+
+MB = 1 << 20
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Mount a real tmpfs of a given size (and options) under tmp_path."""
+    mounted: list[Path] = []
+
+    def mount(size: int, *, options: str = "") -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        opts = f"size={size}" + (f",{options}" if options else "")
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); needs root")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _state(optimizer: str = "adamw", width: int = 512) -> dict[str, object]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, width), torch.nn.ReLU(), torch.nn.Linear(width, 256)
+    )
+    params = model.parameters()
+    opt = {
+        "adamw": lambda: torch.optim.AdamW(params, lr=1e-3),
+        "sgd": lambda: torch.optim.SGD(params, lr=0.1),
+        "momentum": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+        "rmsprop": lambda: torch.optim.RMSprop(params, lr=0.01),
+    }[optimizer]()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    return {"model": model, "optimizer": opt, "scheduler": sched, "extra": {"epoch": 0}}
+
+
+def _train_step(state: dict[str, object]) -> None:
+    model, opt = state["model"], state["optimizer"]
+    loss = model(torch.randn(4, 256)).pow(2).mean()  # type: ignore[operator]
+    loss.backward()
+    opt.step()  # type: ignore[attr-defined]
+    opt.zero_grad()  # type: ignore[attr-defined]
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "momentum", "rmsprop"])
+def test_estimate_within_10_percent(tmp_path: Path, optimizer: str) -> None:
+    state = _state(optimizer)
+    estimate = estimate_checkpoint_bytes(state)  # before training: no optimizer state yet
+    with Checkpointer(tmp_path) as ckpt:
+        _train_step(state)
+        info = ckpt.save(1, state)
+    real = _du(info.path)  # every file, the manifest included
+    assert abs(estimate - real) / real < 0.10, (estimate, real)
+
+
+def test_check_free_space_numbers(tmp_path: Path) -> None:
+    policy = RetentionPolicy(keep_last=3)
+    check = check_free_space(tmp_path, 100, policy, saves=10, free=1000)
+    assert (check.kept, check.needed, check.fits) == (3, 400, True)
+    resumed = check_free_space(tmp_path, 100, policy, saves=10, held=300, free=150)
+    assert resumed.needed == 100 and resumed.fits  # the kept set is already on disk
+    small = check_free_space(tmp_path, 100, policy, saves=10, free=350)
+    with pytest.raises(DiskBudgetError) as e:
+        require_fits(small, policy)
+    msg = str(e.value)
+    assert "350 B free" in msg and "400 B" in msg and "--keep-last 2" in msg
+    assert "--max-disk" in msg and "--output-dir" in msg
+    with pytest.raises(DiskBudgetError, match="not enough for even one"):
+        require_fits(check_free_space(tmp_path, 100, policy, free=50), policy)
+    budget = RetentionPolicy(max_bytes=50)
+    with pytest.raises(DiskBudgetError, match="smaller than one checkpoint"):
+        require_fits(check_free_space(tmp_path, 100, budget, free=10**9), budget)
+    assert check_free_space(tmp_path, 100, RetentionPolicy(), free=10**9).unbounded
+    assert planned_saves({"steps"}, 7, 20) == 3
+    assert planned_saves(set(), None, 20) == 1
+    assert planned_saves({"steps", "time"}, 7, 20) is None
+
+
+def test_preflight_stops_before_training(tmpfs: Callable[..., Path]) -> None:
+    disk = tmpfs(12 * MB)
+    state = _state()
+    size = estimate_checkpoint_bytes(state)
+    assert 2.5 * MB < size < 4 * MB
+    with Checkpointer(disk / "run", save_every="1", keep_last=5, total_steps=10) as ckpt:
+        with pytest.raises(DiskBudgetError) as e:
+            ckpt.restore(state)
+        assert ckpt.list() == []
+    msg = str(e.value)
+    assert str(disk / "run") in msg and "free" in msg and "--keep-last 2" in msg
+    # a policy that fits passes, and the estimate holds on the real disk
+    with Checkpointer(disk / "run", save_every="1", keep_last=2, total_steps=3) as ckpt:
+        check = ckpt.restore(state) or ckpt.preflight(state)
+        assert check is not None and check.fits
+        for step in range(1, 4):
+            _train_step(state)
+            ckpt.step(step, state)
+        assert [i.step for i in ckpt.list()] == [2, 3]
+
+
+def test_preflight_in_a_real_process(tmpfs: Callable[..., Path]) -> None:
+    disk = tmpfs(8 * MB)
+    proc = run_toy(
+        disk / "run", "--width", "15000", "--keep-last", "5", "--steps", "10", check=False
+    )
+    assert proc.returncode != 0
+    assert "DiskBudgetError" in proc.stderr and "--keep-last" in proc.stderr
+    assert "step 1" not in proc.stdout  # stopped before training
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """A ballast file that leaves about ``leave`` bytes free on ``disk``."""
+    ballast = disk / "ballast"
+    free = shutil.disk_usage(disk).free
+    with open(ballast, "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return ballast
+
+
+def _two_checkpoints(disk: Path, **kwargs: object) -> tuple[Checkpointer, dict, int]:
+    state = _state()
+    ckpt = Checkpointer(disk / "run", save_every="1", **kwargs)  # type: ignore[arg-type]
+    ckpt.restore(state)
+    for step in (1, 2):
+        _train_step(state)
+        ckpt.step(step, state)
+    return ckpt, state, ckpt.latest().size  # type: ignore[union-attr]
+
+
+def test_full_disk_frees_by_retention_and_retries(
+    tmpfs: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    disk = tmpfs(12 * MB)
+    ckpt, state, size = _two_checkpoints(disk, keep_last=2)
+    _fill(disk, size // 2)  # not enough for the next save until checkpoint-1 goes
+    with caplog.at_level(logging.WARNING, logger="safepoint"):
+        _train_step(state)
+        info = ckpt.step(3, state)
+    ckpt.close()
+    assert info is not None and info.valid
+    assert [i.step for i in verify(disk / "run")] == [2, 3]
+    assert all(i.valid for i in verify(disk / "run"))
+    assert not [p for p in (disk / "run").iterdir() if p.name.startswith(".")]
+    retry = [e for e in read_events(disk / "run") if e["event"] == "save_retry"]
+    assert len(retry) == 1 and retry[0]["freed_bytes"] > 0
+    assert "No space left on device" in retry[0]["error"]
+    assert any("retrying once" in r.getMessage() for r in caplog.records)
+
+
+def test_full_disk_stops_with_a_resumable_state(tmpfs: Callable[..., Path]) -> None:
+    disk = tmpfs(16 * MB)
+    ckpt, state, size = _two_checkpoints(disk, keep_last=3)  # nothing to free
+    ballast = _fill(disk, size // 2)
+    _train_step(state)
+    with pytest.raises(SaveFailedError) as e:
+        ckpt.step(3, state)
+    ckpt.close()
+    msg = str(e.value)
+    assert "No space left on device" in msg and "retried once" in msg
+    assert "resume from checkpoint-2" in msg
+    infos = verify(disk / "run")
+    assert [i.step for i in infos] == [1, 2] and all(i.valid for i in infos)
+    assert not [p for p in (disk / "run").iterdir() if p.name.startswith(".staging")]
+    ballast.unlink()
+    with Checkpointer(disk / "run", keep_last=3) as again:
+        assert again.restore(_state()) == 2
+
+
+def test_full_disk_continue_keeps_training(
+    tmpfs: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    disk = tmpfs(16 * MB)
+    ckpt, state, size = _two_checkpoints(disk, keep_last=3, on_save_error="continue")
+    ballast = _fill(disk, size // 2)
+    with caplog.at_level(logging.WARNING, logger="safepoint"):
+        for step in (3, 4):
+            _train_step(state)
+            assert ckpt.step(step, state) is None
+    assert sum("SAVE FAILED" in r.getMessage() for r in caplog.records) == 2
+    ballast.unlink()
+    _train_step(state)
+    assert ckpt.step(5, state).valid  # type: ignore[union-attr]
+    ckpt.close()
+    assert [i.step for i in verify(disk / "run")] == [1, 2, 5]
+    skipped = [e["step"] for e in read_events(disk / "run") if e["event"] == "save_skipped"]
+    assert skipped == [3, 4]
+
+
+def test_recoverable_errors() -> None:
+    for code in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
+        wrapped = SaveFailedError("saving failed")
+        wrapped.__cause__ = OSError(code, os.strerror(code))
+        assert is_recoverable(wrapped)
+    assert not is_recoverable(SaveFailedError("x"))
+    assert not is_recoverable(OSError(errno.EACCES, "denied"))
+
+
+def test_unusable_output_directory(tmpfs: Callable[..., Path], tmp_path: Path) -> None:
+    readonly = tmpfs(1 * MB, options="ro")
+    with pytest.raises(ConfigError, match="cannot create the output directory"):
+        Checkpointer(readonly / "run")
+    with pytest.raises(ConfigError, match="cannot write in the output directory"):
+        Checkpointer(readonly)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        Checkpointer(afile)
+    with pytest.raises(ConfigError, match="output directory"):
+        Checkpointer(afile / "run")
+
+
+def test_bad_on_save_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="on_save_error"):
+        Checkpointer(tmp_path, on_save_error="ignore")  # type: ignore[arg-type]
