@@ -10,7 +10,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ from safepoint.plan import DEFAULT_MAX_OVERHEAD
 from safepoint.records import RunRecord, reached_step, read_events, retention_rule
 from safepoint.retention import Candidate, RetentionPolicy, plan
 from safepoint.schedule import Schedule, parse_save_every
+from safepoint.signals import DEFAULT_SIGNALS, EmergencyStop
 from safepoint.snapshot import Snapshot, apply, capture
 from safepoint.store import CheckpointInfo, Store, checkpoint_step, inspect, newest_first
 from safepoint.units import parse_duration, parse_size
@@ -108,12 +109,19 @@ class Checkpointer:
         max_overhead: float = DEFAULT_MAX_OVERHEAD,
         on_save_error: Literal["stop", "continue"] = "stop",
         check_disk: bool = True,
+        signals: str | list[str] | None = DEFAULT_SIGNALS,
+        grace: str | float | None = None,
+        stop_on_nan: bool = False,
     ) -> None:
         if remote is not None:
             raise ConfigError("remote mirrors are not available in this version of safepoint")
         if async_save:
             raise ConfigError("async_save is not available in this version of safepoint")
         self.directory = Path(directory)
+        # signals.py: stop signals -> emergency save at the next step boundary, exit 3
+        self._stop = EmergencyStop(
+            str(self.directory), signals=signals, grace=grace, stop_on_nan=stop_on_nan
+        )
         if on_save_error not in ("stop", "continue"):
             raise ConfigError(f"on_save_error={on_save_error!r} must be 'stop' or 'continue'")
         self.on_save_error = on_save_error
@@ -154,6 +162,7 @@ class Checkpointer:
             self._lock.release()
             raise
         self.schedule.start(time.monotonic())
+        self._stop.install()
 
     def _record_start(self, save_every: object) -> None:
         # What the previous process reached gives "steps lost" when this one resumes.
@@ -276,6 +285,7 @@ class Checkpointer:
         ``log_metrics``) and, when a save happens, into its manifest for retention.
         """
         if metrics:
+            self._stop.check_loss(self, step, metrics)
             self.log_metrics(step, metrics)
         self._last_step = step
         now = time.monotonic()
@@ -287,9 +297,37 @@ class Checkpointer:
             and self.schedule.last_save_step != step
         ):
             reason = "end of training"
-        if reason is None:
-            return None
-        return self._scheduled_save(step, state, metrics, reason)
+        info = None if reason is None else self._scheduled_save(step, state, metrics, reason)
+        if self._stop.requested:  # a stop signal arrived: emergency save, exit 3
+            self._stop.stop(
+                self,
+                step,
+                None
+                if info is not None and info.valid
+                else lambda: self.save(step, state, metrics=metrics, reason="emergency"),
+            )
+        self._stop.boundary(step, state, rng=self.save_rng)
+        return info
+
+    def at_boundary(
+        self, step: int, state: Mapping[str, Any], save: Callable[[], CheckpointInfo]
+    ) -> None:
+        """For integrations that build their own snapshots (the Trainer callback): ``step``
+        completed and ``state`` (optimizer, model) is consistent. If a stop signal arrived,
+        commits ``save()`` synchronously and raises ``TrainingStopped`` (exit code 3)."""
+        if self._stop.requested:
+            self._stop.stop(self, step, None if self.schedule.last_save_step == step else save)
+        self._stop.boundary(step, state, rng=self.save_rng)
+
+    def on_exception(
+        self,
+        exc: BaseException,
+        save: Callable[[int, Mapping[str, Any]], CheckpointInfo] | None = None,
+    ) -> CheckpointInfo | None:
+        """After ``exc`` escaped the training loop: save the last completed step if the state
+        still is that step's (``signals.py``), add a hint to ``exc``; the caller re-raises."""
+        self._stop.handled = True
+        return self._stop.on_exception(self, exc, save)
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record training or eval ``metrics`` reached at ``step`` in the run record.
@@ -349,6 +387,7 @@ class Checkpointer:
             self.record.event("error", where="save", step=snapshot.step, error=str(e))
             raise
         stall = time.perf_counter() - started
+        self._stop.measured(stall)
         self._saved(snapshot.step, stall)
         log.info("saved %s (%s) in %.2f s", info.path.name, reason, stall)
         self.record.event(
@@ -418,19 +457,31 @@ class Checkpointer:
         """Finish pending work and release the run lock. Idempotent."""
         if not self._closed:
             self._closed = True
-            self.record.event("close", step=self._last_step)
-            self._lock.release()
+            stopped = None
+            try:
+                stopped = self._stop.pending_at_close(self)  # a signal after the last step
+                self.record.event("close", step=self._last_step)
+            finally:
+                self._stop.close()  # the user's own signal handlers are back
+                self._lock.release()
+            if stopped is not None:
+                raise stopped
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if isinstance(exc, BaseException):
+            self.on_exception(exc)  # emergency save if the state is consistent
         self.close()
 
     def __del__(self) -> None:
         lock = getattr(self, "_lock", None)
         if lock is not None:
             lock.release()
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.close()
 
 
 __all__ = ["Checkpointer", "checkpoint_step"]
