@@ -298,7 +298,10 @@ class EmergencyStop:
             self._dirty = True
 
         if isinstance(value, torch.optim.Optimizer):
-            self._hooks.append(value.register_step_pre_hook(dirty))
+            # accelerate's wrapper never runs Optimizer.__init__: hook the real optimizer
+            inner = getattr(value, "optimizer", None)
+            real = inner if isinstance(inner, torch.optim.Optimizer) else value
+            self._hooks.append(real.register_step_pre_hook(dirty))
         elif isinstance(value, torch.nn.Module):
             for module in value.modules():
                 if getattr(module, "track_running_stats", False):
@@ -360,7 +363,7 @@ class EmergencyStop:
     ) -> NoReturn:
         self.guard.saving = True
         try:
-            ckpt.flush()  # a background save in flight finishes (or fails) first
+            _flush(ckpt)  # a background save in flight finishes (or fails) first
             info = save() if save is not None else ckpt.latest()
         except _SaveInterrupted:
             committed = ckpt.latest()
@@ -432,7 +435,7 @@ class EmergencyStop:
         if why_not is None and step is not None and self._state is not None:
             self.guard.saving = True
             try:
-                ckpt.flush()
+                _flush(ckpt)
                 if self._rng is not None:
                     _restore_rng(self._rng)
                 reason = f"exception: {type(exc).__name__}"
@@ -464,6 +467,12 @@ class EmergencyStop:
         if hasattr(exc, "add_note"):
             exc.add_note(note)
         return info
+
+
+def _flush(ckpt: Checkpointer) -> None:
+    flush = getattr(ckpt, "flush", None)  # async saves: wait for the one in flight
+    if callable(flush):
+        flush()
 
 
 def hint_for(exc: BaseException) -> str:

@@ -1,0 +1,389 @@
+"""``safepoint chaos``: crash-test a training command by killing it and resuming it.
+
+Runs the command once uninterrupted, then again, killing it at N random instants spread
+over the run (SIGKILL; with ``--signals`` every other kill is a SIGTERM that must end in
+exit code 3) and rerunning it after each kill until it completes. Then it compares the
+final artifact of both runs. ``{out}`` in the command and in ``--compare`` stands for
+the run's output directory (one per run, under ``--workdir``).
+
+Where the run resumed and how far it had got come from the safepoint run record of the
+output directory; a command that keeps none is still killed and compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import itertools
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from safepoint.errors import ConfigError
+from safepoint.records import read_events
+from safepoint.store import latest_checkpoint
+from safepoint.units import parse_duration
+
+_TERM_WAIT = 120.0  # seconds a SIGTERM'ed run may take to save and exit
+
+
+@dataclass
+class Attempt:
+    """One run of the command in the chaos directory."""
+
+    number: int
+    kill_at: float | None  # seconds after launch, None: run to the end
+    signal: str | None = None
+    exit: str = ""
+    resumed_from: int | None = None
+    reached: int | None = None
+    lost: int | None = None
+    verdict: str = "ok"
+    log: Path | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict != "ok"
+
+
+def _substitute(command: tuple[str, ...], out: Path) -> list[str]:
+    return [arg.replace("{out}", str(out)) for arg in command]
+
+
+def _starts(out: Path) -> list[list[dict[str, Any]]]:
+    """The run record of ``out`` split into one list of events per process."""
+    runs: list[list[dict[str, Any]]] = []
+    for event in read_events(out):
+        if event["event"] == "start":
+            runs.append([])
+        if runs:
+            runs[-1].append(event)
+    return runs
+
+
+def _progress(events: list[dict[str, Any]]) -> tuple[int | None, int | None]:
+    """(step resumed from, last step reached) of one process's events."""
+    resumed = next((e["step"] for e in events if e["event"] == "resume"), None)
+    steps = [
+        e["step"]
+        for e in events
+        if e["event"] in ("metrics", "save", "resume") and isinstance(e.get("step"), int)
+    ]
+    return resumed, max(steps) if steps else None
+
+
+def _launch(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as f:
+        try:
+            # A session of its own: a kill reaches every process the command starts.
+            return subprocess.Popen(
+                argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        except OSError as e:
+            raise ConfigError(f"cannot run {argv[0]!r} ({e.strerror}); check the command") from e
+
+
+def _kill(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+def _run(
+    argv: list[str], log: Path, out: Path, *, timeout: float
+) -> tuple[int | None, float, float]:
+    """Run to completion: (exit code or None on timeout, seconds, startup seconds).
+
+    Startup: until the run record's ``start`` event, or else until the first file
+    appears in ``out``: kills before that would only test the imports."""
+    t0, wall0 = time.monotonic(), time.time()
+    proc = _launch(argv, log)
+    first: float | None = None
+    rc: int | None = None
+    while rc is None and time.monotonic() - t0 < timeout:
+        try:
+            rc = proc.wait(0.05)
+        except subprocess.TimeoutExpired:
+            if first is None and out.is_dir() and os.listdir(out):
+                first = time.monotonic() - t0
+    if rc is None:
+        _kill(proc, signal.SIGKILL)
+        proc.wait()
+    duration = time.monotonic() - t0
+    for event in read_events(out):
+        if event["event"] == "start" and isinstance(event.get("t"), (int, float)):
+            first = min(max(float(event["t"]) - wall0, 0.0), duration)
+            break
+    return rc, duration, first or 0.0
+
+
+def kill_plan(kills: int, seed: int, startup: float, duration: float) -> list[float]:
+    """Kill delays (seconds after each launch): N instants spread evenly at random over
+    the training part of the run, as gaps, each after the same startup time."""
+    rng = random.Random(seed)
+    span = max(duration - startup, 0.1)
+    instants = [(k + rng.uniform(0.05, 0.95)) / kills * span for k in range(kills)]
+    gaps = [b - a for a, b in zip([0.0, *instants], instants, strict=False)]
+    return [round(startup + g, 2) for g in gaps]
+
+
+def _attempt(
+    number: int,
+    argv: list[str],
+    out: Path,
+    logs: Path,
+    kill_at: float | None,
+    sig: signal.Signals,
+    timeout: float,
+) -> Attempt:
+    a = Attempt(number, kill_at, sig.name.removeprefix("SIG") if kill_at is not None else None)
+    a.log = logs / f"attempt-{number}.log"
+    before = len(_starts(out)) if out.exists() else 0
+    proc = _launch(argv, a.log)
+    rc: int | None
+    try:
+        rc = proc.wait(kill_at if kill_at is not None else timeout)
+    except subprocess.TimeoutExpired:
+        rc = None
+    if rc is None and kill_at is not None:
+        _kill(proc, sig)
+        try:
+            rc = proc.wait(_TERM_WAIT if sig != signal.SIGKILL else 60)
+        except subprocess.TimeoutExpired:
+            _kill(proc, signal.SIGKILL)
+            rc = proc.wait()
+            a.verdict = f"FAIL: still running {_TERM_WAIT:g} s after SIG{a.signal}"
+        a.exit = "killed" if rc == -signal.SIGKILL else str(rc)
+        if sig == signal.SIGKILL and rc not in (-signal.SIGKILL, 0) and not a.failed:
+            a.verdict = f"FAIL: exit {rc}: {_last_line(a.log)}"
+        elif sig == signal.SIGTERM and rc not in (3, 0) and not a.failed:
+            a.verdict = f"FAIL: exit {rc} after SIGTERM, expected 3"
+    elif rc is None:
+        _kill(proc, signal.SIGKILL)
+        proc.wait()
+        a.exit, a.verdict = "timeout", f"FAIL: did not finish within {timeout:.0f} s"
+    else:
+        a.signal = None if kill_at is None or rc == 0 else a.signal
+        a.exit = str(rc)
+        if rc == 0 and kill_at is not None:
+            a.exit = "0 (done before the kill)"
+        elif rc != 0:
+            a.verdict = f"FAIL: exit {rc}: {_last_line(a.log)}"
+    runs = _starts(out) if out.exists() else []
+    if len(runs) > before:
+        a.resumed_from, a.reached = _progress(runs[-1])
+        if a.resumed_from is None:
+            a.resumed_from = 0
+    return a
+
+
+def _last_line(log: Path) -> str:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1][:160] if lines else "(no output)"
+
+
+# ----------------------------------------------------------------------- comparing
+
+
+def _natural(path: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path)]
+
+
+def _artifacts(pattern: str | None, out: Path) -> dict[str, Path]:
+    """Relative name -> file of the artifact(s) to compare in one run's output."""
+    if pattern is None:
+        newest = latest_checkpoint(out) if out.is_dir() else None
+        if newest is None:
+            return {}
+        return {p.name: p for p in sorted(newest.glob("*.safetensors"))}
+    matches = sorted(glob.glob(pattern.replace("{out}", str(out))), key=_natural)
+    if not matches:
+        return {}
+    last = Path(matches[-1])
+    files = sorted(p for p in last.rglob("*") if p.is_file()) if last.is_dir() else [last]
+    return {_relative(f, out): f for f in files}
+
+
+def _relative(path: Path, out: Path) -> str:
+    # checkpoint-40/x and checkpoint-40/x of the two runs are the same artifact
+    try:
+        rel = path.relative_to(out)
+    except ValueError:
+        return path.name
+    return str(Path(*rel.parts[1:]) if len(rel.parts) > 1 else rel)
+
+
+def same_file(a: Path, b: Path) -> tuple[bool, str]:
+    """(equal, how): bytes, else tensors for safetensors files."""
+    if a.read_bytes() == b.read_bytes():
+        return True, "identical bytes"
+    if a.suffix == ".safetensors" and b.suffix == ".safetensors":
+        import torch
+        from safetensors.torch import load_file
+
+        try:
+            ta, tb = load_file(str(a)), load_file(str(b))
+        except Exception as e:  # a damaged artifact is a difference, not a crash
+            return False, f"unreadable ({e})"
+        if ta.keys() != tb.keys():
+            return False, "different tensor names"
+        diff = [k for k in ta if not torch.equal(ta[k], tb[k])]
+        if not diff:
+            return True, "identical tensors"
+        return False, f"{len(diff)} of {len(ta)} tensors differ (e.g. {diff[0]})"
+    return False, "bytes differ"
+
+
+def compare(pattern: str | None, ref: Path, run: Path) -> tuple[bool, list[str]]:
+    """Compare the final artifacts of the two runs; (all equal, lines to print)."""
+    want, got = _artifacts(pattern, ref), _artifacts(pattern, run)
+    what = pattern or "the newest checkpoint's *.safetensors"
+    if not want:
+        return False, [f"compare: nothing matches {what} in the uninterrupted run {ref}"]
+    lines, ok = [], True
+    for name, a in want.items():
+        b = got.get(name)
+        if b is None:
+            ok = False
+            lines.append(f"compare {name}: missing in the chaos run")
+            continue
+        equal, how = same_file(a, b)
+        ok = ok and equal
+        lines.append(f"compare {name}: {'same' if equal else 'DIFFERENT'} ({how})")
+    return ok, lines
+
+
+# ------------------------------------------------------------------------- command
+
+
+def _table(attempts: list[Attempt]) -> list[str]:
+    head = ("#", "kill at", "signal", "exit", "resumed from", "reached", "steps lost", "verdict")
+    rows = [
+        (
+            str(a.number),
+            "-" if a.kill_at is None else f"{a.kill_at:.1f} s",
+            a.signal or "-",
+            a.exit,
+            "?" if a.resumed_from is None else str(a.resumed_from or "start"),
+            "?" if a.reached is None else str(a.reached),
+            "?" if a.lost is None else str(a.lost),
+            a.verdict,
+        )
+        for a in attempts
+    ]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [head, *rows]
+    ]
+
+
+def _judge(attempts: list[Attempt]) -> None:
+    """Steps lost per kill, and a verdict on each resume."""
+    for prev, a in itertools.pairwise(attempts):
+        if a.resumed_from is None or prev.reached is None:
+            continue
+        prev.lost = max(prev.reached - a.resumed_from, 0)
+        earlier = [x.resumed_from for x in attempts[: a.number - 1] if x.resumed_from]
+        if earlier and a.resumed_from < max(earlier) and not a.failed:
+            a.verdict = f"FAIL: resumed from step {a.resumed_from}, older than {max(earlier)}"
+        if prev.signal == "TERM" and prev.exit == "3" and prev.lost and not prev.failed:
+            prev.verdict = f"FAIL: {prev.lost} steps lost after SIGTERM (no emergency save)"
+
+
+@click.command(
+    "chaos",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option("--kills", default=5, show_default=True, type=click.IntRange(0, 1000))
+@click.option("--seed", default=0, show_default=True, help="Seed of the kill instants.")
+@click.option(
+    "--compare",
+    "pattern",
+    help="Artifact to compare, e.g. '{out}/checkpoint-*/adapter_model.safetensors' (the "
+    "last match); default: the newest checkpoint's tensor files.",
+)
+@click.option("--signals", "use_signals", is_flag=True, help="Every other kill is a SIGTERM.")
+@click.option("--workdir", type=click.Path(file_okay=False), help="Keep both runs here.")
+@click.option("--timeout", "timeout_text", help="Per run (default: 3x the first run + 60s).")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def chaos_cmd(
+    kills: int,
+    seed: int,
+    pattern: str | None,
+    use_signals: bool,
+    workdir: str | None,
+    timeout_text: str | None,
+    command: tuple[str, ...],
+) -> int:
+    """Crash-test COMMAND: kill it at random instants, resume it, compare the results.
+
+    Put {out} where COMMAND takes its output directory, e.g.
+    safepoint chaos --kills 5 -- safepoint train --max-steps 30 --output-dir {out}
+    Exit code 0: every resume worked and the results are the same; 1 otherwise.
+    """
+    if not any("{out}" in arg for arg in command):
+        raise ConfigError(
+            "put {out} where the command takes its output directory, e.g. "
+            "safepoint chaos -- safepoint train --output-dir {out}"
+        )
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="safepoint-chaos-"))
+    ref, run, logs = work / "reference", work / "chaos", work / "logs"
+    for d in (ref, run):
+        if d.exists():
+            raise ConfigError(f"{d} already exists; give an empty --workdir")
+    logs.mkdir(parents=True, exist_ok=True)
+    limit = None if timeout_text is None else parse_duration(timeout_text, what="--timeout")
+
+    click.echo(f"chaos: uninterrupted run in {ref}")
+    rc, duration, startup = _run(
+        _substitute(command, ref), logs / "reference.log", ref, timeout=limit or 3600
+    )
+    if rc != 0:
+        raise ConfigError(
+            f"the uninterrupted run failed ({'timeout' if rc is None else f'exit {rc}'}): "
+            f"{_last_line(logs / 'reference.log')}; see {logs / 'reference.log'}"
+        )
+    limit = limit or 3 * duration + 60
+    delays = kill_plan(kills, seed, startup, duration) if kills else []
+    click.echo(f"chaos: {duration:.1f} s (startup {startup:.1f} s); {kills} kills in {run}")
+
+    attempts: list[Attempt] = []
+    argv = _substitute(command, run)
+    for number in range(1, len(delays) + 2):
+        kill_at = delays[number - 1] if number <= len(delays) else None
+        sig = signal.SIGTERM if use_signals and number % 2 == 0 else signal.SIGKILL
+        a = _attempt(number, argv, run, logs, kill_at, sig, limit)
+        attempts.append(a)
+        click.echo(f"  attempt {number}: {a.exit or 'done'}")
+        if a.failed or a.exit.startswith("0"):
+            break
+    _judge(attempts)
+    for line in _table(attempts):
+        click.echo(line)
+    ok = not any(a.failed for a in attempts) and attempts[-1].exit.startswith("0")
+    if ok:
+        same, lines = compare(pattern, ref, run)
+        for line in lines:
+            click.echo(line)
+        ok = same
+    else:
+        click.echo(f"chaos: the run did not complete; logs in {logs}")
+    click.echo(f"chaos: {'PASS' if ok else 'FAIL'}")
+    if ok and workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    elif not ok:
+        click.echo(f"chaos: both runs kept in {work}")
+    return 0 if ok else 1
+
+
+COMMANDS = [chaos_cmd]
