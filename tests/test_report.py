@@ -87,8 +87,12 @@ def test_checkpoint_marks_and_kept_table(run_dir: Path) -> None:
         25: "kept",
         30: "kept",
     }
+    # Marks sit on the eval curve where an eval loss was logged, else on the train curve.
     loss_at = {p.step: p.value for p in data.train_loss}
-    assert all(m.y == loss_at[s] for s, m in marks.items())
+    assert {s: m.y for s, m in marks.items()} == {
+        **{s: eval_loss(s) for s in (5, 10, 15, 20, 25, 30)},
+        22: loss_at[22],
+    }
     assert marks[5].deleted_by == "keep_last=2, keep_best=1 by eval_loss (min), max_disk=150000"
     assert marks[22].deleted_by is not None  # emergency, later deleted by retention
     assert marks[10].deleted_by is None and marks[10].metrics["eval_loss"] == eval_loss(10)

@@ -49,7 +49,8 @@ class CheckpointMark:
     bytes: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     y: float | None = None
-    """Where the mark sits on the loss plot: the train loss logged at its step, if any."""
+    """Where the mark sits on the loss plot: on the eval curve if an eval loss was logged
+    at its step (the best is best by that), else on the train curve; None if neither."""
     deleted_by: str | None = None
     """The retention rule that deleted it (deleted marks only)."""
 
@@ -248,8 +249,12 @@ def _add_points(data: ReportData, step: int, metrics: Mapping[str, float], attem
 
 
 def _loss_at(data: ReportData) -> dict[int, float]:
-    """Step -> the train loss last logged there (the redone value after a resume)."""
-    return {p.step: p.value for p in data.train_loss}
+    """Step -> where a checkpoint of that step sits on the loss plot (``CheckpointMark.y``).
+
+    The last value logged wins: after a resume, the redone step's."""
+    at = {p.step: p.value for p in data.train_loss}
+    at.update((p.step, p.value) for p in data.eval_loss)
+    return at
 
 
 def _marks(

@@ -96,8 +96,8 @@ def draw_loss(ax: Axes, data: ReportData) -> None:
             [p.value for p in data.eval_loss],
             color=EVAL_COLOR,
             linewidth=1.6,
-            marker="s",
-            markersize=4,
+            marker="o",
+            markersize=2.5,
             label="eval loss",
         )
     values = [p.value for p in (*data.train_loss, *data.eval_loss)]
@@ -254,7 +254,7 @@ def draw_disk(ax: Axes, data: ReportData) -> None:
     ax.set_ylim(bottom=0)
     ax.set_xlabel(f"wall-clock time since the run began ({tunit})", color="#4a5568")
     ax.set_ylabel(bunit, color="#4a5568")
-    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    ax.legend(loc="lower right", fontsize=8, frameon=False)
 
 
 PANELS: dict[str, tuple[Callable[[Axes, ReportData], None], float]] = {
@@ -338,6 +338,9 @@ window.addEventListener('load',function(){var ok=0;
 document.querySelectorAll('img.plot').forEach(function(i){if(i.naturalWidth>0)ok++;});
 document.body.setAttribute('data-plots-loaded',String(ok));});
 """
+
+
+_MAX_ROWS = 200
 
 
 def _esc(value: object) -> str:
@@ -428,6 +431,8 @@ def _events(data: ReportData) -> str:
     rows += [[str(e.get("where", "error")), str(e.get("error", ""))] for e in data.errors]
     if not rows:
         return ""
+    if len(rows) > _MAX_ROWS:  # a long run deletes thousands: the newest tell the story
+        rows = [[f"... {len(rows) - _MAX_ROWS} earlier", ""], *rows[-_MAX_ROWS:]]
     return "<h2>Deletions, signals and errors</h2>" + _table(["what", "detail"], rows, set())
 
 
