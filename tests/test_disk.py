@@ -250,3 +250,37 @@ def test_unusable_output_directory(tmpfs: Callable[..., Path], tmp_path: Path) -
 def test_bad_on_save_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="on_save_error"):
         Checkpointer(tmp_path, on_save_error="ignore")  # type: ignore[arg-type]
+
+
+def test_estimate_lora_with_extra_files(tmp_path: Path) -> None:
+    """A PEFT LoRA run as the Trainer callback saves it: the optimizer and scheduler
+    through the state, the adapter weights as files the integration adds itself."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from safepoint.snapshot import TensorFile, capture
+
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        transformers.LlamaForCausalLM(config),
+        peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    state = {"optimizer": opt, "scheduler": torch.optim.lr_scheduler.StepLR(opt, 1)}
+
+    def adapter() -> dict[str, TensorFile | bytes]:
+        weights = peft.get_peft_model_state_dict(model)
+        return {"adapter_model.safetensors": TensorFile(dict(weights))}
+
+    estimate = estimate_checkpoint_bytes(state, extra_files=adapter())
+    model(torch.randint(0, 128, (2, 8)), labels=torch.randint(0, 128, (2, 8))).loss.backward()
+    opt.step()
+    with Checkpointer(tmp_path) as ckpt:
+        snapshot = capture(state, step=1, copy=False)
+        snapshot.files.update(adapter())
+        info = ckpt.commit(snapshot)
+    real = _du(info.path)
+    assert abs(estimate - real) / real < 0.10, (estimate, real)

@@ -84,20 +84,30 @@ def _lazy_optimizer_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def estimate_checkpoint_bytes(state: Mapping[str, Any]) -> int:
-    """Bytes one checkpoint of ``state`` will take on disk (within a few percent).
-
-    Copies no tensor. Includes optimizer state that does not exist yet (before the
-    first optimizer step), headers, ``state.json`` and the manifest.
-    """
-    snapshot = capture(state, step=0, copy=False, rng=True)
-    total = MANIFEST_BASE + MANIFEST_PER_FILE * len(snapshot.files)
-    for content in snapshot.files.values():
+def files_bytes(files: Mapping[str, TensorFile | bytes]) -> int:
+    """Exact bytes the files of a snapshot take once written (safetensors headers too)."""
+    total = 0
+    for content in files.values():
         if isinstance(content, TensorFile):
             header, _ = safetensors_layout(content.tensors, content.metadata)
             total += len(header) + content.nbytes
         else:
             total += len(content)
+    return total
+
+
+def estimate_checkpoint_bytes(
+    state: Mapping[str, Any], *, extra_files: Mapping[str, TensorFile | bytes] | None = None
+) -> int:
+    """Bytes one checkpoint of ``state`` will take on disk (within a few percent).
+
+    Copies no tensor. Includes optimizer state that does not exist yet (before the
+    first optimizer step), headers, ``state.json`` and the manifest. ``extra_files``:
+    files an integration adds to the snapshot itself (adapter weights, configs).
+    """
+    snapshot = capture(state, step=0, copy=False, rng=True)
+    files = {**snapshot.files, **(extra_files or {})}
+    total = MANIFEST_BASE + MANIFEST_PER_FILE * len(files) + files_bytes(files)
     seen: set[int] = set()
     for value in state.values():
         opt = _unwrap_optimizer(value)

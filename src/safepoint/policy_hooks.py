@@ -28,23 +28,29 @@ from safepoint.units import format_size
 
 if TYPE_CHECKING:
     from safepoint.checkpointer import Checkpointer
-    from safepoint.snapshot import Snapshot
+    from safepoint.snapshot import Snapshot, TensorFile
 
 log = logging.getLogger("safepoint")
 
 
-def preflight(self: Checkpointer, state: Mapping[str, Any]) -> DiskCheck | None:
+def preflight(
+    self: Checkpointer,
+    state: Mapping[str, Any],
+    *,
+    extra_files: Mapping[str, TensorFile | bytes] | None = None,
+) -> DiskCheck | None:
     """Check, before training, that the checkpoints of ``state`` will fit on the disk.
 
     Estimates one checkpoint's size from ``state`` (no copy), derives the kept set from
     the retention policy and the schedule, and raises ``DiskBudgetError`` with the
     numbers and the options when the kept set plus one save in flight cannot fit.
     Runs once per Checkpointer (``restore`` calls it); later calls return the first
-    result. Skipped with ``check_disk=False``.
+    result. Skipped with ``check_disk=False``. Integrations that add files to their
+    snapshots (adapter weights) pass them as ``extra_files`` (uncopied, as captured).
     """
     if self._preflight is not None or not self.check_disk:
         return self._preflight
-    size = estimate_checkpoint_bytes(state)
+    size = estimate_checkpoint_bytes(state, extra_files=extra_files)
     held = sum(i.size for i in self.store.scan() if i.valid and self._ours(i))
     kinds = {t.kind for t in self.schedule.triggers}
     keep_every, total = self.policy.keep_every, self.total_steps
