@@ -199,12 +199,16 @@ def test_torn_record_still_reports(tmp_path: Path) -> None:
     (tmp_path / "safepoint.log.jsonl").write_bytes(
         b'{"t":1,"event":"start","config":{"keep_last":2},"on_disk":[]}\n'
         b'{"t":2,"event":"metrics","step":1,"metrics":{"loss":2.0,"eval_loss":"nan"}}\n'
-        b'{"t":3,"event":"metrics","step":2,"metr'
+        b'{"t":3,"event":"signal","signal":"SIGTERM","step":1}\n'
+        b'{"t":4,"event":"emergency_save","step":1,"result":"skipped","left_s":0.5}\n'
+        b'{"t":5,"event":"metrics","step":2,"metr'
     )
     data = extract(tmp_path)
     assert [(p.step, p.value) for p in data.train_loss] == [(1, 2.0)]
     assert data.eval_loss == []  # a NaN is not plotted
-    write_report(data, tmp_path / "out")
+    assert [e["event"] for e in data.signals] == ["signal", "emergency_save"]
+    page = write_report(data, tmp_path / "out")["html"].read_text()
+    assert "<td>SIGTERM</td>" in page and "result=skipped" in page
 
 
 @pytest.fixture(scope="module")

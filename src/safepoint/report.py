@@ -114,6 +114,7 @@ class ReportData:
     attempts: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
     signals: list[dict[str, Any]] = field(default_factory=list)
+    """``signal`` and ``emergency_save`` events as recorded."""
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -175,7 +176,9 @@ def _policy(events: list[dict[str, Any]]) -> RetentionPolicy:
         return RetentionPolicy()
 
 
-def _from_record(directory: Path, events: list[dict[str, Any]], infos: list[CheckpointInfo]):
+def _from_record(
+    directory: Path, events: list[dict[str, Any]], infos: list[CheckpointInfo]
+) -> ReportData:
     policy = _policy(events)
     data = ReportData(str(directory), "record", policy.metric, policy.mode)
     data.budget = policy.max_bytes
@@ -201,18 +204,8 @@ def _from_record(directory: Path, events: list[dict[str, Any]], infos: list[Chec
         elif kind == "metrics" and isinstance(step, int):
             _add_points(data, step, _numbers(e.get("metrics")), max(attempt, 0))
         elif kind == "save" and isinstance(step, int):
-            result = str(e.get("result") or "committed")
-            data.saves.append(
-                SaveTiming(
-                    step,
-                    str(e.get("reason") or ""),
-                    _number(e.get("stall_s")),
-                    _number(e.get("write_s")),
-                    e.get("bytes") if isinstance(e.get("bytes"), int) else None,
-                    result,
-                )
-            )
-            if result == "committed":
+            data.saves.append(_save_timing(step, e))
+            if data.saves[-1].result == "committed":
                 saved[step] = e
                 deleted.pop(step, None)
                 on_disk[step] = int(e.get("bytes") or 0)
@@ -222,23 +215,40 @@ def _from_record(directory: Path, events: list[dict[str, Any]], infos: list[Chec
             if on_disk.pop(step, None) is not None:
                 disk_changed(e)
         elif kind == "resume" and isinstance(step, int):
-            data.resumes.append(
-                Resume(
-                    step,
-                    str(e.get("checkpoint") or f"checkpoint-{step}"),
-                    e.get("reached") if isinstance(e.get("reached"), int) else None,
-                    e.get("steps_lost") if isinstance(e.get("steps_lost"), int) else None,
-                    tuple(s for s in e.get("skipped") or [] if isinstance(s, dict)),
-                    max(attempt, 0),
-                )
-            )
+            data.resumes.append(_resume(step, e, max(attempt, 0)))
         elif kind == "error":
             data.errors.append(e)
-        elif kind == "signal":
+        elif kind in ("signal", "emergency_save"):  # written by safepoint.signals
             data.signals.append(e)
     data.attempts = attempt + 1
     _marks(data, saved, deleted, infos, policy)
     return data
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _save_timing(step: int, e: Mapping[str, Any]) -> SaveTiming:
+    return SaveTiming(
+        step,
+        str(e.get("reason") or ""),
+        _number(e.get("stall_s")),
+        _number(e.get("write_s")),
+        _int(e.get("bytes")),
+        str(e.get("result") or "committed"),
+    )
+
+
+def _resume(step: int, e: Mapping[str, Any], attempt: int) -> Resume:
+    return Resume(
+        step,
+        str(e.get("checkpoint") or f"checkpoint-{step}"),
+        _int(e.get("reached")),
+        _int(e.get("steps_lost")),
+        tuple(s for s in e.get("skipped") or [] if isinstance(s, dict)),
+        attempt,
+    )
 
 
 def _add_points(data: ReportData, step: int, metrics: Mapping[str, float], attempt: int) -> None:

@@ -424,16 +424,17 @@ def _events(data: ReportData) -> str:
     rows = [
         [m.name, f"deleted: {m.deleted_by}"] for m in data.checkpoints if m.deleted_by is not None
     ]
-    rows += [
-        [str(e.get("signal", "signal")), ", ".join(f"{k}={v}" for k, v in e.items() if k != "t")]
-        for e in data.signals
-    ]
+    rows += [[str(e.get("signal") or e["event"]), _fields(e)] for e in data.signals]
     rows += [[str(e.get("where", "error")), str(e.get("error", ""))] for e in data.errors]
     if not rows:
         return ""
     if len(rows) > _MAX_ROWS:  # a long run deletes thousands: the newest tell the story
         rows = [[f"... {len(rows) - _MAX_ROWS} earlier", ""], *rows[-_MAX_ROWS:]]
     return "<h2>Deletions, signals and errors</h2>" + _table(["what", "detail"], rows, set())
+
+
+def _fields(event: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("t", "event"))
 
 
 def _img(name: str, png: bytes, alt: str) -> str:
