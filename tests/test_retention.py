@@ -157,3 +157,14 @@ def test_retention_only_after_commit(tmp_path: Path) -> None:
         assert ckpt.latest() is not None and ckpt.latest().step == 5
     finally:
         ckpt.close()
+
+
+def test_warns_when_keep_best_metric_is_missing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = {"model": torch.nn.Linear(2, 2)}
+    with Checkpointer(tmp_path, save_every="1", keep_best=2, keep_last=1) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.step(step, state, metrics={"loss": 1.0 / step})
+    notes = [r.getMessage() for r in caplog.records if "keep_best=2" in r.getMessage()]
+    assert len(notes) == 1 and "'eval_loss'" in notes[0] and "it has: loss" in notes[0]

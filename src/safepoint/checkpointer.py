@@ -127,7 +127,7 @@ class Checkpointer:
         self.on_save_error = on_save_error
         self.check_disk = check_disk
         self._preflight: DiskCheck | None = None
-        self._warned_overhead = False
+        self._warned_overhead = self._warned_metric = False
         self.schedule = Schedule(
             parse_save_every(save_every),
             total_steps=total_steps,

@@ -112,6 +112,7 @@ def store_commit(self: Checkpointer, snapshot: Snapshot, **kwargs: Any) -> Check
     Space is freed by deleting what the retention policy would delete once this save is
     committed, sparing the newest and the best checkpoints (the save may fail again).
     """
+    _check_metric(self, snapshot)
     try:
         return self.store.commit(snapshot, **kwargs)
     except SaveFailedError as e:
@@ -130,6 +131,22 @@ def store_commit(self: Checkpointer, snapshot: Snapshot, **kwargs: Any) -> Check
             f"{e} (retried once after freeing {format_size(freed)} by the retention policy; "
             f"{resume})"
         ) from e
+
+
+def _check_metric(self: Checkpointer, snapshot: Snapshot) -> None:
+    """Warn once when keep_best ranks by a metric that the saves do not carry."""
+    policy = self.policy
+    if not policy.keep_best or policy.metric in snapshot.metrics or self._warned_metric:
+        return
+    self._warned_metric = True
+    have = ", ".join(sorted(snapshot.metrics)) or "none"
+    note = (
+        f"keep_best={policy.keep_best} ranks checkpoints by {policy.metric!r}, but the save "
+        f"of step {snapshot.step} has no such metric (it has: {have}); pass it in metrics= "
+        "or choose --metric, else only the newest checkpoints are kept"
+    )
+    log.warning("%s", note)
+    self.record.event("warning", message=note)
 
 
 def _free_for(self: Checkpointer, snapshot: Snapshot) -> int:
