@@ -153,3 +153,22 @@ def test_plan_from_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture
     # the run's stored MTBF (24h default) is used when none is given
     r = _plan_json(capsys, str(tmp_path))
     assert r["inputs"]["mtbf_s"] == 86400
+
+
+def _exact_waste(interval: float, stall: float, mtbf: float) -> float:
+    """Expected extra wall time per unit of work with Poisson failures (no restart cost):
+    a segment of interval + stall takes (e^(L(interval+stall)) - 1) / L on average."""
+    rate = 1.0 / mtbf
+    return math.expm1(rate * (interval + stall)) / (rate * interval) - 1.0
+
+
+@pytest.mark.parametrize(
+    ("stall", "mtbf"), [(12, 6 * 3600), (60, 24 * 3600), (300, 3600), (1, 600)]
+)
+def test_daly_is_near_the_exact_optimum(stall: float, mtbf: float) -> None:
+    grid = [t for k in range(1, 2000) if (t := stall * 1.01**k) < 5 * mtbf]
+    best = min(_exact_waste(t, stall, mtbf) for t in grid)
+    daly = _exact_waste(daly_interval(stall, mtbf), stall, mtbf)
+    young = _exact_waste(young_interval(stall, mtbf), stall, mtbf)
+    assert daly <= best * 1.005 + 1e-9  # within 0.5% of the best achievable waste
+    assert daly <= young + 1e-12
