@@ -172,3 +172,11 @@ def test_daly_is_near_the_exact_optimum(stall: float, mtbf: float) -> None:
     young = _exact_waste(young_interval(stall, mtbf), stall, mtbf)
     assert daly <= best * 1.005 + 1e-9  # within 0.5% of the best achievable waste
     assert daly <= young + 1e-12
+
+
+def test_plan_current_auto_is_the_recommendation(capsys: pytest.CaptureFixture[str]) -> None:
+    r = _plan_json(
+        capsys, "--save-time", "5s", "--step-time", "2s", "--mtbf", "2h", "--save-every", "auto"
+    )
+    assert r["current"]["interval_s"] == pytest.approx(r["recommended"]["interval_s"])
+    assert r["current"]["fits"] is None  # no checkpoint size, no free space given

@@ -256,7 +256,51 @@ def plan_cmd(directory: str | None, as_json: bool, **opts: Any) -> None:
 
 
 def make_plan(directory: Path | None, opts: dict[str, Any]) -> dict[str, Any]:
-    """The numbers ``safepoint plan`` prints, as JSON-ready dict."""
+    """The numbers ``safepoint plan`` prints, as a JSON-ready dict."""
+    i, policy, spec = _plan_inputs(directory, opts)
+    stall, mtbf, step_time = i["save_time_s"], i["mtbf_s"], i["step_time_s"]
+    interval, rule = optimal_interval(stall, mtbf, i["max_overhead"])
+    common = {
+        "stall": stall,
+        "step_time": step_time,
+        "total_steps": i["total_steps"],
+        "checkpoint_bytes": i["checkpoint_bytes"],
+        "keep_last": policy.keep_last,
+        "keep_best": policy.keep_best,
+        "keep_every": policy.keep_every,
+        "max_bytes": policy.max_bytes,
+    }
+    recommended = outlook(interval, **common)
+    current = None
+    if spec and step_time:
+        schedule = Schedule(
+            parse_save_every(spec),
+            total_steps=i["total_steps"],
+            mtbf=mtbf,
+            max_overhead=i["max_overhead"],
+        )
+        if schedule.auto is not None:
+            schedule.auto.observe(stall=stall)
+        gap = schedule.interval_seconds(step_time)
+        if gap is not None:
+            current = outlook(gap, **common)
+    free = i["free_bytes"]
+    return {
+        "inputs": i,
+        "policy": asdict(policy),
+        "rule": rule,
+        "recommended": {"save_every": _spec(recommended), **_outlook_json(recommended, free)},
+        "current": None
+        if current is None
+        else {"save_every": spec, **_outlook_json(current, free)},
+        "fits": _fits(recommended, free),
+    }
+
+
+def _plan_inputs(
+    directory: Path | None, opts: dict[str, Any]
+) -> tuple[dict[str, Any], RetentionPolicy, str | None]:
+    """The measured or given numbers, the retention policy and the current schedule."""
     infos: list[CheckpointInfo] = []
     m = None
     if directory is not None:
@@ -265,7 +309,6 @@ def make_plan(directory: Path | None, opts: dict[str, Any]) -> dict[str, Any]:
         m = measured(read_events(directory))
         infos = [i for i in scan(directory) if i.status != "staging"]
     config = m.config if m else {}
-    step_time = _seconds(opts["step_time"], "--step-time") or (m.step_time if m else None)
     stall = _seconds(opts["save_time"], "--save-time") or (m.stall if m else None)
     if stall is None:
         raise ConfigError(
@@ -275,11 +318,6 @@ def make_plan(directory: Path | None, opts: dict[str, Any]) -> dict[str, Any]:
     stored_mtbf = next(
         (i.manifest.info["policy"].get("mtbf_s") for i in reversed(infos) if _has_policy(i)),
         None,
-    )
-    mtbf = _seconds(opts["mtbf"], "--mtbf") or stored_mtbf or DEFAULT_MTBF_S
-    total = opts["steps"] or config.get("total_steps")
-    size = _bytes(opts["checkpoint_size"], "--checkpoint-size") or (
-        m.checkpoint_bytes if m else None
     )
     free = _bytes(opts["free_disk"], "--free-disk")
     if free is None and directory is not None:
@@ -292,47 +330,23 @@ def make_plan(directory: Path | None, opts: dict[str, Any]) -> dict[str, Any]:
     policy = policy_from_options(infos, policy_opts, required=False)
     if policy is None and config:
         policy = _policy_from_config(config)
-    policy = policy or RetentionPolicy()
+    inputs = {
+        "step_time_s": _seconds(opts["step_time"], "--step-time") or (m and m.step_time),
+        "save_time_s": stall,
+        "mtbf_s": _seconds(opts["mtbf"], "--mtbf") or stored_mtbf or DEFAULT_MTBF_S,
+        "total_steps": opts["steps"] or config.get("total_steps"),
+        "checkpoint_bytes": _bytes(opts["checkpoint_size"], "--checkpoint-size")
+        or (m and m.checkpoint_bytes),
+        "free_bytes": free,
+        "max_overhead": max_overhead,
+        "measured_saves": m.saves if m else None,
+        "resumes": m.resumes if m else None,
+    }
+    return inputs, policy or RetentionPolicy(), opts["save_every"] or config.get("save_every")
 
-    interval, rule = optimal_interval(stall, mtbf, max_overhead)
-    common = {
-        "stall": stall,
-        "step_time": step_time,
-        "total_steps": total,
-        "checkpoint_bytes": size,
-        "keep_last": policy.keep_last,
-        "keep_best": policy.keep_best,
-        "keep_every": policy.keep_every,
-        "max_bytes": policy.max_bytes,
-    }
-    recommended = outlook(interval, **common)
-    spec = opts["save_every"] or config.get("save_every")
-    current = None
-    if spec and step_time:
-        schedule = Schedule(parse_save_every(spec), total_steps=total, mtbf=mtbf)
-        gap = schedule.interval_seconds(step_time)
-        if gap is not None:
-            current = outlook(gap, **common)
-    return {
-        "inputs": {
-            "step_time_s": step_time,
-            "save_time_s": stall,
-            "mtbf_s": mtbf,
-            "total_steps": total,
-            "checkpoint_bytes": size,
-            "free_bytes": free,
-            "max_overhead": max_overhead,
-            "measured_saves": m.saves if m else None,
-            "resumes": m.resumes if m else None,
-        },
-        "policy": asdict(policy),
-        "rule": rule,
-        "recommended": {"save_every": _spec(recommended), **_outlook_json(recommended)},
-        "current": None if current is None else {"save_every": spec, **_outlook_json(current)},
-        "fits": None
-        if free is None or recommended.disk_bytes is None
-        else recommended.disk_bytes <= free,
-    }
+
+def _fits(o: Outlook, free: int | None) -> bool | None:
+    return None if free is None or o.disk_bytes is None else o.disk_bytes <= free
 
 
 def _has_policy(info: CheckpointInfo) -> bool:
@@ -350,8 +364,9 @@ def _spec(o: Outlook) -> str:
     return str(o.steps) if o.steps else f"{o.interval_s:.0f}s"
 
 
-def _outlook_json(o: Outlook) -> dict[str, Any]:
+def _outlook_json(o: Outlook, free: int | None) -> dict[str, Any]:
     return {
+        "fits": _fits(o, free),
         "interval_s": o.interval_s,
         "steps": o.steps,
         "overhead": o.overhead,
