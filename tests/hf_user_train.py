@@ -29,11 +29,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--save-every", default="3")
     p.add_argument("--full", action="store_true")
     p.add_argument("--resume", default=None)
+    p.add_argument("--limit", type=int, default=None, help="use the first N examples only")
     args = p.parse_args(argv)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model)
     data = load_dataset("json", data_files=str(builtin_dataset_path()), split="train")
+    if args.limit:
+        data = data.select(range(args.limit))
     config = SFTConfig(
         output_dir=args.out,
         max_steps=args.steps,
@@ -57,7 +60,8 @@ def main(argv: list[str]) -> int:
         peft_config=None if args.full else LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1),
         callbacks=[SafepointCallback(save_every=args.save_every, keep_last=2)],
     )
-    trainer.train(resume_from_checkpoint=args.resume)
+    resume = {"true": True, "false": False}.get(str(args.resume).lower(), args.resume)
+    trainer.train(resume_from_checkpoint=resume)
     weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     save_file(weights, f"{args.out}/final.safetensors")
     print(f"done {trainer.state.global_step}", flush=True)

@@ -1,0 +1,179 @@
+"""SafepointCallback in a user's own TRL script (tests/hf_user_train.py), run for real.
+
+Also pins the Trainer internals the callback relies on, so that a transformers upgrade
+that changes them fails here loudly rather than resuming a run wrongly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from safepoint.records import read_events
+from tests.conftest import same_tensors
+
+SCRIPT = Path(__file__).parent / "hf_user_train.py"
+# 8 examples, batch 4: 2 steps per epoch, so 8 steps cross 4 epochs; saving every 3
+# gives a checkpoint mid-epoch (3) and one at an epoch end (6).
+ARGS = ("--limit", "8", "--steps", "8", "--save-every", "3")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("home")
+    os.environ["SAFEPOINT_HOME"] = str(home)
+    from safepoint.app.tiny import tiny_model_path
+
+    return tiny_model_path()
+
+
+def run_user(out: Path, model: Path, *args: str, env: dict[str, str] | None = None):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), str(model), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    ok(run_user(out, model_dir, *ARGS))
+    return out
+
+
+@pytest.mark.crash
+def test_user_script_killed_twice_resumes_bit_identical(
+    reference: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    kill = {"SAFEPOINT_CRASH_AT": "after_rename@1"}  # dies right after its first commit
+    assert run_user(out, model_dir, *ARGS, env=kill).returncode == -signal.SIGKILL
+    assert run_user(out, model_dir, *ARGS, env=kill).returncode == -signal.SIGKILL
+    assert "done 8" in ok(run_user(out, model_dir, *ARGS)).stdout
+    resumed = [e["step"] for e in read_events(out) if e["event"] == "resume"]
+    assert resumed == [3, 6]  # mid-epoch, then at an epoch end
+    assert same_tensors(reference / "final.safetensors", out / "final.safetensors")
+
+
+def test_peft_loads_a_checkpoint_folder_as_is(reference: Path, model_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ckpt = reference / "checkpoint-8"
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in ckpt.iterdir()}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), ckpt)
+    final = load_file(str(reference / "final.safetensors"))
+    state = model.state_dict()
+    lora = [k for k in final if "lora_" in k]
+    assert lora and all(torch.equal(state[k], final[k]) for k in lora)
+
+
+def test_full_finetune_checkpoint_loads_with_auto_model(model_dir: Path, tmp_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    ok(run_user(out, model_dir, "--full", "--limit", "8", "--steps", "2", "--save-every", "2"))
+    ckpt = out / "checkpoint-2"
+    assert "lm_head.weight" not in load_file(str(ckpt / "model.safetensors"))  # tied: once
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    final = load_file(str(out / "final.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in final.items())
+
+
+def test_explicit_missing_checkpoint_lists_the_valid_ones(reference: Path, model_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    proc = run_user(out, model_dir, *ARGS, "--resume", str(out / "checkpoint-99"))
+    assert proc.returncode != 0
+    assert "CheckpointNotFoundError" in proc.stderr
+    assert "checkpoint-6, checkpoint-8" in proc.stderr
+
+
+def test_resume_true_takes_newest_valid_not_newest_folder(reference: Path, model_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "checkpoint-99").mkdir()  # the Trainer's get_last_checkpoint would pick this
+    assert "done 8" in ok(run_user(out, model_dir, *ARGS, "--resume", "true")).stdout
+    assert [e["step"] for e in read_events(out) if e["event"] == "resume"][-1] == 8
+
+
+# ------------------------------------------------------- pinned Trainer internals
+
+
+def test_trainer_internals_the_callback_relies_on(model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from safepoint import ConfigError, SafepointCallback
+
+    # 1. on_init_end runs inside Trainer.__init__, where the callback finds its Trainer.
+    cb = SafepointCallback(save_every="5")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, callbacks=[cb]
+    )
+    assert cb.trainer is trainer and trainer.train.__wrapped__  # type: ignore[attr-defined]
+    # 2. Resume skips consumed batches and loads the RNG file itself; the callback
+    #    restores RNG at the same points, so both must still be where it expects them.
+    run_epoch = inspect.getsource(Trainer._run_epoch)
+    assert "skip_first_batches" in run_epoch and "_load_rng_state" in run_epoch
+    assert run_epoch.index("if rng_to_sync:") < run_epoch.index("on_step_begin")
+    # 3. A Trainer that would save too (load_best_model_at_end) is refused clearly.
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        eval_strategy="steps",
+        save_strategy="steps",
+        load_best_model_at_end=True,
+    )
+    with pytest.raises(ConfigError, match="load_best_model_at_end"):
+        Trainer(
+            model=AutoModelForCausalLM.from_pretrained(model_dir),
+            args=args,
+            eval_dataset=[{"input_ids": [1, 2]}],
+            callbacks=[SafepointCallback()],
+        )
+
+
+@pytest.mark.parametrize(
+    ("losses", "patience", "stop"),
+    [
+        ([3.0, 2.0, 1.0], 1, False),
+        ([3.0, 2.0, 2.5], 1, True),
+        ([3.0, 2.0, 2.5], 2, False),
+        ([3.0, 2.0, 2.5, 2.0], 2, True),  # equal is not better
+    ],
+)
+def test_early_stopping_patience(losses: list[float], patience: int, stop: bool) -> None:
+    from safepoint import SafepointCallback
+
+    cb = SafepointCallback(early_stopping=patience)
+    state = SimpleNamespace(log_history=[{"eval_loss": v, "step": i} for i, v in enumerate(losses)])
+    assert cb._patience_spent(state) is stop
+
+
+def test_unknown_option_is_refused() -> None:
+    from safepoint import ConfigError, SafepointCallback
+
+    with pytest.raises(ConfigError, match="keep_lats"):
+        SafepointCallback(keep_lats=3)
+    with pytest.raises(ConfigError):
+        SafepointCallback(save_every="0")
