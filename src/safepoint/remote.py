@@ -52,7 +52,7 @@ def _open(url: str) -> tuple[Any, str]:
             f"remote={url!r} needs fsspec: pip install 'safepoint[remote]' (and s3fs for s3://)"
         ) from None
     try:
-        return url_to_fs(url)
+        return url_to_fs(url, skip_instance_cache=True)  # credentials may change per run
     except (ImportError, ValueError) as e:
         raise ConfigError(
             f"cannot open the remote {url!r} ({e}); install the fsspec backend for its "
@@ -168,6 +168,7 @@ class RemoteDir:
                     self._point_to(info.step)
                     return
                 self.fs.rm_file(rmanifest)  # another save of this step: uncommit it first
+        self.fs.makedirs(rdir, exist_ok=True)  # needed by file://, a no-op on object stores
         for name, entry in sorted(info.manifest.files.items()):
             if name in done:
                 continue

@@ -1,0 +1,220 @@
+"""Remote mirrors: file:// and a real S3-compatible server (moto) on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from safepoint import Checkpointer
+from safepoint.cli import main
+from safepoint.manifest import MANIFEST_NAME
+from safepoint.records import read_events
+from safepoint.remote import LATEST_NAME, RemoteDir, upload_states
+from safepoint.store import Store
+from tests.conftest import same_tensors
+
+SCRIPT = Path(__file__).parent / "dist_train.py"
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(autouse=True)
+def _bounded_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A broken mirror must fail the test quickly, not wait out the 10-minute default.
+    monkeypatch.setenv("SAFEPOINT_UPLOAD_TIMEOUT", "60")
+
+
+class S3Server:
+    """moto's standalone S3 server on 127.0.0.1, stoppable and restartable on its port."""
+
+    def __init__(self, log_dir: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / "moto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def start(self, bucket: str = "runs") -> None:
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1).close()
+                break
+            except OSError as e:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"moto did not start: {self.log.read_text()}") from e
+                time.sleep(0.05)
+        req = urllib.request.Request(f"{self.url}/{bucket}", method="PUT")
+        urllib.request.urlopen(req, timeout=10).close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    pytest.importorskip("s3fs")
+    server = S3Server(tmp_path)
+    server.start()
+    for k, v in server.env.items():
+        monkeypatch.setenv(k, v)
+    yield server
+    server.stop()
+
+
+def model_state(width: int = 64) -> dict[str, object]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(width, width)
+    return {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
+
+
+def train(ckpt: Checkpointer, state: dict[str, object], steps: range) -> None:
+    model = state["model"]
+    opt = state["optimizer"]
+    assert isinstance(model, torch.nn.Linear) and isinstance(opt, torch.optim.Optimizer)
+    for step in steps:
+        loss = model(torch.randn(4, model.in_features)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ckpt.step(step + 1, state, metrics={"loss": loss.item()})
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_file_remote_mirrors_with_retention_and_pointer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    remote = tmp_path / "remote"
+    local = tmp_path / "local"
+    state = model_state()
+    with Checkpointer(
+        local, save_every=2, keep_last=2, total_steps=8, remote=f"file://{remote}"
+    ) as ckpt:
+        train(ckpt, state, range(8))
+    rdir = RemoteDir(f"file://{remote}")
+    assert rdir.steps() == [6, 8]  # remote retention: keep_last=2 as locally
+    assert all(rdir.check(s).valid for s in (6, 8))
+    assert json.loads((remote / LATEST_NAME).read_text())["checkpoint"] == "checkpoint-8"
+    local_manifest = (local / "checkpoint-8" / MANIFEST_NAME).read_bytes()
+    assert (remote / "checkpoint-8" / MANIFEST_NAME).read_bytes() == local_manifest
+    states = upload_states(local)
+    assert states["checkpoint-8"] == "mirrored" and states["checkpoint-6"] == "mirrored"
+    assert main(["ls", str(local), "--json"]) == 0
+    listed = {c["name"]: c["remote"] for c in json.loads(capsys.readouterr().out)}
+    assert listed == {"checkpoint-6": "mirrored", "checkpoint-8": "mirrored"}
+
+
+def test_remote_folder_without_manifest_is_not_a_checkpoint(tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    (remote / "checkpoint-9").mkdir(parents=True)
+    (remote / "checkpoint-9" / "model.safetensors").write_bytes(b"partial")
+    rdir = RemoteDir(f"file://{remote}")
+    assert not rdir.check(9).valid
+    assert list(rdir.newest_first()) == []
+
+
+def test_fresh_machine_resumes_from_s3_identically(tmp_path: Path, s3: S3Server) -> None:
+    env = {**os.environ, **s3.env}
+
+    def run(out: Path, steps: int, *remote: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, str(SCRIPT), str(out), "--steps", str(steps), *remote]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    run(tmp_path / "reference", 20)
+    url = "s3://runs/exp1"
+    run(tmp_path / "machine-a", 10, "--remote", url)  # close() waits for the upload
+    assert RemoteDir(url).check(10).valid
+    fresh = tmp_path / "machine-b"  # does not exist: a new machine
+    proc = run(fresh, 20, "--remote", url)
+    assert "start 10" in proc.stdout
+    assert "downloaded checkpoint-10" in proc.stderr
+    assert same_tensors(tmp_path / "reference" / "final.safetensors", fresh / "final.safetensors")
+    assert RemoteDir(url).latest_step() == 20
+    assert any(e["event"] == "download" for e in read_events(fresh))
+
+
+def test_damaged_remote_checkpoint_falls_back_to_older(tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    state = model_state()
+    with Checkpointer(tmp_path / "a", save_every=2, total_steps=4, remote=f"file://{remote}") as c:
+        train(c, state, range(4))
+    blob = remote / "checkpoint-4" / "model.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # same size, wrong checksum: only the download's verification sees it
+    blob.write_bytes(bytes(data))
+    with Checkpointer(tmp_path / "b", remote=f"file://{remote}") as c:
+        assert c.restore(model_state()) == 2
+    assert not (tmp_path / "b" / "checkpoint-4").exists()
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".staging")]
+
+
+def test_s3_server_down_mid_run_uploads_resume_training_never_stops(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    url = "s3://runs/fault"
+    local = tmp_path / "local"
+    state = model_state(width=256)  # ~0.5 MB per checkpoint: uploads take a moment
+    ckpt = Checkpointer(local, save_every=1, keep_last=3, remote=url)
+    ckpt.mirror.backoff = (0.1, 0.5)  # type: ignore[union-attr]
+    train(ckpt, state, range(2))
+    wait_for(lambda: upload_states(local).get("checkpoint-2") == "mirrored", "first uploads")
+    train(ckpt, state, range(2, 3))
+    s3.stop()  # the upload of checkpoint-3 is queued or in flight
+    train(ckpt, state, range(3, 10))  # training goes on while the server is down
+    assert ckpt.latest().step == 10  # type: ignore[union-attr]
+    wait_for(lambda: any(e.get("state") == "retry" for e in read_events(local)), "a failed upload")
+    s3.start()  # back, empty (moto keeps nothing): everything must be uploaded again
+    train(ckpt, state, range(10, 12))
+    ckpt.close()
+    rdir = RemoteDir(url)
+    assert rdir.latest_step() == 12
+    assert rdir.check(12).valid
+    assert upload_states(local)["checkpoint-12"] == "mirrored"
+
+    # And the mirror is usable: a fresh machine restores step 12, verified.
+    with Checkpointer(tmp_path / "fresh", remote=url) as fresh:
+        assert fresh.restore(model_state(width=256)) == 12
+
+
+def test_close_times_out_with_clear_message(
+    tmp_path: Path, s3: S3Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    s3.stop()
+    ckpt = Checkpointer(tmp_path / "local", save_every=1, remote="s3://runs/down")
+    ckpt.mirror.close_timeout = 1.0  # type: ignore[union-attr]
+    train(ckpt, model_state(), range(1))
+    ckpt.close()
+    assert "did not finish within 1 s; checkpoint-1 stay local only" in caplog.text
+    assert upload_states(tmp_path / "local")["checkpoint-1"] == "uploading"
+    assert Store(tmp_path / "local").scan()[-1].valid
