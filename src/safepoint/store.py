@@ -375,6 +375,16 @@ class Store:
             raise
         return CheckpointInfo(target, snapshot.step, "valid", (), manifest, manifest.total_bytes)
 
+    def adopt(self, staging: Path, step: int) -> CheckpointInfo:
+        """Commit a staging folder whose files were written and fsynced elsewhere (a
+        checkpoint downloaded from a remote mirror): steps 4 of the commit protocol."""
+        target = self.path_for(step)
+        fsync_dir(staging)
+        if self._make_room_for(target):
+            os.replace(staging, target)
+            fsync_dir(self.directory)
+        return inspect(target)
+
     def _make_room_for(self, target: Path) -> bool:
         """False if ``target`` already holds a valid checkpoint (keep it, skip the save).
 
