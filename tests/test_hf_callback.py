@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,12 +30,12 @@ ARGS = ("--limit", "8", "--steps", "8", "--save-every", "3")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("home")
-    os.environ["SAFEPOINT_HOME"] = str(home)
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from safepoint.app.tiny import tiny_model_path
 
-    return tiny_model_path()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFEPOINT_HOME", str(tmp_path_factory.mktemp("home")))
+        yield tiny_model_path()
 
 
 def run_user(out: Path, model: Path, *args: str, env: dict[str, str] | None = None):

@@ -1,0 +1,67 @@
+"""``safepoint export``: adapter and merged model folders that load and generate."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from safepoint.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("home")
+    out = tmp_path_factory.mktemp("run") / "run"
+    args = ("--max-steps", "6", "--save-every", "3", "--batch-size", "4")
+    proc = subprocess.run(
+        [sys.executable, "-m", "safepoint", "train", "--output-dir", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SAFEPOINT_HOME": str(home)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_merge_gives_a_model_that_generates(run_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    assert main(["export", str(run_dir), "--checkpoint", "best", "--out", str(out), "--merge"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = tokenizer("What is 2 plus 3?", return_tensors="pt")
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    new = gen[0, ids["input_ids"].shape[1] :]
+    assert len(new) == 6 and tokenizer.decode(new).strip()
+    assert not any("lora" in k for k in model.state_dict())
+
+
+def test_adapter_export_loads_with_peft(run_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "adapter"
+    assert main(["export", str(run_dir), "--checkpoint", "latest", "--out", str(out)]) == 0
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+    assert any("lora_A" in k for k in model.state_dict())
+
+
+def test_bad_requests(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", str(run_dir), "--checkpoint", "77", "--out", str(tmp_path / "x")]) == 2
+    assert "checkpoint-6" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "f").write_text("keep me")
+    assert main(["export", str(run_dir), "--checkpoint", "latest", "--out", str(busy)]) == 2
+    assert (busy / "f").read_text() == "keep me"
