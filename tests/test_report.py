@@ -238,7 +238,9 @@ def test_stock_trainer_directory_shows_loss_and_checkpoints(stock_dir: Path) -> 
     assert kinds[best] == "best" and list(kinds.values()).count("best") == 1
     assert data.saves == [] and data.disk == [] and data.notes
     paths = write_report(data, stock_dir / "report")
-    assert "stock Trainer" in paths["html"].read_text()
+    page = paths["html"].read_text()
+    assert "stock Trainer" in page
+    assert page.count("<img class=plot") == 1  # no empty timing and disk panels
 
 
 @pytest.mark.crash

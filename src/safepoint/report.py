@@ -221,6 +221,13 @@ def _from_record(
         elif kind in ("signal", "emergency_save"):  # written by safepoint.signals
             data.signals.append(e)
     data.attempts = attempt + 1
+    if not data.train_loss and not data.eval_loss:
+        # Nothing logged metrics (an integration that does not call log_metrics): the
+        # metrics saved with each checkpoint still draw a coarse curve.
+        for step, e in sorted(saved.items()):
+            _add_points(data, step, _numbers(e.get("metrics")), 0)
+        if saved:
+            data.notes.append("no metrics were logged: the curves show the saved checkpoints only")
     _marks(data, saved, deleted, infos, policy)
     return data
 

@@ -65,6 +65,11 @@ def _style(ax: Axes, title: str) -> None:
     ax.tick_params(colors="#4a5568", labelsize=9)
 
 
+def _legend(ax: Axes, *, ncol: int) -> None:
+    # Above the plot, right of the title: never over the data.
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False, ncol=ncol)
+
+
 def _empty(ax: Axes, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", color="#718096", transform=ax.transAxes)
     ax.set_xticks([])
@@ -76,6 +81,8 @@ def _empty(ax: Axes, text: str) -> None:
 
 def draw_loss(ax: Axes, data: ReportData) -> None:
     """Train and eval loss over steps, checkpoint marks, resume points, redone steps."""
+    from matplotlib.ticker import MaxNLocator
+
     _style(ax, "Loss, checkpoints and restarts")
     if not data.train_loss and not data.eval_loss and not data.checkpoints:
         _empty(ax, "no metrics recorded yet")
@@ -128,7 +135,8 @@ def draw_loss(ax: Axes, data: ReportData) -> None:
     _draw_marks(ax, data)
     ax.set_xlabel("step", color="#4a5568")
     ax.set_ylabel("loss", color="#4a5568")
-    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False, ncol=4)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend(ax, ncol=4)
 
 
 def _joined(data: ReportData, attempt: int, pts: list[Point]) -> tuple[list[int], list[float]]:
@@ -226,7 +234,7 @@ def draw_saves(ax: Axes, data: ReportData) -> None:
     )
     ax.set_xlabel("save (step; ! = emergency)", color="#4a5568")
     ax.set_ylabel(unit, color="#4a5568")
-    ax.legend(loc="upper right", fontsize=8, frameon=False)
+    _legend(ax, ncol=2)
 
 
 def draw_disk(ax: Axes, data: ReportData) -> None:
@@ -254,7 +262,7 @@ def draw_disk(ax: Axes, data: ReportData) -> None:
     ax.set_ylim(bottom=0)
     ax.set_xlabel(f"wall-clock time since the run began ({tunit})", color="#4a5568")
     ax.set_ylabel(bunit, color="#4a5568")
-    ax.legend(loc="lower right", fontsize=8, frameon=False)
+    _legend(ax, ncol=2)
 
 
 PANELS: dict[str, tuple[Callable[[Axes, ReportData], None], float]] = {
@@ -295,14 +303,23 @@ def png_bytes(data: ReportData, panels: tuple[str, ...] = tuple(PANELS), dpi: in
     return buf.getvalue()
 
 
+def panels_for(data: ReportData) -> tuple[str, ...]:
+    """The panels worth drawing: a stock Trainer directory has no save timings or disk
+    history, so its picture is the loss panel alone (the page says why)."""
+    if data.source == "trainer_state" and not data.saves and not data.disk:
+        return ("loss",)
+    return tuple(PANELS)
+
+
 def write_report(data: ReportData, out: str | os.PathLike[str]) -> dict[str, Path]:
     """Write ``report.png`` and ``report.html`` into ``out``; return their paths."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        panels = panels_for(data)
         png = out / PNG_NAME
-        png.write_bytes(png_bytes(data))
-        images = {name: png_bytes(data, (name,)) for name in PANELS}
+        png.write_bytes(png_bytes(data, panels))
+        images = {name: png_bytes(data, (name,)) for name in panels}
         page = out / HTML_NAME
         page.write_text(html_page(data, images), encoding="utf-8")
     except OSError as e:
