@@ -315,10 +315,8 @@ def _plan_inputs(
             "plan needs the time a save blocks training: pass --save-time (e.g. 12s) or a "
             "run directory that has saved at least once"
         )
-    stored_mtbf = next(
-        (i.manifest.info["policy"].get("mtbf_s") for i in reversed(infos) if _has_policy(i)),
-        None,
-    )
+    # what the newest checkpoint recorded (integrations learn total_steps after start)
+    stored = next((i.manifest.info["policy"] for i in reversed(infos) if _has_policy(i)), {})
     free = _bytes(opts["free_disk"], "--free-disk")
     if free is None and directory is not None:
         free = shutil.disk_usage(directory).free + sum(i.size for i in infos if i.valid)
@@ -333,8 +331,8 @@ def _plan_inputs(
     inputs = {
         "step_time_s": _seconds(opts["step_time"], "--step-time") or (m and m.step_time),
         "save_time_s": stall,
-        "mtbf_s": _seconds(opts["mtbf"], "--mtbf") or stored_mtbf or DEFAULT_MTBF_S,
-        "total_steps": opts["steps"] or config.get("total_steps"),
+        "mtbf_s": _seconds(opts["mtbf"], "--mtbf") or stored.get("mtbf_s") or DEFAULT_MTBF_S,
+        "total_steps": opts["steps"] or config.get("total_steps") or stored.get("total_steps"),
         "checkpoint_bytes": _bytes(opts["checkpoint_size"], "--checkpoint-size")
         or (m and m.checkpoint_bytes),
         "free_bytes": free,
@@ -342,7 +340,8 @@ def _plan_inputs(
         "measured_saves": m.saves if m else None,
         "resumes": m.resumes if m else None,
     }
-    return inputs, policy or RetentionPolicy(), opts["save_every"] or config.get("save_every")
+    spec = opts["save_every"] or config.get("save_every") or stored.get("save_every_spec")
+    return inputs, policy or RetentionPolicy(), spec
 
 
 def _fits(o: Outlook, free: int | None) -> bool | None:
