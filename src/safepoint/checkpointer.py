@@ -428,6 +428,7 @@ class Checkpointer:
     # ---------------------------------------------- policies: disk, errors (policy_hooks)
 
     preflight = policy_hooks.preflight
+    save_failed = policy_hooks.save_failed
     _scheduled_save = policy_hooks.scheduled_save
     _store_commit = policy_hooks.store_commit
     _saved = policy_hooks.saved

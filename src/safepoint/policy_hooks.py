@@ -93,17 +93,27 @@ def scheduled_save(
     try:
         return self.save(step, state, metrics=metrics, reason=reason)
     except SaveFailedError as e:
-        if self.on_save_error == "stop":
-            raise
-        self.schedule.failed(time.monotonic())
-        log.error(
-            "SAVE FAILED at step %d, training goes on WITHOUT a new checkpoint "
-            "(on_save_error='continue'); the next save tries again: %s",
-            step,
-            e,
-        )
-        self.record.event("save_skipped", step=step, reason=reason, error=str(e))
+        self.save_failed(step, e, reason=reason)
         return None
+
+
+def save_failed(self: Checkpointer, step: int, error: SaveFailedError, *, reason: str) -> None:
+    """Apply ``on_save_error`` to a scheduled save that failed: re-raise ``error``
+    ("stop"), or warn loudly and let training go on until the next due save ("continue").
+
+    For integrations that commit their own snapshots: call it from ``except
+    SaveFailedError`` around ``commit`` of a scheduled save.
+    """
+    if self.on_save_error == "stop":
+        raise error
+    self.schedule.failed(time.monotonic())
+    log.error(
+        "SAVE FAILED at step %d, training goes on WITHOUT a new checkpoint "
+        "(on_save_error='continue'); the next save tries again: %s",
+        step,
+        error,
+    )
+    self.record.event("save_skipped", step=step, reason=reason, error=str(error))
 
 
 def store_commit(self: Checkpointer, snapshot: Snapshot, **kwargs: Any) -> CheckpointInfo:
