@@ -158,6 +158,7 @@ class Schedule:
             else None
         )
         self.mtbf = mtbf
+        self.max_overhead = max_overhead
         self.step_time: float | None = None
         """Mean compute seconds per step (moving average), measured by ``due``."""
         self.step_samples = 0
