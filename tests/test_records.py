@@ -16,6 +16,7 @@ from safepoint import Checkpointer, SaveFailedError
 from safepoint.records import (
     RECORD_NAME,
     RunRecord,
+    last_reached_step,
     reached_step,
     read_events,
     retention_rule,
@@ -103,6 +104,23 @@ def test_reached_step_looks_at_the_last_process_only() -> None:
     assert reached_step(events) == 25
     assert reached_step(events[:2]) == 40
     assert reached_step([{"event": "start"}]) is None
+
+
+@pytest.mark.parametrize("lines", [0, 3, 5000])
+def test_last_reached_step_reads_the_tail_and_agrees_with_the_whole(
+    tmp_path: Path, lines: int
+) -> None:
+    assert last_reached_step(tmp_path) is None
+    record = RunRecord(tmp_path)
+    record.event("start")
+    for i in range(lines):
+        record.event("metrics", step=i, metrics={"pad": "x" * 80})
+    assert last_reached_step(tmp_path) == reached_step(read_events(tmp_path))
+    record.event("start")
+    record.event("resume", step=2)
+    assert last_reached_step(tmp_path) == 2 == reached_step(read_events(tmp_path))
+    record.event("start")  # a process that logged nothing yet
+    assert last_reached_step(tmp_path) is None
 
 
 def test_retention_rule_in_words() -> None:

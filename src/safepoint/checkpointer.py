@@ -25,7 +25,7 @@ from safepoint.errors import (
 )
 from safepoint.lock import RunLock
 from safepoint.plan import DEFAULT_MAX_OVERHEAD
-from safepoint.records import RunRecord, reached_step, read_events, retention_rule
+from safepoint.records import RunRecord, last_reached_step, retention_rule
 from safepoint.retention import Candidate, RetentionPolicy, plan
 from safepoint.schedule import Schedule, parse_save_every
 from safepoint.signals import DEFAULT_SIGNALS, EmergencyStop
@@ -166,7 +166,7 @@ class Checkpointer:
 
     def _record_start(self, save_every: object) -> None:
         # What the previous process reached gives "steps lost" when this one resumes.
-        self._reached_before = reached_step(read_events(self.directory))
+        self._reached_before = last_reached_step(self.directory)
         self._last_step: int | None = None
         self._logged: tuple[int, dict[str, Any]] | None = None
         p = self.policy

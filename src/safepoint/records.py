@@ -115,18 +115,45 @@ def read_events(directory: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     try:
         with open(path, "rb") as f:
             for raw in f:
-                try:
-                    event = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(event, dict) and "event" in event:
+                if (event := _parse(raw)) is not None:
                     yield event
     except FileNotFoundError:
         return
 
 
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
+
+
+def last_reached_step(directory: str | os.PathLike[str]) -> int | None:
+    """``reached_step`` of the record of ``directory``, reading only as much of its end as
+    holds the last ``start`` (a long run's record can be large; this runs at every start)."""
+    path = Path(directory) / RECORD_NAME
+    chunk = 1 << 16
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            while True:
+                begin = max(0, size - chunk)
+                f.seek(begin)
+                lines = f.read(size - begin).split(b"\n")[1 if begin else 0 :]
+                events = [e for raw in lines if (e := _parse(raw)) is not None]
+                if begin == 0 or any(e["event"] == "start" for e in events):
+                    return reached_step(events)
+                chunk *= 4
+    except FileNotFoundError:
+        return None
+
+
+_PROGRESS = ("metrics", "save", "resume")
+
+
 def reached_step(events: Iterable[Mapping[str, Any]]) -> int | None:
-    """The last step the most recent process recorded (metrics or a save), or None.
+    """The last step the most recent process recorded (metrics, save, resume), or None.
 
     Looks only at the events after the last ``start``: that process's own progress.
     """
@@ -134,7 +161,7 @@ def reached_step(events: Iterable[Mapping[str, Any]]) -> int | None:
     for event in events:
         if event.get("event") == "start":
             reached = None
-        elif event.get("event") in ("metrics", "save") and isinstance(event.get("step"), int):
+        elif event.get("event") in _PROGRESS and isinstance(event.get("step"), int):
             reached = max(event["step"], reached or 0)
     return reached
 
