@@ -13,8 +13,9 @@ from rich.table import Table
 
 from safepoint.cli import policy_cmds
 from safepoint.errors import CheckpointNotFoundError
+from safepoint.records import save_timings
 from safepoint.store import CheckpointInfo, scan, verify
-from safepoint.units import format_size
+from safepoint.units import format_duration, format_size
 
 _STYLE = {
     "valid": "green",
@@ -54,6 +55,16 @@ def _directory(path: str) -> Path:
     return p
 
 
+def _timing(info: CheckpointInfo, timings: dict[int, dict[str, Any]]) -> dict[str, float | None]:
+    """Training stall and write time of a save: from the run record, else the manifest."""
+    event = timings.get(info.step, {}) if info.valid else {}
+    saved = info.manifest.info if info.manifest else {}
+    return {
+        k: v if isinstance(v := event.get(k, saved.get(k)), (int, float)) else None
+        for k in ("stall_s", "write_s")
+    }
+
+
 @click.command("ls")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -65,11 +76,17 @@ def ls_cmd(directory: str, as_json: bool, **policy: Any) -> None:
     """
     infos = scan(_directory(directory))
     why, nxt, policy_note = policy_cmds.ls_retention(infos, policy)
+    timings = save_timings(directory)
     if as_json:
         click.echo(
             json.dumps(
                 [
-                    {**info_json(i), "kept_because": why.get(i.name), "next_deletes": i.name in nxt}
+                    {
+                        **info_json(i),
+                        **_timing(i, timings),
+                        "kept_because": why.get(i.name),
+                        "next_deletes": i.name in nxt,
+                    }
                     for i in infos
                 ],
                 indent=1,
@@ -81,14 +98,16 @@ def ls_cmd(directory: str, as_json: bool, **policy: Any) -> None:
         return
     metric_names = sorted({k for i in infos for k in i.metrics})
     table = Table(title=str(directory), title_justify="left")
-    for col in ("checkpoint", "step", "saved", "size", *metric_names, "state", "kept", "note"):
-        table.add_column(col, justify="right" if col in ("step", "size") else "left")
+    cols = ("checkpoint", "step", "saved", "size", "stall", "write", *metric_names)
+    for col in (*cols, "state", "kept", "note"):
+        table.add_column(col, justify="right" if col in cols[1:] else "left")
     for i in infos:
         table.add_row(
             i.name,
             str(i.step),
             _when(i.created),
             format_size(i.size),
+            *("-" if v is None else format_duration(v) for v in _timing(i, timings).values()),
             *(f"{i.metrics[k]:.4g}" if k in i.metrics else "-" for k in metric_names),
             f"[{_STYLE[i.status]}]{i.status}[/]",
             why.get(i.name, ""),
