@@ -99,21 +99,34 @@ def test_full_finetune_checkpoint_loads_with_auto_model(model_dir: Path, tmp_pat
     assert all(torch.equal(model.state_dict()[k], v) for k, v in final.items())
 
 
-def test_explicit_missing_checkpoint_lists_the_valid_ones(reference: Path, model_dir, tmp_path):
+def _args(out: Path) -> SimpleNamespace:
+    return SimpleNamespace(output_dir=str(out), save_strategy="no", save_steps=500)
+
+
+def test_explicit_missing_checkpoint_lists_the_valid_ones(reference: Path, tmp_path: Path):
+    from safepoint import CheckpointNotFoundError, SafepointCallback
+
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    proc = run_user(out, model_dir, *ARGS, "--resume", str(out / "checkpoint-99"))
-    assert proc.returncode != 0
-    assert "CheckpointNotFoundError" in proc.stderr
-    assert "checkpoint-6, checkpoint-8" in proc.stderr
+    cb = SafepointCallback(save_every="3")
+    with pytest.raises(CheckpointNotFoundError, match="checkpoint-6, checkpoint-8"):
+        cb._begin(_args(out), str(out / "checkpoint-99"))
+    assert cb.checkpointer is None  # closed again: the run lock is released
 
 
-def test_resume_true_takes_newest_valid_not_newest_folder(reference: Path, model_dir, tmp_path):
+def test_resume_true_takes_newest_valid_not_newest_folder(reference: Path, tmp_path: Path):
+    from safepoint import SafepointCallback
+
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     (out / "checkpoint-99").mkdir()  # the Trainer's get_last_checkpoint would pick this
-    assert "done 8" in ok(run_user(out, model_dir, *ARGS, "--resume", "true")).stdout
-    assert [e["step"] for e in read_events(out) if e["event"] == "resume"][-1] == 8
+    for resume in (True, None):
+        cb = SafepointCallback(save_every="3")
+        assert cb._begin(_args(out), resume) == str(out / "checkpoint-8")
+        cb._end()
+    cb = SafepointCallback(save_every="3", resume=False)
+    assert cb._begin(_args(out), None) is None
+    cb._end()
 
 
 # ------------------------------------------------------- pinned Trainer internals
