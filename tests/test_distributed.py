@@ -102,3 +102,47 @@ def test_signal_to_one_rank_stops_all_at_same_step(tmp_path: Path) -> None:
     assert 20 <= step < 400
     events = [json.loads(line) for line in (run / "safepoint.log.jsonl").read_text().splitlines()]
     assert any(e["event"] == "signal" and e["step"] == step for e in events)
+
+
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone"],
+    # accelerate's multi-process launcher is torchrun underneath; the script sets use_cpu.
+    "accelerate": [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_hf_callback_two_ranks_killed_mid_save_rerun_ends_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, launcher: str
+) -> None:
+    from safepoint.app.tiny import tiny_model_path
+
+    monkeypatch.setenv("SAFEPOINT_HOME", str(tmp_path / "home"))
+    model = tiny_model_path()
+    script = Path(__file__).parent / "hf_user_train.py"
+
+    def launch(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
+        nproc = "--nproc_per_node" if launcher == "torchrun" else "--num_processes"
+        cmd = [*LAUNCHERS[launcher], nproc, "2", str(script), str(out), str(model)]
+        cmd += ["--limit", "16", "--steps", "8", "--save-every", "3"]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+        return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=300)
+
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    ok(launch(reference))
+    assert RANKS_NAME in inspect(reference / "checkpoint-8").manifest.files  # type: ignore[union-attr]
+    assert launch(run, SAFEPOINT_CRASH_AT="after_files@2").returncode != 0  # at step 6
+    assert inspect(run / "checkpoint-3").valid and not (run / "checkpoint-6").exists()
+    ok(launch(run))
+    assert same_tensors(reference / "final.safetensors", run / "final.safetensors")

@@ -123,6 +123,19 @@ class Ranks:
         step = box[0]
         return step if isinstance(step, int) else None
 
+    def rank_rng(self, path: Path) -> dict[str, Any] | None:
+        """This rank's RNG state saved in the checkpoint ``path``, or None (single process
+        checkpoint: its ``state.json`` holds the only RNG state)."""
+        try:
+            doc = loads_json((path / RANKS_NAME).read_bytes(), where=str(path / RANKS_NAME))
+        except FileNotFoundError:
+            return None
+        states = doc.get("rng") if isinstance(doc, dict) else None
+        if not isinstance(states, list) or not states:
+            return None
+        state = states[self.rank % len(states)]
+        return state if isinstance(state, dict) else None
+
     def restore_rank_rng(self, path: Path, *, rng: bool = True) -> None:
         """After a checkpoint was loaded: this rank's own RNG state, and a warning when
         the checkpoint was saved by another number of processes."""

@@ -288,6 +288,10 @@ class Mirror:
         if newest is not None:
             self.submit(newest)
 
+    def fetch_if_empty(self) -> CheckpointInfo | None:
+        """``fetch`` when the local directory holds no valid checkpoint (a fresh machine)."""
+        return self.fetch() if is_empty(self.store) else None
+
     def fetch(self) -> CheckpointInfo | None:
         """Download the newest valid remote checkpoint into the (empty) local directory.
 
