@@ -14,6 +14,7 @@ from rich.table import Table
 from safepoint.cli import policy_cmds
 from safepoint.errors import CheckpointNotFoundError
 from safepoint.records import save_timings
+from safepoint.remote import upload_states
 from safepoint.store import CheckpointInfo, scan, verify
 from safepoint.units import format_duration, format_size
 
@@ -77,6 +78,7 @@ def ls_cmd(directory: str, as_json: bool, **policy: Any) -> None:
     infos = scan(_directory(directory))
     why, nxt, policy_note = policy_cmds.ls_retention(infos, policy)
     timings = save_timings(directory)
+    uploads = upload_states(directory)  # empty unless the run has a remote mirror
     if as_json:
         click.echo(
             json.dumps(
@@ -86,6 +88,7 @@ def ls_cmd(directory: str, as_json: bool, **policy: Any) -> None:
                         **_timing(i, timings),
                         "kept_because": why.get(i.name),
                         "next_deletes": i.name in nxt,
+                        "remote": uploads.get(i.name, "local only") if uploads else None,
                     }
                     for i in infos
                 ],
@@ -109,7 +112,8 @@ def ls_cmd(directory: str, as_json: bool, **policy: Any) -> None:
             format_size(i.size),
             *("-" if v is None else format_duration(v) for v in _timing(i, timings).values()),
             *(f"{i.metrics[k]:.4g}" if k in i.metrics else "-" for k in metric_names),
-            f"[{_STYLE[i.status]}]{i.status}[/]",
+            f"[{_STYLE[i.status]}]{i.status}[/]"
+            + (f", {uploads.get(i.name, 'local only')}" if uploads and i.valid else ""),
             why.get(i.name, ""),
             "; ".join(i.problems) or (i.manifest.reason if i.manifest else ""),
         )
