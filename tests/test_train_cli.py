@@ -46,12 +46,15 @@ def run_train(out: Path, *args: str, env: dict[str, str] | None = None, check: b
 
 
 def kill_after(out: Path, delay: float, *args: str) -> None:
-    """Start a run, SIGKILL it ``delay`` seconds after its Checkpointer opened."""
+    """Start a run, SIGKILL it ``delay`` seconds after it began training."""
+    record = out / "safepoint.log.jsonl"
+    size = record.stat().st_size if record.exists() else 0
     proc = subprocess.Popen(
         train_cmd(out, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 120
-    while not (out / "safepoint.log.jsonl").exists() and proc.poll() is None:
+    # The run's first record line marks the start of training (imports take seconds).
+    while (record.stat().st_size if record.exists() else 0) <= size and proc.poll() is None:
         assert time.monotonic() < deadline, "the run never started"
         time.sleep(0.05)
     time.sleep(delay)
