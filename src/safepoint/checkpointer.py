@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from safepoint import policy_hooks
 from safepoint.disk import DiskCheck
+from safepoint.distributed import QuietRecord, Ranks
 from safepoint.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -26,6 +27,7 @@ from safepoint.errors import (
 from safepoint.lock import RunLock
 from safepoint.plan import DEFAULT_MAX_OVERHEAD
 from safepoint.records import RunRecord, last_reached_step, retention_rule
+from safepoint.remote import Mirror, mirror_for
 from safepoint.retention import Candidate, RetentionPolicy, plan
 from safepoint.schedule import Schedule, parse_save_every
 from safepoint.signals import DEFAULT_SIGNALS, EmergencyStop
@@ -113,8 +115,6 @@ class Checkpointer:
         grace: str | float | None = None,
         stop_on_nan: bool = False,
     ) -> None:
-        if remote is not None:
-            raise ConfigError("remote mirrors are not available in this version of safepoint")
         if async_save:
             raise ConfigError("async_save is not available in this version of safepoint")
         self.directory = Path(directory)
@@ -149,12 +149,18 @@ class Checkpointer:
         prepare_directory(self.directory)
         self.store = Store(self.directory)
         self._lock = RunLock(self.directory)
-        self._lock.acquire()
+        self.ranks = Ranks.current()  # several processes: rank 0 locks, records, commits
+        if self.ranks.is_writer:
+            self._lock.acquire()
         self._closed = False
-        self.record = RunRecord(self.directory)
+        self.record = RunRecord(self.directory) if self.ranks.is_writer else QuietRecord()
+        self.mirror: Mirror | None = None
         self.last_progress: dict[str, Any] = {}
         try:
-            swept = self.store.sweep()
+            swept = self.store.sweep() if self.ranks.is_writer else []
+            if remote is not None and self.ranks.is_writer:
+                self.mirror = mirror_for(remote, self.store, policy=self.policy, record=self.record)
+                self.mirror.resubmit_newest()
             if swept:
                 self.record.event("swept", folders=[p.name for p in swept])
             self._record_start(save_every)
@@ -196,6 +202,15 @@ class Checkpointer:
         first: raises ``DiskBudgetError`` before training if the checkpoints cannot fit.
         """
         self.preflight(state)
+        if checkpoint is None and self.mirror is not None:
+            self.mirror.fetch_if_empty()  # a fresh machine: the newest remote one, verified
+        if checkpoint is None and self.ranks.active:
+            # Every rank resumes from the checkpoint rank 0 picks; none of them guesses.
+            checkpoint = self.ranks.agree_on_checkpoint(
+                lambda: next((i.step for i in newest_first(self.directory)), None)
+            )
+            if checkpoint is None:
+                return None
         if checkpoint is not None:
             info = self._explicit(checkpoint)
             progress = self._load(info, state)
@@ -234,7 +249,9 @@ class Checkpointer:
                 f"this run {self.fingerprint}); use the same configuration or another "
                 "output directory"
             )
-        return apply(info.path, state, rng=self.save_rng)
+        progress = apply(info.path, state, rng=self.save_rng)
+        self.ranks.restore_rank_rng(info.path, rng=self.save_rng)
+        return progress
 
     def _resumed(
         self,
@@ -297,6 +314,7 @@ class Checkpointer:
             and self.schedule.last_save_step != step
         ):
             reason = "end of training"
+        reason = self.ranks.agree_to_save(reason, self._stop)  # same decision on all ranks
         info = None if reason is None else self._scheduled_save(step, state, metrics, reason)
         if self._stop.requested:  # a stop signal arrived: emergency save, exit 3
             self._stop.stop(
@@ -372,6 +390,11 @@ class Checkpointer:
     ) -> CheckpointInfo:
         """Commit a prepared ``snapshot`` (integrations build their own), then prune."""
         self._check_open()
+        self.ranks.gather_rng(snapshot)  # every rank hands over its state before the commit
+        if not self.ranks.is_writer:
+            self.schedule.saved(snapshot.step, time.monotonic())
+            status = "valid"  # as rank 0 will say once it committed
+            return CheckpointInfo(self.store.path_for(snapshot.step), snapshot.step, status)
         started = time.perf_counter() if started is None else started
         snapshot.metrics = dict(metrics or snapshot.metrics)
         snapshot.reason = reason
@@ -401,6 +424,8 @@ class Checkpointer:
             result="committed",
         )
         self.prune()
+        if self.mirror is not None:
+            self.mirror.submit(info)
         return info
 
     def prune(self) -> list[CheckpointInfo]:
@@ -461,6 +486,8 @@ class Checkpointer:
             stopped = None
             try:
                 stopped = self._stop.pending_at_close(self)  # a signal after the last step
+                if self.mirror is not None:
+                    self.mirror.close()  # waits for the last upload, at most its timeout
                 self.record.event("close", step=self._last_step)
             finally:
                 self._stop.close()  # the user's own signal handlers are back

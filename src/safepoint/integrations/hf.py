@@ -250,6 +250,15 @@ class SafepointCallback(TrainerCallback):
         assert ckpt is not None
         if resume is False or (resume is None and not self.resume):
             return None
+        if (resume is None or resume is True) and ckpt.mirror is not None:
+            ckpt.mirror.fetch_if_empty()  # a fresh machine: the newest remote checkpoint
+        if (resume is None or resume is True) and ckpt.ranks.active:
+            # Several processes: all resume from the checkpoint rank 0 picks.
+            resume = ckpt.ranks.agree_on_checkpoint(
+                lambda: next((i.step for i in newest_first(ckpt.directory)), None)
+            )
+            if resume is None:
+                return None
         if resume is None or resume is True:
             for info in newest_first(ckpt.directory, deep=ckpt.verify_on_resume):
                 self._check_ours(info)
@@ -314,7 +323,7 @@ class SafepointCallback(TrainerCallback):
             raise IncompatibleCheckpointError(
                 f"{info.path}: the Trainer resumed at step {state.global_step}, not {info.step}"
             )
-        self._rng = read_state_doc(info.path).get("rng")
+        self._rng = ckpt.ranks.rank_rng(info.path) or read_state_doc(info.path).get("rng")
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._flush(state)
