@@ -121,6 +121,11 @@ def test_last_reached_step_reads_the_tail_and_agrees_with_the_whole(
     assert last_reached_step(tmp_path) == 2 == reached_step(read_events(tmp_path))
     record.event("start")  # a process that logged nothing yet
     assert last_reached_step(tmp_path) is None
+    # A background save's event lands after later steps' metrics: the max still counts.
+    record.event("metrics", step=9)
+    record.event("metrics", step=10)
+    record.event("save", step=8)
+    assert last_reached_step(tmp_path) == 10 == reached_step(read_events(tmp_path))
 
 
 def test_retention_rule_in_words() -> None:

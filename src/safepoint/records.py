@@ -130,23 +130,37 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
 
 
 def last_reached_step(directory: str | os.PathLike[str]) -> int | None:
-    """``reached_step`` of the record of ``directory``, reading only as much of its end as
-    holds the last ``start`` (a long run's record can be large; this runs at every start)."""
+    """``reached_step`` of the record of ``directory``, reading it backwards only as far as
+    the last ``metrics`` or ``start`` event (a long run's record can be large; this runs at
+    every start). Assumes a process logs metrics in step order, as training loops do."""
     path = Path(directory) / RECORD_NAME
-    chunk = 1 << 16
+    reached: int | None = None
     try:
         with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            while True:
-                begin = max(0, size - chunk)
-                f.seek(begin)
-                lines = f.read(size - begin).split(b"\n")[1 if begin else 0 :]
-                events = [e for raw in lines if (e := _parse(raw)) is not None]
-                if begin == 0 or any(e["event"] == "start" for e in events):
-                    return reached_step(events)
-                chunk *= 4
+            pos = f.seek(0, os.SEEK_END)
+            head = b""  # the first, maybe partial, line of the block read last
+            while pos > 0:
+                size = min(pos, 1 << 16)
+                pos -= size
+                f.seek(pos)
+                lines = (f.read(size) + head).split(b"\n")
+                head = lines.pop(0) if pos > 0 else b""
+                for raw in reversed(lines):
+                    event = _parse(raw)
+                    if event is None:
+                        continue
+                    if event["event"] == "start":
+                        return reached
+                    if event["event"] in _PROGRESS and isinstance(event.get("step"), int):
+                        reached = max(event["step"], reached or 0)
+                        if event["event"] == "metrics":
+                            # Metrics come from the loop in step order: nothing earlier in
+                            # this process is further. (A background save's event may be
+                            # written after later metrics, hence the max above.)
+                            return reached
     except FileNotFoundError:
         return None
+    return reached
 
 
 _PROGRESS = ("metrics", "save", "resume")
