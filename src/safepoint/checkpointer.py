@@ -34,6 +34,7 @@ from safepoint.signals import DEFAULT_SIGNALS, EmergencyStop
 from safepoint.snapshot import Snapshot, apply, capture
 from safepoint.store import CheckpointInfo, Store, checkpoint_step, inspect, newest_first
 from safepoint.units import parse_duration, parse_size
+from safepoint.writer import AsyncSaver
 
 log = logging.getLogger("safepoint")
 
@@ -103,6 +104,7 @@ class Checkpointer:
         keep_every: int | None = None,
         max_disk: str | int | None = None,
         async_save: bool = False,
+        on_busy: Literal["wait", "skip"] = "wait",
         remote: str | None = None,
         verify_on_resume: bool = True,
         fingerprint: str | None = None,
@@ -115,8 +117,6 @@ class Checkpointer:
         grace: str | float | None = None,
         stop_on_nan: bool = False,
     ) -> None:
-        if async_save:
-            raise ConfigError("async_save is not available in this version of safepoint")
         self.directory = Path(directory)
         # signals.py: stop signals -> emergency save at the next step boundary, exit 3
         self._stop = EmergencyStop(
@@ -155,6 +155,10 @@ class Checkpointer:
         self._closed = False
         self.record = RunRecord(self.directory) if self.ranks.is_writer else QuietRecord()
         self.mirror: Mirror | None = None
+        # async_save: snapshot to host memory now, commit on a background thread (writer.py)
+        self._async = (
+            AsyncSaver(self.directory, self.record, on_busy=on_busy) if async_save else None
+        )
         self.last_progress: dict[str, Any] = {}
         try:
             swept = self.store.sweep() if self.ranks.is_writer else []
@@ -314,6 +318,9 @@ class Checkpointer:
             and self.schedule.last_save_step != step
         ):
             reason = "end of training"
+        if self._async is not None:
+            self._async.raise_failure()
+            reason = self._async.due(step, reason, must=reason == "end of training")
         reason = self.ranks.agree_to_save(reason, self._stop)  # same decision on all ranks
         info = None if reason is None else self._scheduled_save(step, state, metrics, reason)
         if self._stop.requested:  # a stop signal arrived: emergency save, exit 3
@@ -388,48 +395,121 @@ class Checkpointer:
         reason: str = "manual",
         started: float | None = None,
     ) -> CheckpointInfo:
-        """Commit a prepared ``snapshot`` (integrations build their own), then prune."""
+        """Commit a prepared ``snapshot`` (integrations build their own), then prune.
+
+        With ``async_save`` this returns once the snapshot is copied to host memory, with
+        a ``staging`` info; the commit happens in the background and a failure of it is
+        raised by the next ``step()``, ``save()``, ``flush()`` or ``close()``.
+        """
         self._check_open()
         self.ranks.gather_rng(snapshot)  # every rank hands over its state before the commit
         if not self.ranks.is_writer:
             self.schedule.saved(snapshot.step, time.monotonic())
-            status = "valid"  # as rank 0 will say once it committed
+            status = "valid" if self._async is None else "staging"  # as rank 0 will say
             return CheckpointInfo(self.store.path_for(snapshot.step), snapshot.step, status)
         started = time.perf_counter() if started is None else started
         snapshot.metrics = dict(metrics or snapshot.metrics)
         snapshot.reason = reason
         snapshot.fingerprint = self.fingerprint
+        if self._async is None:
+            return self._commit_now(snapshot, started, mode="sync")
+        # Only one thread may touch the store: first let the save in flight finish.
+        self._async.raise_failure()
+        waited = self._async.wait_idle(snapshot.step)
+        if self._stop.saving:  # emergency saves are synchronous, and go ahead regardless
+            try:
+                self._async.raise_failure()
+            except SaveFailedError as e:
+                log.error("%s", e)
+            return self._commit_now(snapshot, started, mode="sync")
+        self._async.raise_failure()
+        if not self._async.fits(snapshot):
+            return self._commit_now(snapshot, started, mode="inline")
+        t_copy = time.perf_counter()
+        self._async.start(
+            snapshot,
+            lambda staged, abort: self._commit_now(
+                staged,
+                started,
+                mode="async",
+                abort=abort,
+                timing={
+                    "wait_s": round(waited, 6),
+                    "snapshot_s": round(time.perf_counter() - t_copy, 6),
+                    "stall_s": round(time.perf_counter() - started, 6),
+                },
+            ),
+        )
+        self._saved(snapshot.step, time.perf_counter() - started)
+        return CheckpointInfo(
+            self.store.path_for(snapshot.step),
+            snapshot.step,
+            "staging",
+            ("being written in the background",),
+        )
+
+    def _commit_now(
+        self,
+        snapshot: Snapshot,
+        started: float,
+        *,
+        mode: str,
+        abort: Callable[[], None] | None = None,
+        timing: dict[str, float] | None = None,
+    ) -> CheckpointInfo:
+        # Runs in the training thread (sync, inline) or on the writer thread (async);
+        # ``timing`` (async) was measured in the training thread when the save started.
+        reason = snapshot.reason
         try:
             info = self._store_commit(
                 snapshot,
                 versions=library_versions(),
-                info={"bytes": snapshot.nbytes, "policy": self._policy_json()},
+                info={
+                    "bytes": snapshot.nbytes,
+                    "mode": mode,
+                    **(timing or {}),
+                    "policy": self._policy_json(),
+                },
+                abort=abort,
             )
-        except SaveFailedError as e:
+        except Exception as e:
             self.record.event("save", step=snapshot.step, reason=reason, result="failed")
             self.record.event("error", where="save", step=snapshot.step, error=str(e))
             raise
-        stall = time.perf_counter() - started
-        self._stop.measured(stall)
-        self._saved(snapshot.step, stall)
-        log.info("saved %s (%s) in %.2f s", info.path.name, reason, stall)
+        done = time.perf_counter() - started
+        self._stop.measured(done)
+        stall = timing["stall_s"] if timing else done
+        if mode != "async":
+            self._saved(snapshot.step, stall)
+        write_s = info.manifest.info.get("write_s") if info.manifest else None
+        log.info("saved %s (%s, %s) in %.2f s", info.path.name, reason, mode, done)
         self.record.event(
             "save",
             step=info.step,
             reason=reason,
+            mode=mode,
             stall_s=round(stall, 6),
-            write_s=info.manifest.info.get("write_s") if info.manifest else None,
+            **{k: v for k, v in (timing or {}).items() if k != "stall_s"},
+            write_s=write_s,
+            commit_s=round(done, 6),
             bytes=info.size,
+            mb_per_s=round(info.size / write_s / 1e6, 1) if write_s else None,
             metrics=snapshot.metrics,
             result="committed",
         )
-        self.prune()
+        self._prune()
         if self.mirror is not None:
             self.mirror.submit(info)
         return info
 
     def prune(self) -> list[CheckpointInfo]:
-        """Apply the retention policy to this run's valid checkpoints; return the deleted."""
+        """Apply the retention policy to this run's valid checkpoints; return the deleted.
+
+        Waits for a background save first: only one thread touches the store at a time."""
+        self.flush()
+        return self._prune()
+
+    def _prune(self) -> list[CheckpointInfo]:
         valid = [i for i in self.store.scan() if i.valid and self._ours(i)]
         decision = plan([Candidate(i.step, i.size, i.metrics) for i in valid], self.policy)
         if decision.over_budget:
@@ -479,29 +559,65 @@ class Checkpointer:
         if self._closed:
             raise ConfigError(f"the Checkpointer of {self.directory} is closed")
 
+    def flush(self) -> None:
+        """Wait for the background save in flight, if any; raise ``SaveFailedError`` if it
+        (or an earlier background save) failed. For emergency saves: flush, then save."""
+        if self._async is not None:
+            self._async.wait_idle(self._last_step or 0)
+            self._async.raise_failure()
+
+    def abandon(self) -> None:
+        """Give up the background save in flight: it stops at its next chunk and its
+        staging folder is removed (a save already past its last chunk still commits).
+        For a process that must end now; the newest committed checkpoint stays valid."""
+        if self._async is not None and self._async.writer.busy:
+            step = self._async.writer.pending.step
+            done = self._async.writer.abandon()
+            self.record.event("save_abandoned", step=step, stopped=done)
+
     def close(self) -> None:
-        """Finish pending work and release the run lock. Idempotent."""
-        if not self._closed:
-            self._closed = True
-            stopped = None
-            try:
-                stopped = self._stop.pending_at_close(self)  # a signal after the last step
-                if self.mirror is not None:
-                    self.mirror.close()  # waits for the last upload, at most its timeout
-                self.record.event("close", step=self._last_step)
-            finally:
-                self._stop.close()  # the user's own signal handlers are back
-                self._lock.release()
-            if stopped is not None:
-                raise stopped
+        """Wait for the save in flight, release the run lock. Idempotent.
+
+        Raises ``SaveFailedError`` if the last background save failed (after releasing)."""
+        if self._closed:
+            return
+        self._closed = True
+        failure: SaveFailedError | None = None
+        stopped = None
+        try:
+            stopped = self._stop.pending_at_close(self)  # a signal after the last step
+            if self._async is not None:
+                self._async.close()
+                try:
+                    self._async.raise_failure()
+                except SaveFailedError as e:
+                    failure = e
+            if self.mirror is not None:
+                self.mirror.close()  # waits for the last upload, at most its timeout
+            self.record.event("close", step=self._last_step)
+        finally:
+            self._stop.close()  # the user's own signal handlers are back
+            self._lock.release()
+        if failure is not None:
+            raise failure
+        if stopped is not None:
+            raise stopped
 
     def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # The loop failed: still wait for the save in flight (its snapshot was taken at a
+        # good step), but let the loop's own exception propagate, not a save failure.
         if isinstance(exc, BaseException):
             self.on_exception(exc)  # emergency save if the state is consistent
-        self.close()
+        try:
+            self.close()
+        except SaveFailedError as e:
+            log.error("%s", e)
 
     def __del__(self) -> None:
         lock = getattr(self, "_lock", None)

@@ -20,7 +20,7 @@ import signal
 import stat
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -263,14 +263,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, content: TensorFile | bytes, *, crash_at: str | None) -> FileEntry:
+def _write_file(
+    path: Path,
+    content: TensorFile | bytes,
+    *,
+    crash_at: str | None,
+    abort: Callable[[], None] | None = None,
+) -> FileEntry:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         if isinstance(content, TensorFile):
+            calls = []
 
             def on_chunk(_written: int) -> None:
-                if crash_at:
+                # Crash tests: die once per save, mid-file, after its first chunk.
+                if crash_at and not calls:
+                    calls.append(1)
                     crash_point(crash_at)
+                if abort is not None:
+                    abort()
 
             size, digest = write_safetensors(
                 fd, content.tensors, content.metadata, on_chunk=on_chunk
@@ -328,11 +339,13 @@ class Store:
         *,
         versions: dict[str, str] | None = None,
         info: dict[str, object] | None = None,
+        abort: Callable[[], None] | None = None,
     ) -> CheckpointInfo:
         """Write ``snapshot`` with the commit protocol; return the committed checkpoint.
 
         Raises ``SaveFailedError`` (with the OS error as cause) after removing the
-        staging folder; existing checkpoints are untouched.
+        staging folder; existing checkpoints are untouched. ``abort`` is called between
+        written chunks: whatever it raises abandons the save the same way.
         """
         target = self.path_for(snapshot.step)
         staging = self.directory / f"{STAGING_PREFIX}{target.name}-{secrets.token_hex(4)}"
@@ -342,7 +355,10 @@ class Store:
             files = {}
             for i, (name, content) in enumerate(snapshot.files.items()):
                 files[name] = _write_file(
-                    staging / name, content, crash_at="tensor_file" if i == 0 else None
+                    staging / name,
+                    content,
+                    crash_at="tensor_file" if i == 0 else None,
+                    abort=abort,
                 )
             crash_point("after_files")
             manifest = Manifest(

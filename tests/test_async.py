@@ -1,0 +1,229 @@
+"""async_save: the snapshot is a true copy, failures surface, busy policy, exit paths."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import safepoint.store
+from safepoint import Checkpointer, SaveFailedError, latest_checkpoint
+from safepoint.format import read_safetensors
+from safepoint.records import read_events
+
+DEADLINE = 60.0
+
+
+def _state(width: int = 64) -> dict[str, object]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(width, width)
+    return {"model": model, "extra": {"note": "x"}}
+
+
+def _weights(checkpoint: Path) -> torch.Tensor:
+    tensors, _ = read_safetensors(checkpoint / "model.safetensors")
+    return tensors["weight"]
+
+
+def _cause_errnos(e: BaseException | None) -> list[int | None]:
+    found = []
+    while e is not None:
+        found.append(getattr(e, "errno", None))
+        e = e.__cause__
+    return found
+
+
+def _staging(directory: Path) -> list[str]:
+    return [n for n in os.listdir(directory) if n.startswith(".staging-")]
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Hold every tensor-file write until the test sets the event (a slow disk, on cue)."""
+    release = threading.Event()
+    real = safepoint.store.write_safetensors
+
+    def held(*args: object, **kwargs: object) -> tuple[int, str]:
+        assert release.wait(DEADLINE), "the test never released the writer"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safepoint.store, "write_safetensors", held)
+    yield release
+    release.set()
+
+
+def test_snapshot_is_a_true_copy(tmp_path: Path, gate: threading.Event) -> None:
+    state = _state()
+    model = state["model"]
+    before = model.weight.detach().clone()
+    with Checkpointer(tmp_path, async_save=True) as ckpt:
+        info = ckpt.save(1, state)
+        assert info.status == "staging"  # returned before the write (the gate holds it)
+        with torch.no_grad():
+            model.weight.add_(1.0)  # training goes on and changes the weights in place
+        gate.set()
+    assert torch.equal(_weights(tmp_path / "checkpoint-1"), before)
+    assert not torch.equal(model.weight, before)
+
+
+def test_staging_buffers_are_reused(tmp_path: Path) -> None:
+    state = _state()
+    with Checkpointer(tmp_path, async_save=True) as ckpt:
+        ckpt.save(1, state)
+        ckpt.flush()
+        first = dict(ckpt._async.buffers._buffers)
+        ckpt.save(2, state)
+        ckpt.flush()
+        again = ckpt._async.buffers._buffers
+        assert first.keys() == again.keys()
+        assert all(first[k] is again[k] for k in first)
+    assert torch.equal(_weights(tmp_path / "checkpoint-2"), state["model"].weight.detach())
+
+
+def test_injected_writer_exception_surfaces_at_next_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _state()
+    real = safepoint.store.write_safetensors
+    calls = []
+
+    def failing(fd: int, *args: object, **kwargs: object) -> tuple[int, str]:
+        calls.append(1)
+        if len(calls) == 2:  # the second save: write part of it, then fail
+            os.write(fd, b"partial")
+            raise RuntimeError("injected writer failure")
+        return real(fd, *args, **kwargs)
+
+    monkeypatch.setattr(safepoint.store, "write_safetensors", failing)
+    ckpt = Checkpointer(tmp_path, save_every=1, async_save=True)
+    ckpt.step(1, state)
+    ckpt.flush()
+    ckpt.step(2, state)  # fails in the background
+    ckpt._async.writer.wait(DEADLINE)
+    with pytest.raises(SaveFailedError, match="checkpoint-2") as e:
+        ckpt.step(3, state)
+    assert isinstance(e.value.__cause__, RuntimeError)
+    assert "injected writer failure" in str(e.value)
+    assert _staging(tmp_path) == []
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+    ckpt.close()  # raised once; close does not raise it again
+    failed = [ev for ev in read_events(tmp_path) if ev.get("result") == "failed"]
+    assert [ev["step"] for ev in failed] == [2]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 20 MB tmpfs: writes past it fail with ENOSPC."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(where)], capture_output=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield where / f"run-{uuid.uuid4().hex[:6]}"
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_enospc_in_background_surfaces_at_close(small_disk: Path) -> None:
+    state = _state(width=1800)  # 13 MB of weights: one checkpoint fits, two do not
+    ckpt = Checkpointer(small_disk, async_save=True, keep_last=1)
+    ckpt.save(1, state)
+    ckpt.save(2, state)  # waits for save 1, then fails in the background: disk full
+    with pytest.raises(SaveFailedError, match="No space left") as e:
+        ckpt.close()
+    assert errno.ENOSPC in _cause_errnos(e.value)
+    assert _staging(small_disk) == []
+    assert latest_checkpoint(small_disk) == small_disk / "checkpoint-1"
+    # closed means closed: the run lock is released
+    Checkpointer(small_disk, async_save=True).close()
+
+
+def test_skip_defers_the_save_to_the_next_step(tmp_path: Path, gate: threading.Event) -> None:
+    state = _state()
+    with Checkpointer(
+        tmp_path, save_every=2, total_steps=8, async_save=True, on_busy="skip"
+    ) as ckpt:
+        ckpt.step(1, state)
+        ckpt.step(2, state)  # in flight, held by the gate
+        ckpt.step(3, state)
+        assert ckpt.step(4, state) is None  # busy: skipped
+        gate.set()
+        ckpt._async.writer.wait(DEADLINE)
+        info = ckpt.step(5, state)  # the deferred save happens at the next step
+        assert info is not None and info.step == 5
+        for s in (6, 7, 8):
+            ckpt._async.writer.wait(DEADLINE)  # a quick disk: never busy again
+            ckpt.step(s, state)
+    steps = [e["step"] for e in read_events(tmp_path) if e["event"] == "save"]
+    skipped = [e["step"] for e in read_events(tmp_path) if e["event"] == "save_skipped"]
+    assert skipped == [4]
+    assert 2 in steps and 5 in steps and 8 in steps and 4 not in steps
+
+
+def test_wait_policy_records_the_wait(tmp_path: Path, gate: threading.Event) -> None:
+    state = _state()
+    with Checkpointer(tmp_path, save_every=1, async_save=True) as ckpt:
+        ckpt.step(1, state)
+        threading.Timer(0.2, gate.set).start()
+        ckpt.step(2, state)  # waits for save 1
+    busy = [e for e in read_events(tmp_path) if e["event"] == "save_busy"]
+    assert busy and busy[0]["action"] == "wait" and busy[0]["wait_s"] > 0.05
+    saves = [e for e in read_events(tmp_path) if e["event"] == "save"]
+    assert [e["step"] for e in saves] == [1, 2]
+    assert all(e["mode"] == "async" and e["mb_per_s"] > 0 for e in saves)
+
+
+def test_abandon_leaves_no_staging_and_previous_checkpoint(
+    tmp_path: Path, gate: threading.Event
+) -> None:
+    state = _state(width=2048)  # 16 MB: several chunks
+    with Checkpointer(tmp_path, async_save=True) as ckpt:
+        gate.set()
+        ckpt.save(1, state)
+        ckpt.flush()
+        gate.clear()
+        ckpt.save(2, state)
+        ckpt.abandon()  # before its first chunk (held): stops there
+        gate.set()
+        ckpt._async.writer.wait(DEADLINE)
+    assert _staging(tmp_path) == []
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+    assert any(e["event"] == "save_abandoned" for e in read_events(tmp_path))
+
+
+def test_short_of_memory_falls_back_to_inline_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = _state()
+    with Checkpointer(tmp_path, async_save=True) as ckpt:
+        ckpt._async.reserve_bytes = 1 << 60  # no machine has this much free RAM
+        with caplog.at_level(logging.WARNING, logger="safepoint"):
+            first = ckpt.save(1, state)
+            second = ckpt.save(2, state)
+    assert first.status == "valid" and second.status == "valid"  # committed in-line
+    warnings = [r for r in caplog.records if "not enough free memory" in r.getMessage()]
+    assert len(warnings) == 1
+    modes = [e["mode"] for e in read_events(tmp_path) if e["event"] == "save"]
+    assert modes == ["inline", "inline"]
+
+
+def test_exception_in_loop_still_commits_the_save_in_flight(
+    tmp_path: Path, gate: threading.Event
+) -> None:
+    state = _state()
+    with pytest.raises(KeyError, match="loop bug"), Checkpointer(tmp_path, async_save=True) as ckpt:
+        ckpt.save(1, state)
+        threading.Timer(0.1, gate.set).start()
+        raise KeyError("loop bug")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
