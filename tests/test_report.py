@@ -255,3 +255,25 @@ def test_ls_shows_stall_and_write_of_each_save(run_dir: Path, capsys, monkeypatc
     assert main(["ls", str(run_dir)]) == 0
     header = capsys.readouterr().out
     assert "stall" in header and "write" in header
+
+
+def test_background_and_skipped_saves(tmp_path: Path) -> None:
+    lines = [
+        {"event": "start", "config": {}, "on_disk": []},
+        {"event": "save_skipped", "step": 4, "busy_step": 2},
+        {"event": "save", "step": 2, "stall_s": 0.001, "write_s": 0.5, "bytes": 10},
+        {"event": "save_skipped", "step": 6, "reason": "step 6", "error": "No space left"},
+        {"event": "save", "step": 8, "stall_s": 0.001, "write_s": 0.5, "bytes": 10},
+    ]
+    text = "".join(json.dumps({"t": i, **e}) + "\n" for i, e in enumerate(lines))
+    (tmp_path / "safepoint.log.jsonl").write_text(text)
+    data = extract(tmp_path)
+    # The background commit of step 2 was recorded late: the chart still goes by step.
+    assert [(s.step, s.result) for s in data.saves] == [
+        (2, "committed"),
+        (6, "failed"),
+        (8, "committed"),
+    ]
+    assert data.skipped_saves == [4]
+    page = write_report(data, tmp_path / "out")["html"].read_text()
+    assert "saves skipped (writer busy)" in page

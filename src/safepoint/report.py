@@ -77,6 +77,7 @@ class SaveTiming:
     write_s: float | None
     bytes: int | None
     result: str
+    attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class ReportData:
     kept: list[KeptRow] = field(default_factory=list)
     attempts: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
+    skipped_saves: list[int] = field(default_factory=list)
+    """Steps whose save was skipped because the background writer was still busy."""
     signals: list[dict[str, Any]] = field(default_factory=list)
     """``signal`` and ``emergency_save`` events as recorded."""
     notes: list[str] = field(default_factory=list)
@@ -204,12 +207,17 @@ def _from_record(
         elif kind == "metrics" and isinstance(step, int):
             _add_points(data, step, _numbers(e.get("metrics")), max(attempt, 0))
         elif kind == "save" and isinstance(step, int):
-            data.saves.append(_save_timing(step, e))
+            data.saves.append(_save_timing(step, e, max(attempt, 0)))
             if data.saves[-1].result == "committed":
                 saved[step] = e
                 deleted.pop(step, None)
                 on_disk[step] = int(e.get("bytes") or 0)
                 disk_changed(e)
+        elif kind == "save_skipped" and isinstance(step, int):
+            if e.get("error"):  # on_save_error="continue": the save failed, training went on
+                data.saves.append(_save_timing(step, {**e, "result": "failed"}, max(attempt, 0)))
+            else:  # the background writer was still busy
+                data.skipped_saves.append(step)
         elif kind == "delete" and isinstance(step, int):
             deleted[step] = e
             if on_disk.pop(step, None) is not None:
@@ -221,6 +229,9 @@ def _from_record(
         elif kind in ("signal", "emergency_save"):  # written by safepoint.signals
             data.signals.append(e)
     data.attempts = attempt + 1
+    # A background save's event is written when its commit ends, maybe after the next
+    # save began: show the saves of each process in step order.
+    data.saves.sort(key=lambda s: (s.attempt, s.step))
     if not data.train_loss and not data.eval_loss:
         # Nothing logged metrics (an integration that does not call log_metrics): the
         # metrics saved with each checkpoint still draw a coarse curve.
@@ -236,7 +247,7 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _save_timing(step: int, e: Mapping[str, Any]) -> SaveTiming:
+def _save_timing(step: int, e: Mapping[str, Any], attempt: int) -> SaveTiming:
     return SaveTiming(
         step,
         str(e.get("reason") or ""),
@@ -244,6 +255,7 @@ def _save_timing(step: int, e: Mapping[str, Any]) -> SaveTiming:
         _number(e.get("write_s")),
         _int(e.get("bytes")),
         str(e.get("result") or "committed"),
+        attempt,
     )
 
 

@@ -410,6 +410,7 @@ def _cards(data: ReportData) -> str:
         ("restarts", str(len(data.resumes))),
         ("steps lost", str(sum(r.steps_lost or 0 for r in data.resumes))),
         ("saves", str(len(committed))),
+        ("saves skipped (writer busy)", str(len(data.skipped_saves))),
         ("training stall, total", format_duration(sum(stalls)) if stalls else "-"),
         ("deleted by retention", str(sum(1 for m in data.checkpoints if m.deleted_by))),
         ("disk now", format_size(data.disk[-1][1]) if data.disk else "-"),
