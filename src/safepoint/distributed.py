@@ -47,6 +47,14 @@ def _dist() -> Any:
     return dist
 
 
+def _device() -> torch.device:
+    # NCCL reduces only CUDA tensors; a gloo (or "cpu:gloo,cuda:nccl") group takes CPU ones.
+    backend = str(_dist().get_backend()).lower()
+    if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in the run: rank, world size, whether it writes."""
@@ -85,9 +93,10 @@ class Ranks:
             return reason
         guard = getattr(stop, "guard", None)
         mine = int(guard.signal) if guard is not None and guard.signal is not None else 0
-        flags = torch.tensor([int(self.is_writer and reason is not None), mine], dtype=torch.int32)
+        due_here = int(self.is_writer and reason is not None)
+        flags = torch.tensor([due_here, mine], dtype=torch.int32, device=_device())
         _dist().all_reduce(flags, op=_dist().ReduceOp.MAX)
-        due, signum = bool(flags[0]), int(flags[1])
+        due, signum = (int(v) for v in flags.tolist())
         if signum and guard is not None and guard.signal is None:
             log.warning("another rank received a stop signal; this rank stops with it")
             guard.received(signal.Signals(signum))
