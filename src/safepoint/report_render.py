@@ -410,12 +410,13 @@ def _cards(data: ReportData) -> str:
         ("restarts", str(len(data.resumes))),
         ("steps lost", str(sum(r.steps_lost or 0 for r in data.resumes))),
         ("saves", str(len(committed))),
-        ("saves skipped (writer busy)", str(len(data.skipped_saves))),
         ("training stall, total", format_duration(sum(stalls)) if stalls else "-"),
         ("deleted by retention", str(sum(1 for m in data.checkpoints if m.deleted_by))),
         ("disk now", format_size(data.disk[-1][1]) if data.disk else "-"),
         ("budget", format_size(data.budget) if data.budget else "none"),
     ]
+    if data.skipped_saves:
+        cards.insert(5, ("saves skipped (writer busy)", str(len(data.skipped_saves))))
     return "".join(
         f"<div class=card><b>{_esc(v)}</b><span>{_esc(k)}</span></div>" for k, v in cards
     )
