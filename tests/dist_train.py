@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--keep-last", type=int, default=None)
     p.add_argument("--remote", default=None)
     p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2")
     args = p.parse_args(argv)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -43,13 +44,24 @@ def main(argv: list[str]) -> int:
     net = torch.nn.Sequential(
         torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 4)
     )
-    # Save the inner module: its state dict is the same under any number of processes.
-    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        from safepoint.distributed import FullState
+
+        for layer in (net[0], net[3]):
+            fully_shard(layer)
+        model = fully_shard(net)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        state: dict[str, object] = {"sharded": FullState(net, opt)}
+    else:
+        # Save the inner module: its state dict is the same under any number of processes.
+        model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        state = {"model": net, "optimizer": opt}
     torch.manual_seed(100 + rank)
     random.seed(1 + rank)
     np.random.seed(2 + rank)
-    state = {"model": net, "optimizer": opt}
     with Checkpointer(
         args.out,
         save_every=args.save_every,
@@ -69,8 +81,9 @@ def main(argv: list[str]) -> int:
             time.sleep(args.step_sleep)
             ckpt.step(step + 1, state, metrics={"loss": float(loss)})
             print(f"rank {rank} step {step + 1}", flush=True)
+    full = state["sharded"].state_dict()["model"] if args.fsdp else net.state_dict()  # type: ignore[attr-defined]
     if rank == 0:
-        weights = {k: v.contiguous() for k, v in net.state_dict().items()}
+        weights = {k: v.contiguous() for k, v in full.items()}
         save_file(weights, f"{args.out}/final.safetensors")
     if world > 1:
         dist.destroy_process_group()

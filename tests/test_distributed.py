@@ -146,3 +146,16 @@ def test_hf_callback_two_ranks_killed_mid_save_rerun_ends_identical(
     assert inspect(run / "checkpoint-3").valid and not (run / "checkpoint-6").exists()
     ok(launch(run))
     assert same_tensors(reference / "final.safetensors", run / "final.safetensors")
+
+
+@pytest.mark.slow
+def test_fsdp_full_state_killed_mid_save_rerun_ends_identical(tmp_path: Path) -> None:
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    args = ("--fsdp", "--steps", "20", "--save-every", "5")
+    ok(torchrun(reference, *args))
+    assert "sharded.safetensors" in inspect(reference / "checkpoint-20").manifest.files  # type: ignore[union-attr]
+    assert torchrun(run, *args, env={"SAFEPOINT_CRASH_AT": "after_files@2"}).returncode != 0
+    assert inspect(run / "checkpoint-5").valid and not (run / "checkpoint-10").exists()
+    rerun = ok(torchrun(run, *args))
+    assert rerun.stdout.count("start 5") == 2
+    assert same_tensors(reference / "final.safetensors", run / "final.safetensors")

@@ -179,3 +179,51 @@ class QuietRecord(RunRecord):
 
     def event(self, kind: str, **fields: Any) -> None:
         pass
+
+
+class FullState:
+    """A sharded (FSDP) model and its optimizer, saved as one full state by rank 0.
+
+    ``state_dict()`` gathers the full, unsharded tensors to rank 0's CPU memory
+    (``torch.distributed.checkpoint.state_dict`` with ``full_state_dict=True``), so the
+    checkpoint is the same pickle-free folder, manifest and commit protocol as any other
+    and loads under any number of processes; ``load_state_dict()`` shards it again on
+    every rank. It costs one full copy of the state in rank 0's host memory per save.
+    Collective: every rank must save and restore together (``Checkpointer.step`` does).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        if self.optimizer is None:
+            return {"model": get_model_state_dict(self.model, options=options)}
+        model, optim = get_state_dict(self.model, self.optimizer, options=options)
+        return {"model": model, "optimizer": optim}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        if self.optimizer is None:
+            set_model_state_dict(self.model, state["model"], options=options)
+        else:
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optimizer"],
+                options=options,
+            )
