@@ -17,6 +17,7 @@ import torch
 
 from safepoint import Checkpointer
 from safepoint.cli import main
+from safepoint.errors import RemoteUnavailableError
 from safepoint.manifest import MANIFEST_NAME
 from safepoint.records import read_events
 from safepoint.remote import LATEST_NAME, RemoteDir, upload_states
@@ -218,3 +219,14 @@ def test_close_times_out_with_clear_message(
     assert "did not finish within 1 s; checkpoint-1 stay local only" in caplog.text
     assert upload_states(tmp_path / "local")["checkpoint-1"] == "uploading"
     assert Store(tmp_path / "local").scan()[-1].valid
+
+
+def test_fresh_machine_with_unreachable_remote_refuses_to_start_over(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    s3.stop()
+    ckpt = Checkpointer(tmp_path / "fresh", remote="s3://runs/gone")
+    ckpt.mirror.close_timeout = 0  # type: ignore[union-attr]
+    with pytest.raises(RemoteUnavailableError, match="cannot be read"):
+        ckpt.restore(model_state())
+    ckpt.close()

@@ -51,5 +51,9 @@ class SaveFailedError(SafepointError, OSError):
     """Writing or committing a checkpoint failed; the previous checkpoints are intact."""
 
 
+class RemoteUnavailableError(SafepointError, ConnectionError):
+    """The remote mirror cannot be reached when it is needed (resume on a fresh machine)."""
+
+
 class SafepointWarning(UserWarning):
     """Something will work but is probably not what the user wants."""

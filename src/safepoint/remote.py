@@ -29,7 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safepoint.errors import ConfigError, CorruptCheckpointError, IncompatibleCheckpointError
+from safepoint.errors import (
+    ConfigError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    RemoteUnavailableError,
+)
 from safepoint.format import dumps_json, loads_json, new_hasher, write_all
 from safepoint.manifest import MANIFEST_NAME, Manifest
 from safepoint.records import RunRecord, read_events
@@ -296,14 +301,18 @@ class Mirror:
         """Download the newest valid remote checkpoint into the (empty) local directory.
 
         Tries older remote checkpoints when a newer one fails its checksums. Returns the
-        local checkpoint, or None when the remote has none. Raises ``SaveFailedError``
-        -like ``OSError`` only for local disk problems; remote errors are logged.
+        local checkpoint, or None when the remote has none. Raises
+        ``RemoteUnavailableError`` when the remote cannot be listed.
         """
         try:
             candidates = list(self.remote.newest_first())
-        except OSError as e:
-            log.warning("cannot list the remote %s (%s); starting without it", self.url, e)
-            return None
+        except Exception as e:  # network, credentials: any backend error
+            # Starting from scratch here would silently throw away the run's progress.
+            raise RemoteUnavailableError(
+                f"the local directory {self.store.directory} has no checkpoint and the remote "
+                f"{self.url} cannot be read ({_short(e)}); fix the network or credentials and "
+                "rerun, or run without the remote to start from scratch"
+            ) from e
         for rc in candidates:
             t0 = time.perf_counter()
             try:
