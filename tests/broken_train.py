@@ -23,13 +23,14 @@ from safetensors.torch import load_file, save, save_file
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--step-sleep", type=float, default=0.0)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = torch.nn.Linear(64, 64)
+    model = torch.nn.Linear(128, 128)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     ckpt, meta = out / "ckpt.safetensors", out / "step.json"
     start = 0
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
         start = json.loads(meta.read_text())["step"]
     for step in range(start, args.steps):
         g = torch.Generator().manual_seed(step)
-        x = torch.randn(16, 64, generator=g)
+        x = torch.randn(16, 128, generator=g)
         loss = (model(x) - x).pow(2).mean()
         opt.zero_grad()
         loss.backward()

@@ -238,6 +238,13 @@ class Checkpointer:
                 f"{path}: no such checkpoint; valid checkpoints in {self.directory}: {have}"
             )
         info = inspect(path, deep=self.verify_on_resume)
+        if info.status == "foreign":  # e.g. the stock Trainer's: never resumed from
+            from safepoint.foreign import describe_foreign
+
+            raise IncompatibleCheckpointError(
+                f"{path} was not written by safepoint ({'; '.join(info.problems)}); "
+                f"{describe_foreign(path)}"
+            )
         if not info.valid:
             raise CorruptCheckpointError(
                 f"{path} is {info.status}: {'; '.join(info.problems)}; resume from another "

@@ -31,7 +31,7 @@ import click
 
 from safepoint.errors import ConfigError
 from safepoint.records import read_events
-from safepoint.store import latest_checkpoint
+from safepoint.store import checkpoint_step, latest_checkpoint
 from safepoint.units import parse_duration
 
 _TERM_WAIT = 120.0  # seconds a SIGTERM'ed run may take to save and exit
@@ -126,63 +126,116 @@ def _run(
     return rc, duration, first or 0.0
 
 
-def kill_plan(kills: int, seed: int, startup: float, duration: float) -> list[float]:
-    """Kill delays (seconds after each launch): N instants spread evenly at random over
-    the training part of the run, as gaps, each after the same startup time."""
+def kill_plan(kills: int, seed: int) -> list[float]:
+    """N kill instants as fractions of the run, one at random in each N-th of it."""
     rng = random.Random(seed)
-    span = max(duration - startup, 0.1)
-    instants = [(k + rng.uniform(0.05, 0.95)) / kills * span for k in range(kills)]
-    gaps = [b - a for a, b in zip([0.0, *instants], instants, strict=False)]
-    return [round(startup + g, 2) for g in gaps]
+    return [(k + rng.uniform(0.05, 0.95)) / kills for k in range(kills)]
+
+
+@dataclass
+class Kill:
+    """When and how to kill one attempt.
+
+    A safepoint run (one with a run record) is killed ``fraction`` of the way through
+    the training: the clock starts when the attempt opens its Checkpointer, and the
+    part already done (the newest checkpoint it resumes from) is subtracted, so kills
+    stay spread over the run however much each restart costs. Any other command is
+    killed ``after`` seconds (the gap since the previous instant) from the moment it
+    first writes into its output directory.
+    """
+
+    fraction: float
+    sig: signal.Signals
+    span: float  # seconds of training in the uninterrupted run (or its whole duration)
+    total: int | None  # steps of the uninterrupted run; None: no run record
+    after: float = 0.0  # seconds after its first write, for a command without a record
+
+    def delay(self, out: Path) -> float:
+        """Seconds from the attempt's start event to the kill."""
+        assert self.total
+        newest = latest_checkpoint(out, deep=False)
+        done = 0 if newest is None else checkpoint_step(newest.name) or 0
+        left = max(self.fraction * self.total - done, 0.0)
+        step_time = self.span / self.total
+        return left * step_time + random.Random(self.fraction).uniform(0, step_time)
+
+
+def _wait(
+    proc: subprocess.Popen[bytes], out: Path, before: int, kill: Kill | None, timeout: float
+) -> tuple[int | None, float | None]:
+    """(exit code, None) once ``proc`` ends, or (None, seconds since launch) when it is
+    time to kill it, or (None, None) on timeout."""
+    t0, wall0 = time.monotonic(), time.time()
+    due = None
+    while True:
+        try:
+            return proc.wait(0.05), None
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if now - t0 > timeout:
+            return None, None
+        if kill is None:
+            continue
+        if due is None and kill.total and out.is_dir() and len(_starts(out)) > before:
+            due = now + kill.delay(out)  # this process opened its Checkpointer
+        elif due is None and not kill.total and _wrote_since(out, wall0):
+            due = now + kill.after  # this process has begun to write its output
+        if due is not None and now >= due:
+            return None, now - t0
+
+
+def _wrote_since(out: Path, since: float) -> bool:
+    try:
+        with os.scandir(out) as entries:
+            return any(e.stat(follow_symlinks=False).st_mtime >= since for e in entries)
+    except OSError:
+        return False
+
+
+def _deliver(proc: subprocess.Popen[bytes], a: Attempt, sig: signal.Signals) -> None:
+    """Kill the attempt with ``sig``; a SIGTERM must end it with exit code 3 (or 0)."""
+    _kill(proc, sig)
+    try:
+        rc = proc.wait(_TERM_WAIT if sig == signal.SIGTERM else 60)
+    except subprocess.TimeoutExpired:
+        _kill(proc, signal.SIGKILL)
+        proc.wait()
+        a.exit, a.verdict = "hung", f"FAIL: still running {_TERM_WAIT:g} s after {sig.name}"
+        return
+    a.exit = "killed" if rc == -signal.SIGKILL else str(rc)
+    if rc not in ((3, 0) if sig == signal.SIGTERM else (-sig, 0)):
+        a.verdict = f"FAIL: exit {rc} after {sig.name}: {_last_line(a.log)}"
 
 
 def _attempt(
-    number: int,
-    argv: list[str],
-    out: Path,
-    logs: Path,
-    kill_at: float | None,
-    sig: signal.Signals,
-    timeout: float,
+    number: int, argv: list[str], out: Path, logs: Path, kill: Kill | None, timeout: float
 ) -> Attempt:
-    a = Attempt(number, kill_at, sig.name.removeprefix("SIG") if kill_at is not None else None)
+    a = Attempt(number, None)
     a.log = logs / f"attempt-{number}.log"
-    before = len(_starts(out)) if out.exists() else 0
+    before = len(_starts(out)) if out.is_dir() else 0
     proc = _launch(argv, a.log)
-    rc: int | None
-    try:
-        rc = proc.wait(kill_at if kill_at is not None else timeout)
-    except subprocess.TimeoutExpired:
-        rc = None
-    if rc is None and kill_at is not None:
-        _kill(proc, sig)
-        try:
-            rc = proc.wait(_TERM_WAIT if sig != signal.SIGKILL else 60)
-        except subprocess.TimeoutExpired:
-            _kill(proc, signal.SIGKILL)
-            rc = proc.wait()
-            a.verdict = f"FAIL: still running {_TERM_WAIT:g} s after SIG{a.signal}"
-        a.exit = "killed" if rc == -signal.SIGKILL else str(rc)
-        if sig == signal.SIGKILL and rc not in (-signal.SIGKILL, 0) and not a.failed:
-            a.verdict = f"FAIL: exit {rc}: {_last_line(a.log)}"
-        elif sig == signal.SIGTERM and rc not in (3, 0) and not a.failed:
-            a.verdict = f"FAIL: exit {rc} after SIGTERM, expected 3"
+    rc, at = _wait(proc, out, before, kill, timeout)
+    if rc is None and at is not None and kill is not None:
+        a.kill_at, a.signal = at, kill.sig.name.removeprefix("SIG")
+        _deliver(proc, a, kill.sig)
     elif rc is None:
         _kill(proc, signal.SIGKILL)
         proc.wait()
         a.exit, a.verdict = "timeout", f"FAIL: did not finish within {timeout:.0f} s"
     else:
-        a.signal = None if kill_at is None or rc == 0 else a.signal
-        a.exit = str(rc)
-        if rc == 0 and kill_at is not None:
+        a.exit = "0" if rc == 0 else str(rc)
+        if rc == 0 and kill is not None:
             a.exit = "0 (done before the kill)"
         elif rc != 0:
             a.verdict = f"FAIL: exit {rc}: {_last_line(a.log)}"
-    runs = _starts(out) if out.exists() else []
+    runs = _starts(out) if out.is_dir() else []
     if len(runs) > before:
         a.resumed_from, a.reached = _progress(runs[-1])
         if a.resumed_from is None:
             a.resumed_from = 0
+    if a.signal == "TERM" and a.exit == str(-signal.SIGTERM) and a.reached == a.resumed_from:
+        a.verdict = "ok"  # died before its handlers were in place: nothing to save yet
     return a
 
 
@@ -354,15 +407,22 @@ def chaos_cmd(
             f"{_last_line(logs / 'reference.log')}; see {logs / 'reference.log'}"
         )
     limit = limit or 3 * duration + 60
-    delays = kill_plan(kills, seed, startup, duration) if kills else []
+    ref_runs = _starts(ref)
+    total = _progress(ref_runs[-1])[1] if ref_runs else None
+    fractions = kill_plan(kills, seed) if kills else []
+    span = duration - startup if total else duration
     click.echo(f"chaos: {duration:.1f} s (startup {startup:.1f} s); {kills} kills in {run}")
 
     attempts: list[Attempt] = []
     argv = _substitute(command, run)
-    for number in range(1, len(delays) + 2):
-        kill_at = delays[number - 1] if number <= len(delays) else None
-        sig = signal.SIGTERM if use_signals and number % 2 == 0 else signal.SIGKILL
-        a = _attempt(number, argv, run, logs, kill_at, sig, limit)
+    for number in range(1, len(fractions) + 2):
+        kill = None
+        if number <= len(fractions):
+            f = fractions[number - 1]
+            sig = signal.SIGTERM if use_signals and number % 2 == 0 else signal.SIGKILL
+            gap = (f - (fractions[number - 2] if number > 1 else 0.0)) * (duration - startup)
+            kill = Kill(f, sig, span, total or None, after=gap)
+        a = _attempt(number, argv, run, logs, kill, limit)
         attempts.append(a)
         click.echo(f"  attempt {number}: {a.exit or 'done'}")
         if a.failed or a.exit.startswith("0"):

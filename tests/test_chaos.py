@@ -1,0 +1,83 @@
+"""``safepoint chaos``: passes on safepoint runs, fails on a script that saves in place."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from safepoint.cli import main
+from safepoint.cli.chaos import kill_plan, same_file
+
+TESTS = Path(__file__).parent
+PY = sys.executable
+
+
+def test_kill_plan_is_spread_over_the_run_and_seeded() -> None:
+    plan = kill_plan(4, 7)
+    assert plan == kill_plan(4, 7) and plan != kill_plan(4, 8)
+    for k, f in enumerate(plan):  # one instant in each quarter of the run
+        assert k / 4 < f < (k + 1) / 4
+
+
+def test_same_file_compares_bytes_then_tensors(tmp_path: Path) -> None:
+    a, b, c = (tmp_path / f"{n}.safetensors" for n in "abc")
+    save_file({"x": torch.ones(3), "y": torch.zeros(2)}, str(a))
+    save_file({"y": torch.zeros(2), "x": torch.ones(3)}, str(b), metadata={"note": "other"})
+    save_file({"x": torch.ones(3), "y": torch.ones(2)}, str(c))
+    assert same_file(a, a) == (True, "identical bytes")
+    assert same_file(a, b) == (True, "identical tensors")
+    assert same_file(a, c)[0] is False and "y" in same_file(a, c)[1]
+
+
+def test_command_without_out_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["chaos", "--", PY, "-c", "pass"]) == 2
+    assert "put {out} where the command takes its output directory" in capsys.readouterr().err
+
+
+@pytest.mark.crash
+def test_chaos_fails_on_a_writer_without_the_protocol(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["chaos", "--kills", "3", "--seed", "1", "--workdir", str(tmp_path)]
+    args += ["--compare", "{out}/final.safetensors", "--"]
+    args += [PY, str(TESTS / "broken_train.py"), "{out}", "--steps", "60"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "chaos: FAIL" in out
+    assert "FAIL: exit" in out or "DIFFERENT" in out, out
+
+
+@pytest.mark.crash
+def test_chaos_passes_on_safepoint_train_with_kills_and_sigterm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["chaos", "--kills", "2", "--seed", "3", "--signals", "--workdir", str(tmp_path)]
+    args += ["--compare", "{out}/checkpoint-*/adapter_model.safetensors", "--"]
+    args += [PY, "-m", "safepoint", "train", "--max-steps", "20", "--save-every", "5"]
+    args += ["--output-dir", "{out}"]
+    rc = main(args)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "chaos: PASS" in out
+    assert "compare adapter_model.safetensors: same" in out
+    rows = [ln for ln in out.splitlines() if ln[:2] in ("1 ", "2 ", "3 ")]
+    assert len(rows) == 3 and "TERM" in rows[1]  # kill, SIGTERM (exit 3), final run
+
+
+@pytest.mark.slow
+@pytest.mark.crash
+def test_chaos_on_the_toy_loop_with_many_kills(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["chaos", "--kills", "8", "--seed", "5", "--signals", "--workdir", str(tmp_path)]
+    args += ["--compare", "{out}/final.safetensors", "--"]
+    args += [PY, str(TESTS / "toy_train.py"), "{out}", "--steps", "60", "--save-every", "4"]
+    args += ["--step-sleep", "0.1"]
+    rc = main(args)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "compare final.safetensors: same (identical bytes)" in out
