@@ -230,3 +230,23 @@ def test_fresh_machine_with_unreachable_remote_refuses_to_start_over(
     with pytest.raises(RemoteUnavailableError, match="cannot be read"):
         ckpt.restore(model_state())
     ckpt.close()
+
+
+@pytest.mark.slow
+def test_safepoint_train_on_a_fresh_machine_resumes_from_the_remote(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    env = {**os.environ, **s3.env, "SAFEPOINT_HOME": str(tmp_path / "home")}
+    url = "s3://runs/train"
+
+    def train_cli(out: Path, steps: int) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "safepoint", "train", "--max-steps", str(steps)]
+        cmd += ["--save-every", "2", "--output-dir", str(out), "--remote", url]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    train_cli(tmp_path / "a", 4)
+    fresh = train_cli(tmp_path / "b", 6)
+    assert "resuming from" in fresh.stdout and "(step 4)" in fresh.stdout
+    assert RemoteDir(url).latest_step() == 6

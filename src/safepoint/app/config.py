@@ -67,6 +67,9 @@ class TrainConfig:
     early_stopping: int | None = None
     """Stop after this many evaluations without a better ``metric``."""
     resume: str = "auto"
+    remote: str | None = None
+    """Mirror every checkpoint to this fsspec URL (``s3://bucket/runs/exp1``, ``file://``);
+    an empty output directory then resumes from the newest remote checkpoint."""
     signals: str = "TERM,INT,USR1"
     """Signals that stop the run with an emergency checkpoint and exit code 3 (or none)."""
     grace: str | None = None

@@ -40,6 +40,7 @@ _OPTIONS: list[tuple[str, Any, str]] = [
     ("eval_every", int, "Evaluate every N steps (default: at each save)."),
     ("early_stopping", int, "Stop after N evaluations without improvement."),
     ("resume", str, "auto (default), never (fresh, in a new directory) or a checkpoint path."),
+    ("remote", str, "Mirror checkpoints to an fsspec URL (s3://bucket/run); fresh dirs fetch."),
     ("signals", str, "Stop signals: save, exit 3 (default TERM,INT,USR1; 'none')."),
     ("grace", str, "Time a stop signal leaves before the kill, e.g. 120s."),
 ]
@@ -120,6 +121,7 @@ def _make_callback(cfg: TrainConfig, tty: bool) -> Any:
         resume=cfg.resume != "never",
         signals=cfg.signals,
         grace=cfg.grace,
+        remote=cfg.remote,
         info={"config": cfg.identity()},
     )
 
