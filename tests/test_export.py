@@ -15,7 +15,7 @@ from safepoint.cli import main
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("home")
+    home = tmp_path_factory.getbasetemp() / "safepoint-home"  # the tiny model, built once
     out = tmp_path_factory.mktemp("run") / "run"
     args = ("--max-steps", "6", "--save-every", "3", "--batch-size", "4")
     proc = subprocess.run(

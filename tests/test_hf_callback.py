@@ -34,7 +34,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from safepoint.app.tiny import tiny_model_path
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAFEPOINT_HOME", str(tmp_path_factory.mktemp("home")))
+        # shared by the session's test modules: the tiny model is built once
+        mp.setenv("SAFEPOINT_HOME", str(tmp_path_factory.getbasetemp() / "safepoint-home"))
         yield tiny_model_path()
 
 

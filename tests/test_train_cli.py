@@ -19,8 +19,8 @@ from tests.conftest import same_tensors
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SAFEPOINT_HOME shared by this module, so the tiny model is built once."""
-    return tmp_path_factory.mktemp("home")
+    """A SAFEPOINT_HOME shared by the session, so the tiny model is built once."""
+    return tmp_path_factory.getbasetemp() / "safepoint-home"
 
 
 @pytest.fixture(autouse=True)
