@@ -195,6 +195,8 @@ def test_s3_server_down_mid_run_uploads_resume_training_never_stops(
     train(ckpt, state, range(3, 10))  # training goes on while the server is down
     assert ckpt.latest().step == 10  # type: ignore[union-attr]
     wait_for(lambda: any(e.get("state") == "retry" for e in read_events(local)), "a failed upload")
+    assert upload_states(local)["checkpoint-10"] == "uploading"
+    assert main(["ls", str(local)]) == 0  # shows it, with the older ones mirrored
     s3.start()  # back, empty (moto keeps nothing): everything must be uploaded again
     train(ckpt, state, range(10, 12))
     ckpt.close()
@@ -217,7 +219,7 @@ def test_close_times_out_with_clear_message(
     train(ckpt, model_state(), range(1))
     ckpt.close()
     assert "did not finish within 1 s; checkpoint-1 stay local only" in caplog.text
-    assert upload_states(tmp_path / "local")["checkpoint-1"] == "uploading"
+    assert upload_states(tmp_path / "local")["checkpoint-1"] == "local only"
     assert Store(tmp_path / "local").scan()[-1].valid
 
 

@@ -435,6 +435,10 @@ def upload_states(directory: str | os.PathLike[str]) -> dict[str, str]:
     from the run record; empty when the run never had a remote."""
     states: dict[str, str] = {}
     for ev in read_events(directory):
+        if ev["event"] in ("start", "upload_timeout"):
+            # The process that was uploading has ended: what it had not finished never will.
+            states = {k: "local only" if v == "uploading" else v for k, v in states.items()}
+            continue
         name = ev.get("checkpoint")
         if not isinstance(name, str):
             continue
