@@ -42,6 +42,8 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     """Inverse of ``capture_rng``. CUDA states are restored when the device count matches."""
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"RNG state is malformed (a {type(state).__name__})")
     try:
         py = state["python"]
         random.setstate((py["version"], tuple(py["state"]), py["gauss"]))

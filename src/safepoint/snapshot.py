@@ -258,7 +258,10 @@ def apply(path: Path, state: MutableMapping[str, Any], *, rng: bool = True) -> d
         _load_into(state, key, value, obj, entry.get("kind"), path)
     if rng and doc.get("rng"):
         restore_rng(doc["rng"])
-    return dict(doc.get("progress") or {})
+    progress = doc.get("progress") or {}
+    if not isinstance(progress, dict):
+        raise CorruptCheckpointError(f"{path / STATE_NAME}: progress is not an object")
+    return progress
 
 
 def _load_into(
@@ -272,7 +275,8 @@ def _load_into(
             )
         try:
             value.load_state_dict(obj)
-        except (RuntimeError, ValueError, KeyError) as e:
+        # a damaged or hostile tree makes load_state_dict fail in many ways
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             raise IncompatibleCheckpointError(
                 f"{path}: cannot load {key!r} ({str(e).splitlines()[0]}); is this checkpoint "
                 "from the same model and optimizer configuration?"
