@@ -25,11 +25,8 @@ How it works, and which Trainer internals it relies on (each pinned by
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import functools
 import inspect as _inspect
-import json
 import logging
 import math
 import os
@@ -38,81 +35,24 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ExportableState
 
 from safepoint.checkpointer import Checkpointer
 from safepoint.errors import CheckpointNotFoundError, ConfigError, IncompatibleCheckpointError
+from safepoint.integrations.hf_layout import (
+    TRAINER_STATE_NAME,
+    adapter_files,
+    is_peft,
+    model_files,
+    trainer_state_json,
+)
 from safepoint.retention import RetentionPolicy
 from safepoint.rng import restore_rng
 from safepoint.schedule import Schedule, parse_save_every
-from safepoint.snapshot import Snapshot, TensorFile, capture, copy_tensors, read_state_doc
+from safepoint.snapshot import Snapshot, capture, read_state_doc
 from safepoint.store import CheckpointInfo, inspect, newest_first, scan
 from safepoint.units import parse_size
 
 log = logging.getLogger("safepoint")
-
-TRAINER_STATE_NAME = "trainer_state.json"
-_SAFETENSORS_META = {"format": "pt"}
-
-
-def _is_peft(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
-def adapter_files(model: Any, *, copy_data: bool) -> dict[str, TensorFile | bytes]:
-    """``adapter_model.safetensors`` + ``adapter_config.json`` as ``PeftModel.save_pretrained``
-    writes them, so ``PeftModel.from_pretrained(folder)`` loads the folder as is."""
-    from peft import get_peft_model_state_dict
-
-    name = model.active_adapter
-    tensors = get_peft_model_state_dict(model, adapter_name=name)
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    config = copy.deepcopy(model.peft_config[name])
-    if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = model.base_model.model.__dict__.get("name_or_path")
-    config.inference_mode = True
-    doc = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
-    return {
-        "adapter_model.safetensors": TensorFile(
-            copy_tensors(tensors) if copy_data else tensors, dict(_SAFETENSORS_META)
-        ),
-        "adapter_config.json": json.dumps(doc, indent=2, sort_keys=True, default=str).encode(),
-    }
-
-
-def model_files(model: Any, *, copy_data: bool) -> dict[str, TensorFile | bytes]:
-    """``model.safetensors`` (tied weights stored once) + ``config.json``, loadable with
-    ``AutoModelForCausalLM.from_pretrained(folder)``."""
-    seen: set[int] = set()
-    tensors = {}
-    for key, t in model.state_dict().items():
-        # Tied weights (lm_head = embeddings) share storage; keep the first name, as
-        # save_pretrained does, and from_pretrained ties them again.
-        ptr = t.untyped_storage().data_ptr() if t.numel() else id(t)
-        if ptr in seen:
-            continue
-        seen.add(ptr)
-        tensors[key] = t.contiguous()
-    files: dict[str, TensorFile | bytes] = {
-        "model.safetensors": TensorFile(
-            copy_tensors(tensors) if copy_data else tensors, dict(_SAFETENSORS_META)
-        ),
-        "config.json": model.config.to_json_string(use_diff=True).encode(),
-    }
-    return files
-
-
-def trainer_state_json(trainer: Trainer) -> bytes:
-    """``trainer_state.json`` as ``Trainer._save_checkpoint`` writes it (JSON, no pickle)."""
-    state = trainer.state
-    for cb in [*trainer.callback_handler.callbacks, trainer.control]:
-        if isinstance(cb, ExportableState):
-            state.stateful_callbacks[cb.__class__.__name__] = cb.state()
-    return (json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n").encode()
 
 
 def _unwrap(optimizer: Any) -> Any:
@@ -445,7 +385,7 @@ class SafepointCallback(TrainerCallback):
                 "max_steps": state.max_steps,
             },
         )
-        weights = adapter_files(model, copy_data=copy_data) if _is_peft(model) else None
+        weights = adapter_files(model, copy_data=copy_data) if is_peft(model) else None
         snapshot.files.update(weights or model_files(model, copy_data=copy_data))
         snapshot.files[TRAINER_STATE_NAME] = trainer_state_json(trainer)
         snapshot.info.update(self.info)
