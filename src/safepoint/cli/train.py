@@ -9,8 +9,7 @@ from typing import Any
 import click
 
 from safepoint.app.config import TrainConfig, to_yaml
-from safepoint.store import CheckpointInfo, scan
-from safepoint.units import format_size
+from safepoint.store import scan
 
 # (flag name = config key, click type, help). Every key is also a YAML key.
 _OPTIONS: list[tuple[str, Any, str]] = [
@@ -53,62 +52,12 @@ def _decorate(f: Any) -> Any:
     return f
 
 
-def _bar(step: int, total: int, width: int = 24) -> str:
-    filled = int(width * step / max(total, 1))
-    return "#" * filled + "." * (width - filled)
-
-
 def _make_callback(cfg: TrainConfig, tty: bool) -> Any:
-    from safepoint.integrations.hf import SafepointCallback
-
-    class JobCallback(SafepointCallback):
-        """Prints progress, one line per commit, and remembers the run's outcome."""
-
-        def __init__(self, **kw: Any) -> None:
-            super().__init__(**kw)
-            self.started = time.monotonic()
-            self.commits = 0
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            super().on_train_begin(args, state, control, **kw)
-            where = (
-                f"resuming from {self.resumed_from.path} (step {state.global_step})"
-                if self.resumed_from
-                else "starting fresh"
-            )
-            click.echo(
-                f"safepoint train: {where}; {state.max_steps} steps, saving {cfg.save_every}"
-            )
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any):
-            super().on_log(args, state, control, logs=logs, **kw)
-            logs = logs or {}
-            if "loss" not in logs or self.checkpointer is None:
-                return
-            interval = self.checkpointer.schedule.step_interval()
-            nxt = ((state.global_step // interval) + 1) * interval if interval else None
-            last = f"{self.last_commit_seconds:.2f} s" if self.last_commit_seconds else "-"
-            line = (
-                f"[{_bar(state.global_step, state.max_steps)}] {state.global_step}/"
-                f"{state.max_steps}  loss {logs['loss']:.4f}  next save "
-                f"{'step ' + str(min(nxt, state.max_steps)) if nxt else cfg.save_every}"
-                f"  last save {last}"
-            )
-            if tty:
-                click.echo("\r" + line, nl=False)
-            elif state.global_step % 5 == 0 or state.global_step == state.max_steps:
-                click.echo(line)
-
-        def committed(self, info: CheckpointInfo, seconds: float) -> None:
-            self.commits += 1
-            metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(info.metrics.items()))
-            prefix = "\r\x1b[K" if tty else ""
-            click.echo(
-                f"{prefix}saved {info.path} in {seconds:.2f} s ({format_size(info.size)})"
-                f"{'  ' + metrics if metrics else ''}"
-            )
+    from safepoint.app.progress import JobCallback
 
     return JobCallback(
+        cfg,
+        tty=tty,
         save_every=cfg.save_every,
         keep_last=cfg.keep_last,
         keep_best=cfg.keep_best,
