@@ -179,3 +179,44 @@ def test_other_config_is_refused_and_never_starts_beside(reference: Path, tmp_pa
     run_train(out, *FAST, "--lora-r", "4", "--max-steps", "1", "--resume", "never")
     assert sorted(p.name for p in out.iterdir()) == before
     assert (tmp_path / "run-2" / "checkpoint-1").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["messages.jsonl", "plain.txt", "text.parquet"])
+def test_dataset_formats(tmp_path: Path, fmt: str) -> None:
+    import json
+
+    from datasets import Dataset
+
+    rows = [json.loads(x) for x in Path(builtin()).read_text().splitlines()[:24]]
+    data = tmp_path / fmt
+    if fmt == "messages.jsonl":
+        data.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": r["prompt"]},
+                            {"role": "assistant", "content": r["completion"].strip()},
+                        ]
+                    }
+                )
+                + "\n"
+                for r in rows
+            )
+        )
+    elif fmt == "plain.txt":
+        data.write_text("".join(r["prompt"] + r["completion"] + "\n" for r in rows))
+    else:
+        Dataset.from_list([{"text": r["prompt"] + r["completion"]} for r in rows]).to_parquet(
+            str(data)
+        )
+    out = tmp_path / "run"
+    proc = run_train(out, "--dataset", str(data), "--max-steps", "2", "--save-every", "2")
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file(), proc.stdout
+
+
+def builtin() -> Path:
+    from safepoint.app.tiny import builtin_dataset_path
+
+    return builtin_dataset_path()
