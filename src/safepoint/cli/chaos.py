@@ -230,12 +230,14 @@ def _attempt(
         elif rc != 0:
             a.verdict = f"FAIL: exit {rc}: {_last_line(a.log)}"
     runs = _starts(out) if out.is_dir() else []
+    closed = False
     if len(runs) > before:
         a.resumed_from, a.reached = _progress(runs[-1])
-        if a.resumed_from is None:
-            a.resumed_from = 0
-    if a.signal == "TERM" and a.exit == str(-signal.SIGTERM) and a.reached == a.resumed_from:
-        a.verdict = "ok"  # died before its handlers were in place: nothing to save yet
+        a.resumed_from = a.resumed_from or 0
+        closed = any(e["event"] == "close" for e in runs[-1])
+    early_or_late = a.reached == a.resumed_from or closed
+    if a.signal == "TERM" and a.exit == str(-signal.SIGTERM) and early_or_late:
+        a.verdict = "ok"  # before its handlers were in place, or after training: nothing to save
     return a
 
 
