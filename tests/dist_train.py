@@ -34,6 +34,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--remote", default=None)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2")
+    p.add_argument("--async-save", action="store_true")
     args = p.parse_args(argv)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -68,6 +69,7 @@ def main(argv: list[str]) -> int:
         keep_last=args.keep_last,
         total_steps=args.steps,
         remote=args.remote,
+        async_save=args.async_save,
     ) as ckpt:
         start = ckpt.restore(state) or 0
         print(f"rank {rank} pid {os.getpid()} start {start}", flush=True)

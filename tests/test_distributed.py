@@ -36,7 +36,9 @@ def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[st
     return proc
 
 
-def test_two_ranks_killed_mid_save_rerun_ends_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["sync", pytest.param("async", marks=pytest.mark.slow)])
+def test_two_ranks_killed_mid_save_rerun_ends_identical(tmp_path: Path, mode: str) -> None:
+    extra = ("--async-save",) if mode == "async" else ()
     reference = tmp_path / "reference"
     ok(torchrun(reference, "--steps", "20", "--save-every", "5"))
     ckpt = inspect(reference / "checkpoint-20")
@@ -48,12 +50,18 @@ def test_two_ranks_killed_mid_save_rerun_ends_identical(tmp_path: Path) -> None:
     # Rank 0 dies by SIGKILL on its second save (step 10), after the files, before the
     # manifest; torchrun then takes rank 1 down too.
     crashed = torchrun(
-        run, "--steps", "20", "--save-every", "5", env={"SAFEPOINT_CRASH_AT": "after_files@2"}
+        run,
+        "--steps",
+        "20",
+        "--save-every",
+        "5",
+        *extra,
+        env={"SAFEPOINT_CRASH_AT": "after_files@2"},
     )
     assert crashed.returncode != 0
     assert not (run / "checkpoint-10").exists() and inspect(run / "checkpoint-5").valid
 
-    rerun = ok(torchrun(run, "--steps", "20", "--save-every", "5"))
+    rerun = ok(torchrun(run, "--steps", "20", "--save-every", "5", *extra))
     assert "rank 0 pid" in rerun.stdout and "start 5" in rerun.stdout
     assert rerun.stdout.count("start 5") == 2  # both ranks agreed on checkpoint-5
     assert same_tensors(reference / "final.safetensors", run / "final.safetensors")
