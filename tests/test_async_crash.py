@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from safepoint import latest_checkpoint
+from safepoint.records import read_events
 from safepoint.store import inspect
 
 from .conftest import run_toy, same_tensors, toy_cmd
@@ -96,3 +98,30 @@ def test_kill_inside_the_writer_thread_at_a_named_point(tmp_path: Path, referenc
     rerun = run_toy(out, *ARGS)
     assert "start 2" in rerun.stdout
     assert same_tensors(out / "final.safetensors", reference_run(*ARGS))
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+    ids=lambda s: s.name,
+)
+def test_stop_signal_while_a_save_is_in_flight(
+    tmp_path: Path, sig: signal.Signals, reference_run
+) -> None:
+    """The in-flight save finishes, the emergency save follows it, exit 3, exact resume."""
+    out = tmp_path / "run"
+    args = ("--steps", "24", "--save-every", "4", "--width", "50000", "--async-save")
+    proc = subprocess.Popen(
+        toy_cmd(out, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert _busy_dir(out, time.monotonic() + 60), "no background save started"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    assert not [n for n in os.listdir(out) if n.startswith((".staging", ".trash"))]
+    _check(out)
+    saves = [e for e in read_events(out) if e["event"] == "save"]
+    assert saves and all(e.get("result") == "committed" for e in saves)
+    rerun = run_toy(out, *args)
+    assert same_tensors(out / "final.safetensors", reference_run(*args))
+    assert rerun.returncode == 0

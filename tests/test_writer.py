@@ -65,3 +65,14 @@ def test_abandon_stops_a_job_that_checks() -> None:
     assert w.abandon(timeout=DEADLINE)
     pending = w.wait(0)
     assert pending is not None and isinstance(pending.error, SaveAbandoned)
+
+
+def test_stop_joins_the_thread_and_a_later_submit_restarts_it() -> None:
+    w = BackgroundWriter(name="safepoint-writer-test")
+    w.submit(1, lambda: 1)
+    w.wait(DEADLINE)
+    w.stop()
+    assert not [t for t in threading.enumerate() if t.name == "safepoint-writer-test"]
+    w.submit(2, lambda: 2)
+    assert w.wait(DEADLINE).result == 2
+    w.stop()
