@@ -210,6 +210,7 @@ def _quiet_libraries() -> None:
 
 def build_trainer(p: Plan, callback: Any) -> Any:
     """The TRL ``SFTTrainer`` for a plan, with ``callback`` (a ``SafepointCallback``)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -244,7 +245,7 @@ def build_trainer(p: Plan, callback: Any) -> Any:
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),  # TRL defaults to bf16, which needs a GPU
         dataloader_num_workers=0,
         lr_scheduler_type="linear",
         warmup_steps=2,
