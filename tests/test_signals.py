@@ -200,6 +200,19 @@ def test_grace_too_short_for_a_save_skips_it_and_says_so(tmp_path: Path) -> None
     assert valid_steps(tmp_path) == [2]
 
 
+def test_under_a_grace_period_the_save_in_flight_gives_way(tmp_path: Path) -> None:
+    big = {"w": torch.zeros(50_000_000)}  # 200 MB: its background save takes a while
+    with Checkpointer(tmp_path, save_every="1000", async_save=True, grace="60s") as ckpt:
+        ckpt.save(1, big)  # written in the background
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with pytest.raises(TrainingStopped, match="saved the emergency checkpoint"):
+            ckpt.step(2, big)
+    events = [e["event"] for e in read_events(tmp_path)]
+    assert 2 in valid_steps(tmp_path)
+    assert "save_abandoned" in events or 1 in valid_steps(tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+
+
 def test_signal_after_the_last_step_stops_at_close(tmp_path: Path) -> None:
     state = _fresh_state()
     ckpt = Checkpointer(tmp_path, save_every="2", total_steps=2)

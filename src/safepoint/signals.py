@@ -363,7 +363,10 @@ class EmergencyStop:
     ) -> NoReturn:
         self.guard.saving = True
         try:
-            _flush(ckpt)  # a background save in flight finishes (or fails) first
+            abandon = getattr(ckpt, "abandon", None)
+            if self.grace is not None and callable(abandon):
+                abandon()  # under a deadline the emergency save (a newer step) goes first
+            _flush(ckpt)  # else a background save in flight finishes (or fails) first
             info = save() if save is not None else ckpt.latest()
         except _SaveInterrupted:
             committed = ckpt.latest()
