@@ -1,0 +1,523 @@
+"""Training time lost to checkpointing: no saving vs stock Trainer vs safepoint sync / async.
+
+usage: python benchmarks/save_overhead.py [--quick] [--only full,lora,writer,busy]
+       [--steps N] [--save-every N] [--dir DIR]
+
+(a) full fine-tune of a GPT-2-style model built from config (n_embd 768, 12 layers,
+    vocabulary 1024: ~86M parameters, ~1 GB of weights + AdamW state), saving every 5
+    steps, under the plain ``transformers.Trainer``;
+(b) the default LoRA run of ``safepoint train`` (TRL SFTTrainer + PEFT, built-in model
+    and data), saving every 10 steps;
+(c) writer: a thread or a process for the background write? Step time of a plain
+    training loop while 1 GB is written over and over in a thread / a process.
+(d) on_busy: a plain loop saving every step, faster than the disk can write, with
+    ``on_busy="wait"`` vs ``"skip"``: total time, saves done, stall.
+
+Each variant runs in its own process (clean peak RSS). Per variant: per-save training
+stall (median, max; the time ``Trainer`` spent in ``_save_checkpoint`` for the stock
+one, the run record's ``stall_s`` for safepoint), total train() time and its overhead
+over no saving, save start -> durable commit, write throughput next to
+``dd conv=fsync`` of the same size measured in the same run, peak RSS. ``--quick``
+shrinks everything to check that the script works (numbers meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import table, write_results
+
+VARIANTS = ("none", "stock", "sync", "async")
+ALL_PARTS = ("full", "lora", "writer", "busy")
+RESULT_TAG = "RESULT "
+
+
+# ------------------------------------------------------------------ child: Trainer runs
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _StepClock:
+    """A TrainerCallback recording the wall time of each optimizer step."""
+
+    def __new__(cls) -> Any:
+        from transformers import TrainerCallback
+
+        class StepClock(TrainerCallback):
+            def __init__(self) -> None:
+                self.times: list[float] = []
+                self.last = time.perf_counter()
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                now = time.perf_counter()
+                self.times.append(now - self.last)
+                self.last = now
+
+        return StepClock()
+
+
+def _callbacks(variant: str, save_every: int, out: Path) -> list[Any]:
+    if variant in ("sync", "async"):
+        from safepoint import SafepointCallback
+
+        return [
+            SafepointCallback(
+                output_dir=out,
+                save_every=str(save_every),
+                keep_last=2,
+                async_save=variant == "async",
+                resume=False,
+            )
+        ]
+    return []
+
+
+def _time_stock_saves(trainer: Any) -> list[float]:
+    stalls: list[float] = []
+    real = trainer._save_checkpoint
+
+    def timed(*a: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return real(*a, **kw)
+        finally:
+            stalls.append(time.perf_counter() - t0)
+
+    trainer._save_checkpoint = timed
+    return stalls
+
+
+def _run_trainer(trainer: Any, variant: str, out: Path) -> dict[str, Any]:
+    clock = _StepClock()
+    trainer.add_callback(clock)
+    stock = _time_stock_saves(trainer) if variant == "stock" else []
+    t0 = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - t0
+    result: dict[str, Any] = {
+        "total_s": total,
+        "step_s": statistics.median(clock.times) if clock.times else None,
+        "peak_rss": _peak_rss(),
+        "stalls": stock,
+    }
+    if variant in ("sync", "async"):
+        from safepoint.records import read_events
+
+        saves = [e for e in read_events(out) if e["event"] == "save" and "stall_s" in e]
+        result["stalls"] = [e["stall_s"] for e in saves]
+        result["commit_s"] = [e.get("commit_s") for e in saves]
+        result["write_s"] = [e.get("write_s") for e in saves]
+        result["bytes"] = [e.get("bytes") for e in saves]
+        result["waits"] = sum(1 for e in read_events(out) if e["event"] == "save_busy")
+        result["modes"] = sorted({e.get("mode") for e in saves})
+    if variant == "stock":
+        ck = sorted(out.glob("checkpoint-*"))
+        if ck:
+            result["bytes"] = [sum(f.stat().st_size for f in ck[-1].rglob("*") if f.is_file())]
+    return result
+
+
+def _memcpy_floor(model: Any, optimizer: Any) -> float:
+    """Seconds to copy the model + optimizer state into reused host buffers."""
+    from safepoint.snapshot import StagingBuffers, capture
+
+    buffers = StagingBuffers()
+    snap = capture({"model": model, "optimizer": optimizer}, step=0, copy=False, rng=False)
+    buffers.stage(snap)  # allocates
+    t0 = time.perf_counter()
+    buffers.stage(snap)
+    return time.perf_counter() - t0
+
+
+def child_full(variant: str, out: Path, steps: int, save_every: int, quick: bool) -> dict:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    layers = 2 if quick else 12
+    config = GPT2Config(vocab_size=1024, n_positions=128, n_embd=768, n_layer=layers, n_head=12)
+    model = GPT2LMHeadModel(config)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": ids, "labels": ids}
+        for ids in torch.randint(0, 1024, (steps * 2, 64), generator=g)
+    ]
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-4,
+        logging_steps=steps + 1,
+        save_strategy="steps" if variant == "stock" else "no",
+        save_steps=save_every,
+        save_total_limit=2,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, callbacks=_callbacks(variant, save_every, out)
+    )
+    result = _run_trainer(trainer, variant, out)
+    result["params"] = sum(p.numel() for p in model.parameters())
+    if variant == "async":
+        result["memcpy_s"] = _memcpy_floor(model, trainer.optimizer)
+    return result
+
+
+def child_lora(variant: str, out: Path, steps: int, save_every: int, quick: bool) -> dict:
+    from transformers.trainer_utils import SaveStrategy
+
+    from safepoint.app.config import TrainConfig
+    from safepoint.app.job import build_trainer, plan
+
+    cfg = TrainConfig(output_dir=str(out), save_every=str(save_every), max_steps=steps)
+    p = plan(cfg)
+    callbacks = _callbacks(variant, save_every, out)
+    if callbacks:
+        trainer = build_trainer(p, callbacks[0])
+    else:
+        from transformers import TrainerCallback
+
+        trainer = build_trainer(p, TrainerCallback())
+        if variant == "stock":
+            trainer.args.save_strategy = SaveStrategy.STEPS
+            trainer.args.save_steps = save_every
+            trainer.args.save_total_limit = 2
+    result = _run_trainer(trainer, variant, out)
+    if variant == "async":
+        result["memcpy_s"] = _memcpy_floor(trainer.model, trainer.optimizer)
+    return result
+
+
+# ------------------------------------------------------------ child: thread vs process
+
+
+def _write_loop(
+    tensors: dict, directory: str, active: Any, quit_: Any, done: Any, nice: int = 0
+) -> None:
+    """Commit ``tensors`` as a checkpoint over and over while ``active`` is set."""
+    import threading
+
+    from safepoint.snapshot import Snapshot, TensorFile
+    from safepoint.store import Store
+
+    if nice:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    store = Store(directory)
+    n, busy = 0, 0.0
+    while not quit_.is_set():
+        if not active.wait(0.01):
+            continue
+        t0 = time.perf_counter()
+        n += 1
+        info = store.commit(Snapshot(step=n, files={"model.safetensors": TensorFile(tensors)}))
+        shutil.rmtree(info.path)
+        busy += time.perf_counter() - t0
+    done.put((n, busy))
+
+
+def child_writer(out: Path, steps: int, quick: bool) -> dict:
+    """Median step time of a training loop: idle, with a writer thread, with a process.
+
+    Conditions alternate over 3 rounds so that a change of machine load hits all alike.
+    """
+    import queue
+    import threading
+
+    import torch
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    width = 512 if quick else 2048
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(8)])
+    opt = torch.optim.AdamW(model.parameters())
+    gb = 0.1 if quick else 1.0
+    blob = {"x": torch.zeros(int(gb * (1 << 30)) // 4)}
+
+    def step_times() -> list[float]:
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss = model(torch.randn(64, width)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    (out / "process").mkdir(parents=True)
+    t_quit = threading.Event()
+    threads = {}
+    for name, nice in (("thread", 0), ("thread nice 10", 10)):
+        (out / str(nice)).mkdir(exist_ok=True)
+        active, done = threading.Event(), queue.Queue()
+        th = threading.Thread(
+            target=_write_loop, args=(blob, str(out / str(nice)), active, t_quit, done, nice)
+        )
+        th.start()
+        threads[name] = (th, active, done)
+    # process: the staged tensors in shared memory, written by a spawned process
+    ctx = mp.get_context("spawn")
+    blob["x"].share_memory_()
+    p_active, p_quit, p_done = ctx.Event(), ctx.Event(), ctx.Queue()
+    proc = ctx.Process(
+        target=_write_loop, args=(blob, str(out / "process"), p_active, p_quit, p_done)
+    )
+    proc.start()
+    time.sleep(5.0)  # the child imports torch
+    step_times()  # warm-up
+    writers = {name: (active, done) for name, (_, active, done) in threads.items()}
+    writers["process"] = (p_active, p_done)
+    times: dict[str, list[float]] = {"idle": [], **{name: [] for name in writers}}
+    for _ in range(3):
+        times["idle"] += step_times()
+        for name, (active, _) in writers.items():
+            active.set()
+            time.sleep(0.2)
+            times[name] += step_times()
+            active.clear()
+    t_quit.set()
+    p_quit.set()
+    for th, _, _ in threads.values():
+        th.join()
+    rows = []
+    idle = statistics.median(times["idle"])
+    rows.append(["idle", idle, 1.0, None])
+    for name, (_, done) in writers.items():
+        n, busy = done.get()
+        step = statistics.median(times[name])
+        rows.append([name, step, step / idle, n * gb / busy if busy else None])
+    proc.join()
+    return {"rows": rows, "gb": gb, "peak_rss": _peak_rss()}
+
+
+def child_busy(out: Path, steps: int, quick: bool) -> dict:
+    """on_busy: a plain loop saving every step (faster than the disk) with wait vs skip."""
+    import torch
+
+    from safepoint import Checkpointer
+    from safepoint.records import read_events
+
+    width = 512 if quick else 2048
+    rows = []
+    for policy in ("wait", "skip"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(8)])
+        opt = torch.optim.AdamW(model.parameters())
+        d = out / policy
+        t0 = time.perf_counter()
+        with Checkpointer(d, save_every=1, keep_last=2, async_save=True, on_busy=policy) as ck:
+            for step in range(1, steps + 1):
+                loss = model(torch.randn(64, width)).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                ck.step(step, {"model": model, "optimizer": opt})
+        total = time.perf_counter() - t0
+        events = list(read_events(d))
+        saves = [e for e in events if e["event"] == "save"]
+        skipped = sum(1 for e in events if e["event"] == "save_skipped")
+        rows.append(
+            [policy, total, len(saves), skipped, statistics.median(e["stall_s"] for e in saves)]
+        )
+    return {"rows": rows, "steps": steps}
+
+
+# ------------------------------------------------------------------------- parent
+
+
+def _child(kind: str, variant: str, base: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out = base / f"{kind}-{variant}"
+    cmd = [sys.executable, __file__, "--child", kind, "--variant", variant, "--out", str(out)]
+    cmd += ["--steps", str(args.steps[kind]), "--save-every", str(args.save_every[kind])]
+    cmd += ["--quick"] if args.quick else []
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind}/{variant} failed:\n{proc.stderr[-4000:]}")
+    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith(RESULT_TAG))
+    result = json.loads(line[len(RESULT_TAG) :])
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"  {kind}/{variant}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return result
+
+
+def _dd(base: Path, nbytes: int) -> float:
+    """Seconds for ``dd conv=fsync`` to write ``nbytes`` on the same file system."""
+    path = base / "dd.bin"
+    t0 = time.perf_counter()
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={max(1, nbytes >> 20)}",
+         "conv=fsync"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    secs = time.perf_counter() - t0
+    path.unlink()
+    return secs
+
+
+def _med(xs: list[float] | None) -> float | None:
+    xs = [x for x in xs or [] if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _trainer_table(res: dict[str, dict], dd_gb_s: float, steps: int) -> tuple[str, dict]:
+    base = res["none"]
+    rows, summary = [], {}
+    for v in VARIANTS:
+        r = res[v]
+        stalls = r.get("stalls") or []
+        nbytes = _med(r.get("bytes"))
+        write = _med(r.get("write_s"))
+        overhead = r["total_s"] - base["total_s"]
+        extra_rss = r["peak_rss"] - base["peak_rss"]
+        row = {
+            "variant": {"none": "no saving", "stock": "stock Trainer"}.get(v, f"safepoint {v}"),
+            "saves": len(stalls),
+            "stall_med_s": _med(stalls),
+            "stall_max_s": max(stalls) if stalls else None,
+            "total_s": r["total_s"],
+            "overhead_s": overhead if v != "none" else None,
+            # robust to load changes between runs: this run's time over its own median step
+            "in_run_overhead_s": r["total_s"] - steps * r["step_s"] if r.get("step_s") else None,
+            "commit_s": _med(r.get("commit_s")),
+            "write_gb_s": nbytes / write / 1e9 if nbytes and write else None,
+            "dd_gb_s": dd_gb_s if v in ("sync", "async") else None,
+            "peak_rss_gb": r["peak_rss"] / 1e9,
+            "extra_rss_x_ckpt": extra_rss / nbytes if nbytes and v != "none" else None,
+            "ckpt_gb": nbytes / 1e9 if nbytes else None,
+            "busy_waits": r.get("waits"),
+        }
+        summary[v] = row
+        rows.append(list(row.values()))
+    headers = [
+        "variant", "saves", "stall median s", "stall max s", "train s", "overhead s",
+        "in-run overhead s",
+        "start->durable s", "write GB/s", "dd GB/s", "peak RSS GB", "extra RSS / ckpt",
+        "ckpt GB", "busy waits",
+    ]  # fmt: skip
+    text = table(headers, rows)
+    stock, asy = summary["stock"], summary["async"]
+    if stock["stall_med_s"] and asy["stall_med_s"] is not None:
+        text += (
+            f"\n\nasync stall / stock stall = {asy['stall_med_s'] / stock['stall_med_s']:.3f} "
+            f"(target <= 0.05); memory-copy floor {res['async'].get('memcpy_s', 0):.3f} s; "
+        )
+    if stock["overhead_s"] and asy["overhead_s"] is not None:
+        text += f"async overhead / stock overhead = {asy['overhead_s'] / stock['overhead_s']:.3f}"
+        text += " (target <= 0.2)"
+    if stock["in_run_overhead_s"] and asy["in_run_overhead_s"] is not None:
+        ratio = asy["in_run_overhead_s"] / stock["in_run_overhead_s"]
+        text += f"; in-run: {ratio:.3f}"
+    if asy["write_gb_s"]:
+        text += f"; async write / dd = {asy['write_gb_s'] / dd_gb_s:.2f} (target >= 0.8)"
+    return text, summary
+
+
+def parent(args: argparse.Namespace) -> None:
+    base = Path(tempfile.mkdtemp(prefix="sp-overhead-", dir=args.dir))
+    body, data = [], {"quick": args.quick, "steps": args.steps, "save_every": args.save_every}
+    t_start = time.perf_counter()
+    try:
+        for kind in ("full", "lora"):
+            if kind not in args.only:
+                continue
+            print(f"{kind}:", flush=True)
+            res = {v: _child(kind, v, base, args) for v in VARIANTS}
+            nbytes = int(_med(res["async"].get("bytes")) or (1 << 30))
+            dd_s = _dd(base, nbytes)
+            text, summary = _trainer_table(res, nbytes / dd_s / 1e9, args.steps[kind])
+            title = {
+                "full": f"(a) full fine-tune, GPT-2 style {res['none'].get('params', 0) / 1e6:.0f}M"
+                f" params, {args.steps[kind]} steps, save every {args.save_every[kind]}",
+                "lora": f"(b) `safepoint train` default LoRA run, {args.steps[kind]} steps, "
+                f"save every {args.save_every[kind]}",
+            }[kind]
+            body.append(f"## {title}\n\n{text}")
+            data[kind] = {"raw": res, "summary": summary, "dd_s": dd_s, "dd_bytes": nbytes}
+        if "writer" in args.only:
+            print("writer:", flush=True)
+            r = _child("writer", "-", base, args)
+            rows = r["rows"]
+            body.append(
+                "## (c) background writer: thread or process\n\nstep time of a training loop "
+                f"while {r['gb']} GB is committed over and over in the background (3 alternating "
+                "rounds)\n\n" + table(["writer", "step median s", "x idle", "write GB/s"], rows)
+            )
+            data["writer"] = r
+        if "busy" in args.only:
+            print("busy:", flush=True)
+            r = _child("busy", "-", base, args)
+            body.append(
+                f"## (d) on_busy: save every step for {r['steps']} steps (the disk is slower "
+                "than a step)\n\n"
+                + table(["on_busy", "total s", "saves", "skipped", "stall median s"], r["rows"])
+            )
+            data["busy"] = r
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    total = time.perf_counter() - t_start
+    body.append(f"Whole benchmark: {total:.0f} s.")
+    data["run_s"] = total
+    name = "save_overhead" + ("_quick" if args.quick else "")
+    if args.only != set(ALL_PARTS):
+        name += "_" + "_".join(p for p in ALL_PARTS if p in args.only)
+    write_results(name, "Save overhead during training", "\n\n".join(body), data)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script only")
+    p.add_argument("--only", default=",".join(ALL_PARTS))
+    p.add_argument("--steps", type=int, default=None, help="steps of (a) and (b)")
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--dir", type=Path, default=None, help="where checkpoints go (temp)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        kind, out = args.child, args.out
+        if kind in ("writer", "busy"):
+            res = (child_writer if kind == "writer" else child_busy)(out, args.steps, args.quick)
+        else:
+            fn = child_full if kind == "full" else child_lora
+            res = fn(args.variant, out, args.steps, args.save_every, args.quick)
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return
+    args.only = set(args.only.split(","))
+    quick = args.quick
+    args.steps = {
+        "full": args.steps or (6 if quick else 20),
+        "lora": args.steps or (10 if quick else 40),
+        "writer": 5 if quick else 8,
+        "busy": 6 if quick else 12,
+    }
+    args.save_every = {
+        "full": args.save_every or (3 if quick else 5),
+        "lora": args.save_every or (5 if quick else 10),
+        "writer": 0,
+        "busy": 1,
+    }
+    parent(args)
+
+
+if __name__ == "__main__":
+    main()
