@@ -351,6 +351,11 @@ class Checkpointer:
             self._stop.stop(self, step, None if self.schedule.last_save_step == step else save)
         self._stop.boundary(step, state, rng=self.save_rng)
 
+    def check_loss(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """With ``stop_on_nan``: raise ``NonFiniteLossError`` if ``metrics["loss"]`` is NaN
+        or infinite; nothing of that step is saved. ``step()`` calls it itself."""
+        self._stop.check_loss(self, step, metrics)
+
     def on_exception(
         self,
         exc: BaseException,

@@ -75,6 +75,8 @@ class TrainConfig:
     grace: str | None = None
     """Time between the stop signal and the kill (e.g. ``120s``): a save that cannot
     finish in it is not started."""
+    stop_on_nan: bool = False
+    """Stop (exit 4, nothing saved of that step) when the training loss is NaN or inf."""
     """``auto`` (newest valid checkpoint), ``never`` (fresh, in a new directory) or a path."""
 
     # ------------------------------------------------------------------ build

@@ -70,6 +70,7 @@ def _make_callback(cfg: TrainConfig, tty: bool) -> Any:
         resume=cfg.resume != "never",
         signals=cfg.signals,
         grace=cfg.grace,
+        stop_on_nan=cfg.stop_on_nan,
         remote=cfg.remote,
         info={"config": cfg.identity()},
     )

@@ -297,6 +297,8 @@ class SafepointCallback(TrainerCallback):
         self._maybe_save(state, control, epoch_end=True)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if logs and self.checkpointer is not None:  # stop_on_nan: a NaN step is never saved
+            self.checkpointer.check_loss(state.global_step, logs)
         if self._pending and not control.should_evaluate:
             self._flush(state)
 
