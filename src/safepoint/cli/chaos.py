@@ -359,7 +359,13 @@ def _judge(attempts: list[Attempt]) -> None:
     "chaos",
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
 )
-@click.option("--kills", default=5, show_default=True, type=click.IntRange(0, 1000))
+@click.option(
+    "--kills",
+    default=5,
+    show_default=True,
+    type=click.IntRange(0, 1000),
+    help="How many times to kill the run.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the kill instants.")
 @click.option(
     "--compare",
@@ -383,7 +389,10 @@ def chaos_cmd(
     """Crash-test COMMAND: kill it at random instants, resume it, compare the results.
 
     Put {out} where COMMAND takes its output directory, e.g.
-    safepoint chaos --kills 5 -- safepoint train --max-steps 30 --output-dir {out}
+
+    \b
+        safepoint chaos --kills 5 -- safepoint train --max-steps 30 --output-dir {out}
+
     Exit code 0: every resume worked and the results are the same; 1 otherwise.
     """
     if not any("{out}" in arg for arg in command):
