@@ -194,12 +194,13 @@ def test_abandon_leaves_no_staging_and_previous_checkpoint(
         ckpt.flush()
         gate.clear()
         ckpt.save(2, state)
-        ckpt.abandon()  # before its first chunk (held): stops there
-        gate.set()
-        ckpt._async.writer.wait(DEADLINE)
+        threading.Timer(0.2, gate.set).start()  # the held write goes on shortly...
+        ckpt.abandon()  # ...and stops at its first chunk
+        assert not ckpt._async.writer.busy
     assert _staging(tmp_path) == []
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
-    assert any(e["event"] == "save_abandoned" for e in read_events(tmp_path))
+    abandoned = [e for e in read_events(tmp_path) if e["event"] == "save_abandoned"]
+    assert [(e["step"], e["stopped"]) for e in abandoned] == [(2, True)]
 
 
 def test_short_of_memory_falls_back_to_inline_once(

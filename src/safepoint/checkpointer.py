@@ -571,6 +571,12 @@ class Checkpointer:
         if self._closed:
             raise ConfigError(f"the Checkpointer of {self.directory} is closed")
 
+    def check(self) -> None:
+        """Raise ``SaveFailedError`` now if a background save failed; never waits.
+        Integrations call it at every step so that a failure surfaces at once."""
+        if self._async is not None:
+            self._async.raise_failure()
+
     def flush(self) -> None:
         """Wait for the background save in flight, if any; raise ``SaveFailedError`` if it
         (or an earlier background save) failed. For emergency saves: flush, then save."""

@@ -281,6 +281,7 @@ class SafepointCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         control.should_save = False  # safepoint saves this run, never the Trainer too
+        self._require().check()  # a failed background save surfaces at the next step
         self._maybe_save(state, control, epoch_end=False)
         # A stop signal: emergency save of this exact step, then TrainingStopped (exit 3).
         trainer = self.trainer
