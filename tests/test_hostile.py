@@ -183,6 +183,20 @@ def test_pickles_in_checkpoint_folders_are_never_loaded(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_safepoint_train_resume_from_a_stock_trainer_folder_explains_and_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "code-ran"
+    foreign = tmp_path / "elsewhere" / "checkpoint-12"
+    _stock_trainer_folder(foreign, marker)
+    args = ["train", "--output-dir", str(tmp_path / "run"), "--max-steps", "2"]
+    assert main([*args, "--resume", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert "not written by safepoint" in err and "are pickles, which safepoint never loads" in err
+    assert not marker.exists()
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
 # ------------------------------------------------------------------------ symlinks
 
 

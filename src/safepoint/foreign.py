@@ -39,9 +39,10 @@ def describe_foreign(path: str | os.PathLike[str]) -> str:
         parts.append(f"it holds {', '.join(readable)}, readable without running code")
     if pickles:
         parts.append(
-            f"its {', '.join(pickles)} are pickles, which safepoint never loads (they can run "
-            "code), so optimizer, scheduler and RNG state cannot be restored and a resumed "
-            "run would not match an uninterrupted one"
+            f"its {', '.join(pickles)} {'is a pickle' if len(pickles) == 1 else 'are pickles'}"
+            ", which safepoint never loads (a pickle can run code), so optimizer, scheduler "
+            "and RNG state cannot be restored and a resumed run would not match an "
+            "uninterrupted one"
         )
     if not parts:
         parts.append("it holds nothing safepoint can read")

@@ -214,6 +214,13 @@ class SafepointCallback(TrainerCallback):
                 f"{', '.join(valid) or 'none'}"
             )
         info = inspect(path, deep=ckpt.verify_on_resume)
+        if info.status == "foreign":  # e.g. the stock Trainer's checkpoint-N
+            from safepoint.foreign import describe_foreign
+
+            raise IncompatibleCheckpointError(
+                f"{path} was not written by safepoint ({'; '.join(info.problems)}); "
+                f"{describe_foreign(path)}"
+            )
         if not info.valid:
             raise IncompatibleCheckpointError(
                 f"{path} is {info.status}: {'; '.join(info.problems)}; resume from another "
