@@ -4,9 +4,8 @@ A thread, not a process, by measurement (``benchmarks/save_overhead.py --only wr
 xxh3 hashing and ``os.write`` release the GIL (a Python ticker thread saw at most 2 ms
 gaps while 256 MB were hashed), so a training step slowed down alike with a writer
 thread (2.8x) and a writer process (2.8x) on 2 busy cores: the cost is CPU, not the
-GIL. A process would also need the staging buffers in shared memory. What does help is
-priority: a writer thread at nice +10 left the steps at 0.9-1.0x (its write was ~2x
-slower). See benchmarks/results/save_overhead.md.
+GIL. A process would also need the staging buffers in shared memory. Priority trades
+step speed for write time: see ``WRITER_NICE``. Numbers: benchmarks/README.md.
 
 Invariants:
 - at most one save is in flight; ``submit`` refuses a second one;
@@ -37,8 +36,11 @@ from safepoint.units import format_size
 
 log = logging.getLogger("safepoint")
 
-WRITER_NICE = 10
-"""Nice increment of the writer thread: it yields the CPU to training (see README)."""
+WRITER_NICE = int(os.environ.get("SAFEPOINT_WRITER_NICE", "0"))
+"""Nice increment of the writer thread (``SAFEPOINT_WRITER_NICE``). 0 by measurement:
+a niced writer leaves more CPU to training but on 2 saturated cores it then needed
+4-7 s for 1 GB instead of ~2 s, longer than 5 steps, so the next save waited for it
+(stall 1.6 s instead of 0.08 s; benchmarks/README.md)."""
 
 
 class SaveAbandoned(Exception):
@@ -167,10 +169,10 @@ class BackgroundWriter:
 
 
 def _lower_priority() -> None:
-    # Linux: nice applies per thread. The writer then gets the CPU the training threads
-    # leave idle; measured on 2 cores, training steps ran at 0.9x-1.0x of their idle time
-    # with a niced writer vs 2.8x with a normal-priority thread or process (the write
-    # itself was ~2x slower). Elsewhere this is a no-op.
+    # Linux: nice applies per thread (elsewhere this is a no-op). Off by default: see
+    # WRITER_NICE; worth it where saves are far apart compared with the write time.
+    if not WRITER_NICE:
+        return
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
 
