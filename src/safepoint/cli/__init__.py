@@ -46,7 +46,8 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning safepoint errors into ``Error: ...`` and an exit code."""
     try:
-        cli.main(args=argv, prog_name="safepoint", standalone_mode=False)
+        # standalone_mode=False: click returns a command's exit code instead of exiting.
+        rv = cli.main(args=argv, prog_name="safepoint", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 130
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except SafepointError as e:
         click.echo(f"Error: {e}", err=True)
         return e.exit_code
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":
