@@ -19,7 +19,7 @@ from typing import Any
 from safepoint.errors import ConfigError
 from safepoint.retention import RetentionPolicy
 from safepoint.schedule import parse_save_every
-from safepoint.units import parse_size
+from safepoint.units import parse_duration, parse_size
 
 
 @dataclass
@@ -67,6 +67,15 @@ class TrainConfig:
     early_stopping: int | None = None
     """Stop after this many evaluations without a better ``metric``."""
     resume: str = "auto"
+    """``auto`` (newest valid checkpoint), ``never`` (fresh, in a new directory) or a path."""
+    mtbf: str = "24h"
+    """Expected time between failures, for ``save_every: auto``."""
+    max_overhead: float = 0.02
+    """Largest share of the run ``save_every: auto`` may spend saving."""
+    on_save_error: str = "stop"
+    """A save that fails after freeing space: ``stop`` (exit, resumable) or ``continue``."""
+    async_save: bool = False
+    """Write checkpoints in the background; training waits only for the host copy."""
     remote: str | None = None
     """Mirror every checkpoint to this fsspec URL (``s3://bucket/runs/exp1``, ``file://``);
     an empty output directory then resumes from the newest remote checkpoint."""
@@ -77,7 +86,6 @@ class TrainConfig:
     finish in it is not started."""
     stop_on_nan: bool = False
     """Stop (exit 4, nothing saved of that step) when the training loss is NaN or inf."""
-    """``auto`` (newest valid checkpoint), ``never`` (fresh, in a new directory) or a path."""
 
     # ------------------------------------------------------------------ build
 
@@ -100,6 +108,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ``ConfigError`` on any bad value; writes nothing."""
         parse_save_every(self.save_every)
+        parse_duration(self.mtbf, what="mtbf")
         RetentionPolicy(
             keep_last=self.keep_last,
             keep_best=self.keep_best,
@@ -119,6 +128,8 @@ class TrainConfig:
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (0 <= self.eval_split < 1, "eval_split must be in [0, 1), e.g. 0.1"),
             (self.eval_every is None or self.eval_every >= 1, "eval_every must be at least 1"),
+            (self.on_save_error in ("stop", "continue"), "on_save_error must be stop or continue"),
+            (0 < self.max_overhead < 1, "max_overhead must be a share in (0, 1), e.g. 0.02"),
             (
                 self.early_stopping is None or self.early_stopping >= 1,
                 "early_stopping must be a patience of at least 1 evaluation",

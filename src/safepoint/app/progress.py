@@ -63,7 +63,10 @@ class JobCallback(SafepointCallback):
     def committed(self, info: CheckpointInfo, seconds: float) -> None:
         self.commits += 1
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(info.metrics.items()))
+        # An async save returns once the host copy is made; the write goes on behind.
+        what = "saved" if info.valid else "saving"
+        size = f" ({format_size(info.size)})" if info.valid else ", writing in the background"
         click.echo(
-            f"{_CLEAR_LINE if self.tty else ''}saved {info.path} in {seconds:.2f} s "
-            f"({format_size(info.size)}){'  ' + metrics if metrics else ''}"
+            f"{_CLEAR_LINE if self.tty else ''}{what} {info.path} in {seconds:.2f} s"
+            f"{size}{'  ' + metrics if metrics else ''}"
         )

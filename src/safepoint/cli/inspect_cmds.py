@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,8 @@ def ls_cmd(directory: str, as_json: bool, **policy: Any) -> None:
             why.get(i.name, ""),
             "; ".join(i.problems) or (i.manifest.reason if i.manifest else ""),
         )
-    Console().print(table)
+    # Piped or redirected output has no terminal width: do not squeeze the table to 80.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     if policy_note:
         click.echo(policy_note)
 

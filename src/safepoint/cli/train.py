@@ -42,6 +42,9 @@ _OPTIONS: list[tuple[str, Any, str]] = [
     ("remote", str, "Mirror checkpoints to an fsspec URL (s3://bucket/run); fresh dirs fetch."),
     ("signals", str, "Stop signals: save, exit 3 (default TERM,INT,USR1; 'none')."),
     ("grace", str, "Time a stop signal leaves before the kill, e.g. 120s."),
+    ("mtbf", str, "Expected time between failures, for --save-every auto (default 24h)."),
+    ("max_overhead", float, "Largest share of the run auto saving may take (default 0.02)."),
+    ("on_save_error", click.Choice(["stop", "continue"]), "After a failed save (default stop)."),
 ]
 
 
@@ -49,6 +52,12 @@ def _decorate(f: Any) -> Any:
     for name, kind, text in reversed(_OPTIONS):
         f = click.option(f"--{name.replace('_', '-')}", name, type=kind, help=text)(f)
     f = click.option("--full/--lora", "full", default=None, help="Full fine-tune, or LoRA.")(f)
+    f = click.option(
+        "--async-save/--sync-save",
+        "async_save",
+        default=None,
+        help="Write checkpoints in the background (default: in line).",
+    )(f)
     return f
 
 
@@ -72,6 +81,10 @@ def _make_callback(cfg: TrainConfig, tty: bool) -> Any:
         grace=cfg.grace,
         stop_on_nan=cfg.stop_on_nan,
         remote=cfg.remote,
+        mtbf=cfg.mtbf,
+        max_overhead=cfg.max_overhead,
+        on_save_error=cfg.on_save_error,
+        async_save=cfg.async_save,
         info={"config": cfg.identity()},
     )
 

@@ -37,7 +37,12 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from safepoint.checkpointer import Checkpointer
-from safepoint.errors import CheckpointNotFoundError, ConfigError, IncompatibleCheckpointError
+from safepoint.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    IncompatibleCheckpointError,
+    SaveFailedError,
+)
 from safepoint.integrations.hf_layout import (
     TRAINER_STATE_NAME,
     adapter_files,
@@ -254,10 +259,23 @@ class SafepointCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         ckpt = self._require()
         ckpt.total_steps = state.max_steps
-        ckpt.schedule = Schedule(parse_save_every(self._save_every), total_steps=state.max_steps)
+        # The run length is known only now: rebuild the schedule with it, same settings.
+        ckpt.schedule = Schedule(
+            parse_save_every(self._save_every),
+            total_steps=state.max_steps,
+            mtbf=ckpt.schedule.mtbf,
+            max_overhead=ckpt.schedule.max_overhead,
+        )
         ckpt.schedule.start(time.monotonic(), state.global_step)
         self._eval = {}
         self._pending = None
+        # Disk pre-flight before the first step, with the weights this callback adds.
+        model = kw["model"]
+        weights = adapter_files(model, copy_data=False) if is_peft(model) else None
+        ckpt.preflight(
+            {"optimizer": kw["optimizer"], "scheduler": kw["lr_scheduler"]},
+            extra_files=weights or model_files(model, copy_data=False),
+        )
         info = self.resumed_from
         if info is None:
             return
@@ -307,6 +325,7 @@ class SafepointCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
         if logs and self.checkpointer is not None:  # stop_on_nan: a NaN step is never saved
             self.checkpointer.check_loss(state.global_step, logs)
+            self.checkpointer.log_metrics(state.global_step, logs)  # the run record
         if self._pending and not control.should_evaluate:
             self._flush(state)
 
@@ -371,10 +390,12 @@ class SafepointCallback(TrainerCallback):
     def _flush(self, state: Any) -> None:
         if self._pending is not None:
             reason, self._pending = self._pending, None
-            if self.checkpointer is not None and (
-                self.checkpointer.schedule.last_save_step != state.global_step
-            ):
-                self._save(state, reason)
+            ckpt = self.checkpointer
+            if ckpt is not None and ckpt.schedule.last_save_step != state.global_step:
+                try:
+                    self._save(state, reason)
+                except SaveFailedError as e:
+                    ckpt.save_failed(state.global_step, e, reason=reason)  # on_save_error
 
     def _save(self, state: Any, reason: str) -> CheckpointInfo:
         ckpt = self._require()
