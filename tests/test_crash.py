@@ -67,7 +67,7 @@ def test_kill_at_each_point_of_the_protocol(tmp_path, reference_run, point, left
     assert same_tensors(out / "final.safetensors", reference_run(*ARGS))
 
 
-RANDOM_ARGS = ("--steps", "80", "--save-every", "1", "--keep-last", "2", "--width", "50000")
+RANDOM_ARGS = ("--steps", "150", "--save-every", "1", "--keep-last", "2", "--width", "50000")
 
 
 def test_kill_at_random_instants(tmp_path: Path, reference_run) -> None:
@@ -81,11 +81,11 @@ def test_kill_at_random_instants(tmp_path: Path, reference_run) -> None:
         )
         first = proc.stdout.readline()
         assert first.startswith("start "), proc.stderr.read()
-        if int(first.split()[1]) >= 70:  # keep steps to run after the last kill
+        if int(first.split()[1]) >= 140:  # keep steps to run after the last kill
             proc.kill()
             proc.wait()
             break
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, 0.25))
         proc.kill()
         proc.communicate()
         kills += 1
