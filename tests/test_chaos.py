@@ -56,7 +56,7 @@ def test_chaos_passes_on_safepoint_train_with_kills_and_sigterm(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ["chaos", "--kills", "2", "--seed", "3", "--signals", "--workdir", str(tmp_path)]
-    # checkpoint-20, not the last one: a rerun after the end trains a step 21 (reported)
+    # a rerun after the end trains nothing, so checkpoint-20 is the last one
     args += ["--compare", "{out}/checkpoint-20/adapter_model.safetensors", "--"]
     args += [PY, "-m", "safepoint", "train", "--max-steps", "20", "--save-every", "5"]
     args += ["--output-dir", "{out}"]

@@ -126,6 +126,9 @@ def train_cmd(ctx: click.Context, config_file: str | None, print_config: bool, *
     callback = _make_callback(cfg, sys.stdout.isatty())
     trainer = build_trainer(p, callback)
     trainer.train(resume_from_checkpoint=p.resume_from)
+    if callback.already_finished is not None:  # the callback said so on stderr
+        _summary(ctx, str(p.output_dir), cfg)
+        return
     if sys.stdout.isatty():
         click.echo("")
     stopped = " (early stopping)" if trainer.state.global_step < trainer.state.max_steps else ""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect as _inspect
+import json
 import logging
 import math
 import os
@@ -127,6 +128,8 @@ class SafepointCallback(TrainerCallback):
         self.checkpointer: Checkpointer | None = None
         self.trainer: Trainer | None = None
         self.resumed_from: CheckpointInfo | None = None
+        self.already_finished: CheckpointInfo | None = None
+        """Set when a rerun found the run already complete and trained nothing."""
         self.last_commit: CheckpointInfo | None = None
         self.last_commit_seconds: float | None = None
         self._pending: str | None = None
@@ -154,6 +157,11 @@ class SafepointCallback(TrainerCallback):
         @functools.wraps(original)
         def train(resume_from_checkpoint: Any = None, *a: Any, **kw: Any) -> Any:
             path = self._begin(trainer.args, resume_from_checkpoint)
+            finished = self._finished(trainer.args)
+            if finished is not None:
+                # The Trainer would run one more step before it checks max_steps.
+                self._end()
+                return finished
             try:
                 return original(path, *a, **kw)
             except Exception as e:  # OOM, data error: save the last step if consistent
@@ -167,6 +175,32 @@ class SafepointCallback(TrainerCallback):
                 self._end()
 
         trainer.train = train  # type: ignore[method-assign]
+
+    def _finished(self, args: Any) -> Any:
+        """A ``TrainOutput`` if the checkpoint resumed from already ends this same run."""
+        info = self.resumed_from
+        if info is None:
+            return None
+        saved = json.loads((info.path / TRAINER_STATE_NAME).read_bytes())
+        same_length = (
+            args.max_steps == saved.get("max_steps")
+            if args.max_steps > 0
+            else float(args.num_train_epochs) == float(saved.get("num_train_epochs", -1))
+        )
+        if not same_length or saved.get("global_step", -1) < saved.get("max_steps", -1):
+            return None
+        from transformers.trainer_utils import TrainOutput
+
+        self.already_finished = info
+        log.warning(
+            "%s already ends this run (step %d of %d): nothing to train; raise max_steps or "
+            "epochs to train longer",
+            info.path,
+            saved["global_step"],
+            saved["max_steps"],
+        )
+        losses = [e["loss"] for e in saved.get("log_history", []) if "loss" in e]
+        return TrainOutput(saved["global_step"], losses[-1] if losses else 0.0, {})
 
     def _directory(self, args: Any) -> Path:
         return self.output_dir if self.output_dir is not None else Path(args.output_dir)
