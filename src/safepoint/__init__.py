@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from safepoint.checkpointer import Checkpointer
 from safepoint.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -21,11 +20,17 @@ from safepoint.retention import RetentionPolicy
 from safepoint.store import CheckpointInfo, latest_checkpoint, verify
 
 if TYPE_CHECKING:
+    from safepoint.checkpointer import Checkpointer
     from safepoint.integrations.hf import SafepointCallback
 
 
 def __getattr__(name: str) -> Any:
-    # The Hugging Face integration imports transformers (slow, optional): load it lazily.
+    # Loaded on first use: the engine imports torch (~1 s) and the Hugging Face
+    # integration transformers (~3 s), which `safepoint ls` and `verify` never need.
+    if name == "Checkpointer":
+        from safepoint.checkpointer import Checkpointer
+
+        return Checkpointer
     if name == "SafepointCallback":
         from safepoint.integrations.hf import SafepointCallback
 

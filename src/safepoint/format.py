@@ -9,6 +9,7 @@ inverse. Nothing here can execute code from a file.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import os
@@ -16,13 +17,17 @@ import re
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 import xxhash
 
 from safepoint.errors import ConfigError, CorruptCheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and numpy are imported inside the functions that handle tensors: `safepoint ls`
+# and `verify` read manifests and hash files only, and importing torch takes ~1 s.
 
 CHECKSUM = "xxh3_128"
 """Checksum of every file. xxh3-128 hashes ~25 GB/s here (sha256 0.6 s/GB, blake2b
@@ -35,28 +40,35 @@ _CHUNK = 64 << 20  # bytes per write/read call: large enough for full disk speed
 # uses a tag as a key, is stored as a list of pairs so that no user data is misread.
 _TAGS = ("__tensor__", "__tuple__", "__dict__", "__ndarray__", "__bytes__", "__dtype__")
 
-_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.complex64: "C64",
-}
-for _name, _code in (
-    ("float8_e4m3fn", "F8_E4M3"),
-    ("float8_e5m2", "F8_E5M2"),
-    ("uint16", "U16"),
-    ("uint32", "U32"),
-    ("uint64", "U64"),
-):
-    if hasattr(torch, _name):
-        _DTYPES[getattr(torch, _name)] = _code
+
+@functools.cache
+def _dtype_codes() -> dict[torch.dtype, str]:
+    """safetensors dtype code of each torch dtype (built on first use: it imports torch)."""
+    import torch
+
+    codes = {
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
+        torch.complex64: "C64",
+    }
+    for name, code in (
+        ("float8_e4m3fn", "F8_E4M3"),
+        ("float8_e5m2", "F8_E5M2"),
+        ("uint16", "U16"),
+        ("uint32", "U32"),
+        ("uint64", "U64"),
+    ):
+        if hasattr(torch, name):
+            codes[getattr(torch, name)] = code
+    return codes
 
 
 def new_hasher() -> Any:
@@ -73,6 +85,9 @@ def encode_tree(obj: Any, *, prefix: str = "") -> tuple[Any, dict[str, torch.Ten
     Tensors that share storage (tied weights) are stored once and referenced twice.
     Raises ``ConfigError`` naming the path of a value that has no pickle-free form.
     """
+    import numpy as np
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
 
@@ -82,7 +97,7 @@ def encode_tree(obj: Any, *, prefix: str = "") -> tuple[Any, dict[str, torch.Ten
                 f"cannot save the {t.layout} tensor at {path!r}: "
                 "convert it with .to_dense() before saving"
             )
-        if t.dtype not in _DTYPES:
+        if t.dtype not in _dtype_codes():
             raise ConfigError(f"cannot save the {t.dtype} tensor at {path!r}: unsupported dtype")
         alias = (
             (
@@ -149,6 +164,8 @@ def encode_tree(obj: Any, *, prefix: str = "") -> tuple[Any, dict[str, torch.Ten
 
 def decode_tree(tree: Any, tensors: Mapping[str, torch.Tensor], *, where: str = "") -> Any:
     """Inverse of ``encode_tree``. Raises ``CorruptCheckpointError`` on a bad tree."""
+    import numpy as np
+    import torch
 
     def dec(x: Any) -> Any:
         if isinstance(x, list):
@@ -217,6 +234,8 @@ def loads_json(data: bytes, *, where: str) -> Any:
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:
+    import torch
+
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -243,7 +262,7 @@ def safetensors_layout(
         t = tensors[name]
         nbytes = t.numel() * t.element_size()
         header[name] = {
-            "dtype": _DTYPES[t.dtype],
+            "dtype": _dtype_codes()[t.dtype],
             "shape": list(t.shape),
             "data_offsets": [offset, offset + nbytes],
         }

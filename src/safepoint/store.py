@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from safepoint.errors import (
     CheckpointNotFoundError,
@@ -34,7 +34,10 @@ from safepoint.errors import (
 )
 from safepoint.format import hash_file, new_hasher, write_all, write_safetensors
 from safepoint.manifest import MANIFEST_NAME, FileEntry, Manifest
-from safepoint.snapshot import Snapshot, TensorFile
+
+if TYPE_CHECKING:
+    # snapshot imports torch; listing and verifying never need it (`safepoint ls` < 0.5 s)
+    from safepoint.snapshot import Snapshot, TensorFile
 
 log = logging.getLogger("safepoint")
 
@@ -270,6 +273,8 @@ def _write_file(
     crash_at: str | None,
     abort: Callable[[], None] | None = None,
 ) -> FileEntry:
+    from safepoint.snapshot import TensorFile  # loaded already: a save holds tensors
+
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         if isinstance(content, TensorFile):

@@ -2,16 +2,54 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
+from typing import Any
 
 import click
 
 from safepoint import __version__
 from safepoint.errors import SafepointError
 
+# Command name -> "module:attribute" in this package. A command's module is imported only
+# when that command runs (or `--help` lists it): `safepoint ls` never imports `train`'s
+# transformers/TRL stack, and no read-only command imports torch (`benchmarks/cli_startup.py`).
+_COMMANDS = {
+    "train": "train:train_cmd",
+    "ls": "inspect_cmds:ls_cmd",
+    "verify": "inspect_cmds:verify_cmd",
+    "prune": "policy_cmds:prune_cmd",
+    "plan": "policy_cmds:plan_cmd",
+    "report": "report:report_cmd",
+    "export": "export:export_cmd",
+    "chaos": "chaos:chaos_cmd",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """A group that imports a command's module on first use (click's lazy-loading pattern)."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            module_name, attr = self.lazy[cmd_name].split(":")
+            module = importlib.import_module(f"{__name__}.{module_name}")
+            self.add_command(getattr(module, attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy=_COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, prog_name="safepoint")
 @click.option("-v", "--verbose", is_flag=True, help="Log every save and decision.")
 def cli(verbose: bool) -> None:
@@ -21,26 +59,6 @@ def cli(verbose: bool) -> None:
         format="safepoint: %(message)s",
         stream=sys.stderr,
     )
-
-
-def _register() -> None:
-    # Imported here so that `safepoint ls` does not pay for importing transformers.
-    from safepoint.cli import inspect_cmds
-
-    for command in inspect_cmds.COMMANDS:
-        cli.add_command(command)
-    for module_name in ("train", "policy_cmds", "report", "chaos", "export"):
-        try:
-            module = __import__(f"safepoint.cli.{module_name}", fromlist=["COMMANDS"])
-        except ModuleNotFoundError as e:
-            if e.name != f"safepoint.cli.{module_name}":
-                raise
-            continue
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> int:
