@@ -124,6 +124,23 @@ def test_plan_table_and_disk_warning(capsys: pytest.CaptureFixture[str]) -> None
     assert "warning: the retention needs" in out  # keeps all 5 checkpoints: 120 GB
 
 
+def test_plan_clamps_to_the_run_length(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("--step-time", "0.4s", "--save-time", "0.1s", "--steps", "93", "--keep-last", "2")
+    r = _plan_json(capsys, *args)
+    optimum = daly_interval(0.1, 24 * 3600)
+    assert r["clamped_from"] == {"interval_s": pytest.approx(optimum), "steps": 328}
+    rec = r["recommended"]
+    assert rec["save_every"] == "93" and rec["steps"] == 93 and rec["saves"] == 1
+    assert rec["interval_s"] == pytest.approx(93 * 0.4)
+    assert main(["plan", *args]) == 0
+    out = capsys.readouterr().out
+    assert "clamped: the Daly optimum is every 328 steps" in out
+    assert "longer than the 93-step run" in out
+    # a run longer than the optimum is not clamped
+    r = _plan_json(capsys, *args[:5], "100000")
+    assert r["clamped_from"] is None and r["recommended"]["steps"] == 328
+
+
 def test_plan_needs_a_save_time(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--step-time", "1s"]) == 2
     assert "--save-time" in capsys.readouterr().err
@@ -143,7 +160,11 @@ def test_plan_from_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture
     assert r["inputs"]["step_time_s"] == pytest.approx(m.step_time)
     assert r["inputs"]["total_steps"] == 12
     assert r["policy"]["keep_last"] == 2
-    assert r["recommended"]["interval_s"] == pytest.approx(optimal_interval(m.stall, 3600)[0])
+    # the optimum (seconds) is far longer than this 12-step run: clamped to the run
+    optimum = optimal_interval(m.stall, 3600)[0]
+    assert r["clamped_from"]["interval_s"] == pytest.approx(optimum)
+    assert r["recommended"]["interval_s"] == pytest.approx(min(optimum, 12 * m.step_time))
+    assert r["recommended"]["save_every"] == "12"
     assert r["current"]["save_every"] == "4"
     assert r["current"]["interval_s"] == pytest.approx(4 * m.step_time)
     saves = math.ceil(12 / r["recommended"]["steps"])

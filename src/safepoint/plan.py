@@ -60,6 +60,20 @@ def optimal_interval(
     return daly, "Daly optimum"
 
 
+def clamp_to_run(
+    interval: float, *, step_time: float | None, total_steps: int | None
+) -> float | None:
+    """The run's length when ``interval`` is longer than the whole run, else None.
+
+    Saving less often than once per run means saving once, at the end: a recommendation
+    of 178 steps for a 93-step run is 93.
+    """
+    if not step_time or not total_steps or step_time <= 0:
+        return None
+    run = total_steps * step_time
+    return run if interval > run else None
+
+
 def overhead_share(interval: float, stall: float) -> float:
     """Share of wall time spent blocked on saves: stall / (interval + stall)."""
     return stall / (interval + stall) if interval + stall > 0 else 0.0

@@ -23,9 +23,11 @@ from safepoint.plan import (
     DEFAULT_MAX_OVERHEAD,
     DEFAULT_MTBF_S,
     Outlook,
+    clamp_to_run,
     measured,
     optimal_interval,
     outlook,
+    steps_for,
 )
 from safepoint.records import RunRecord, read_events
 from safepoint.retention import (
@@ -260,6 +262,11 @@ def make_plan(directory: Path | None, opts: dict[str, Any]) -> dict[str, Any]:
     i, policy, spec = _plan_inputs(directory, opts)
     stall, mtbf, step_time = i["save_time_s"], i["mtbf_s"], i["step_time_s"]
     interval, rule = optimal_interval(stall, mtbf, i["max_overhead"])
+    clamped = None
+    run = clamp_to_run(interval, step_time=step_time, total_steps=i["total_steps"])
+    if run is not None:  # the optimum is longer than the run: save once, at the end
+        clamped = {"interval_s": interval, "steps": steps_for(interval, step_time)}
+        interval = run
     common = {
         "stall": stall,
         "step_time": step_time,
@@ -289,6 +296,7 @@ def make_plan(directory: Path | None, opts: dict[str, Any]) -> dict[str, Any]:
         "inputs": i,
         "policy": asdict(policy),
         "rule": rule,
+        "clamped_from": clamped,
         "recommended": {"save_every": _spec(recommended), **_outlook_json(recommended, free)},
         "current": None
         if current is None
@@ -407,6 +415,12 @@ def _print_plan(r: dict[str, Any]) -> None:
     row("disk needed", format_size, "disk_bytes")
     Console().print(table)
     click.echo(f"recommended by the {r['rule']}; retention: {_policy_text(r['policy'])}")
+    if c := r["clamped_from"]:
+        click.echo(
+            f"clamped: the {r['rule']} is every {c['steps']} steps "
+            f"({format_duration(c['interval_s'])}), longer than the {i['total_steps']}-step "
+            "run; save_every is the run's length (one save, at the end)"
+        )
     if r["fits"] is False:
         click.echo(
             f"warning: the retention needs {format_size(r['recommended']['disk_bytes'])} but "
