@@ -232,9 +232,10 @@ def test_ls_json_and_table(store: Store) -> None:
         check=True,
     )
     rows = json.loads(out.stdout)
+    # ls checks manifests and sizes, not checksums: "complete", never "valid"
     assert [(r["step"], r["status"]) for r in rows] == [
-        (10, "valid"),
-        (20, "valid"),
+        (10, "complete"),
+        (20, "complete"),
         (30, "corrupt"),
     ]
     table = subprocess.run(
