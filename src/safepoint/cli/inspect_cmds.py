@@ -9,12 +9,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from safepoint.cli import policy_cmds
 from safepoint.errors import CheckpointNotFoundError
@@ -22,6 +19,11 @@ from safepoint.records import save_timings
 from safepoint.remote import upload_states
 from safepoint.store import CheckpointInfo, scan, verify
 from safepoint.units import format_duration, format_size
+
+if TYPE_CHECKING:
+    # rich is imported where a table is drawn: `ls --json` and `verify` skip its ~50 ms
+    from rich.console import Console
+    from rich.table import Table
 
 _STYLE = {
     "valid": "green",
@@ -191,6 +193,8 @@ def _ls_columns(
 
 
 def _table(columns: list[_Column]) -> Table:
+    from rich.table import Table
+
     table = Table()
     for c in columns:
         table.add_column(c.header, justify="right" if c.right else "left", no_wrap=True)
@@ -232,11 +236,15 @@ def _fit(columns: list[_Column], width: int | None) -> tuple[list[_Column], Cons
             wider = [c for c in columns if c in shown or c is back]
             if natural(wider) <= width:
                 shown = wider
+    from rich.console import Console
+
     # Never squeezed: piped output and --wide keep their natural width.
     return shown, Console(width=max(natural(shown), width or 0))
 
 
 def _cell_len(markup: str) -> int:
+    from rich.text import Text
+
     return Text.from_markup(markup).cell_len
 
 

@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from safepoint.errors import CheckpointNotFoundError, ConfigError
 from safepoint.lock import RunLock
@@ -199,6 +197,9 @@ def _prune_table(
     *,
     dry_run: bool,
 ) -> list[CheckpointInfo]:
+    from rich.console import Console  # only where a table is drawn: ~50 ms to import
+    from rich.table import Table
+
     why, delete, _ = retention_view(infos, policy, include_foreign=include_foreign)
     table = Table(title=f"{path}{' (dry run)' if dry_run else ''}", title_justify="left")
     for col in ("checkpoint", "status", "size", "action"):
@@ -395,6 +396,9 @@ def _print_plan(r: dict[str, Any]) -> None:
         f"{format_size(i['free_bytes'])} free" if i["free_bytes"] is not None else None,
     ]
     click.echo("inputs: " + ", ".join(k for k in known if k))
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title_justify="left")
     table.add_column("")
     cols = [("recommended", r["recommended"])]
