@@ -227,7 +227,7 @@ class RemoteDir:
     def _fetch(self, src: str, dest: Path) -> tuple[int, str]:
         hasher = new_hasher()
         size = 0
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
             with self.fs.open(src, "rb") as f:
                 while chunk := f.read(8 << 20):

@@ -49,6 +49,8 @@ class TrainingStopped(SafepointError, SystemExit):
     """The run was stopped by a signal; rerun the same command to resume (exit code 3).
 
     Also a ``SystemExit(3)``, so that an uncaught stop ends a plain script with code 3.
+    Its message is logged (a warning on the ``safepoint`` logger) where it is raised, so
+    whoever catches it need not print it again: a planned stop is not an error.
     """
 
     exit_code = STOP_EXIT_CODE
@@ -185,11 +187,13 @@ class SignalGuard:
         self._interrupted = True
         if self.saving:
             raise _SaveInterrupted(sig)
-        raise TrainingStopped(
+        message = (
             f"stopped at once by a second signal ({sig.name}) without an emergency "
             f"checkpoint; rerun the same command to resume from the newest checkpoint in "
             f"{self.where}"
         )
+        log.warning("%s", message)
+        raise TrainingStopped(message)
 
 
 # ------------------------------------------------------------------ RNG at a boundary

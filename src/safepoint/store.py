@@ -275,7 +275,9 @@ def _write_file(
 ) -> FileEntry:
     from safepoint.snapshot import TensorFile  # loaded already: a save holds tensors
 
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    # 0o666 and 0o777 (staging) go through the umask: a checkpoint gets the modes of any
+    # new file and folder, and the rename keeps them (no private temp-file modes).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
         if isinstance(content, TensorFile):
             calls = []
@@ -356,7 +358,7 @@ class Store:
         staging = self.directory / f"{STAGING_PREFIX}{target.name}-{secrets.token_hex(4)}"
         t0 = time.perf_counter()
         try:
-            os.mkdir(staging)
+            os.mkdir(staging, 0o777)
             files = {}
             for i, (name, content) in enumerate(snapshot.files.items()):
                 files[name] = _write_file(

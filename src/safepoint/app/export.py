@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
 import shutil
-import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from safepoint.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
@@ -61,7 +65,10 @@ def export(info: CheckpointInfo, out: Path, *, merge: bool) -> Path:
     src = info.path
     is_adapter = (src / "adapter_config.json").is_file()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    # Not tempfile.mkdtemp: its private 0700 would survive the rename and lock out the
+    # account that serves the model. mkdir's 0o777 goes through the umask, as for any folder.
+    tmp = out.parent / f".{out.name}-{secrets.token_hex(4)}"
+    os.mkdir(tmp, 0o777)
     try:
         base = None
         if is_adapter:
@@ -72,8 +79,9 @@ def export(info: CheckpointInfo, out: Path, *, merge: bool) -> Path:
             _merge(src, base, tmp)
         else:
             for name in _ADAPTER_FILES if is_adapter else _MODEL_FILES:
-                shutil.copy2(src / name, tmp / name)
+                shutil.copyfile(src / name, tmp / name)
         _copy_tokenizer(Path(base) if base else None, tmp)
+        _default_modes(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -82,18 +90,60 @@ def export(info: CheckpointInfo, out: Path, *, merge: bool) -> Path:
     return out
 
 
-def _merge(src: Path, base: str | None, dest: Path) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+def _default_modes(folder: Path) -> None:
+    """Give everything in ``folder`` the mode the umask gives a new file or folder.
 
+    The libraries may write through private temporary files (transformers leaves
+    ``model.safetensors`` at 0600); ``folder`` was made with ``mkdir(0o777)``, so its
+    mode already is ``0o777 & ~umask`` and no process-wide umask call is needed.
+    """
+    dir_mode = folder.stat().st_mode & 0o777
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), dir_mode & 0o666)
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Silence transformers', peft's and the hub's progress bars, notices and warnings
+    (their errors still raise); restore them afterwards."""
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
+
+    bars, hub_bars = hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hub.disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if hub_bars:
+            hub.enable_progress_bars()
+
+
+def _merge(src: Path, base: str | None, dest: Path) -> None:
     if not base:
         raise ConfigError(f"{src}: adapter_config.json names no base model; cannot --merge")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base)
-    except OSError as e:
-        raise ConfigError(f"{src}: cannot load the base model {base} ({e})") from None
-    merged = PeftModel.from_pretrained(model, str(src)).merge_and_unload()
-    merged.save_pretrained(dest)
+    with _quiet_libraries():
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base)
+        except OSError as e:
+            raise ConfigError(f"{src}: cannot load the base model {base} ({e})") from None
+        merged = PeftModel.from_pretrained(model, str(src)).merge_and_unload()
+        merged.save_pretrained(dest)
 
 
 def _copy_tokenizer(base: Path | None, dest: Path) -> None:
@@ -108,4 +158,4 @@ def _copy_tokenizer(base: Path | None, dest: Path) -> None:
         "merges.txt",
     ):
         if (base / name).is_file() and not (dest / name).exists():
-            shutil.copy2(base / name, dest / name)
+            shutil.copyfile(base / name, dest / name)

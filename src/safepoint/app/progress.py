@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
+import sys
 import time
 from typing import Any
 
@@ -13,11 +16,96 @@ from safepoint.store import CheckpointInfo
 from safepoint.units import format_size
 
 _CLEAR_LINE = "\r\x1b[K"  # back to the start of the live progress line and erase it
+_BAR_MIN, _BAR_MAX = 6, 30  # below _BAR_MIN cells a bar says nothing: drop a field instead
 
 
 def bar(step: int, total: int, width: int = 24) -> str:
-    filled = int(width * step / max(total, 1))
+    filled = min(int(width * step / max(total, 1)), width)
     return "#" * filled + "." * (width - filled)
+
+
+def clock(seconds: float | None) -> str:
+    """``MM:SS`` or ``H:MM:SS``, like the Trainer's tqdm bar; ``?`` when unknown."""
+    if seconds is None or seconds != seconds or seconds < 0 or seconds > 360_000:
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def rate_text(steps_per_s: float | None) -> str:
+    """``3.21it/s``, or ``12.5s/it`` for slow steps, as tqdm writes them."""
+    if not steps_per_s:
+        return "?it/s"
+    if steps_per_s >= 1:
+        return f"{steps_per_s:.2f}it/s"
+    return f"{1 / steps_per_s:.2f}s/it"
+
+
+def progress_line(
+    *,
+    step: int,
+    total: int,
+    width: int,
+    loss: float | None = None,
+    elapsed: float | None = None,
+    steps_per_s: float | None = None,
+    next_save: str | None = None,
+    last_save: str | None = None,
+) -> str:
+    """One progress line, at most ``width`` characters.
+
+    ``[####....] 40/200  00:12<00:48  3.21it/s  loss 1.8173  next save 50  last save ...``:
+    the bar shrinks first, then fields go in order of least value (last save, rate,
+    next save, elapsed, loss); ``step/total`` always stays.
+    """
+    left = (total - step) / steps_per_s if steps_per_s and total > step else None
+    if step >= total:
+        left = 0.0
+    # (drop rank: higher goes first, 0 never, text) in display order
+    fields: list[tuple[int, str]] = [(0, f"{step}/{total}")]
+    if elapsed is not None:
+        fields.append((2, f"{clock(elapsed)}<{clock(left)}"))
+    if steps_per_s is not None:
+        fields.append((4, rate_text(steps_per_s)))
+    if loss is not None:
+        fields.append((1, f"loss {loss:.4f}"))
+    if next_save:
+        fields.append((3, f"next save {next_save}"))
+    if last_save:
+        fields.append((5, f"last save {last_save}"))
+    while True:
+        text = "  ".join(t for _, t in fields)
+        room = width - len(text) - 3  # "[", "] "
+        if room >= _BAR_MIN:
+            return f"[{bar(step, total, min(room, _BAR_MAX))}] {text}"
+        if len(fields) == 1:
+            return text[:width]
+        fields.remove(max(fields, key=lambda f: f[0]))
+
+
+def terminal_width() -> int:
+    """Columns of the terminal (``COLUMNS`` or 80 when there is none)."""
+    return shutil.get_terminal_size().columns
+
+
+class _NewLineFirst(logging.Filter):
+    """Starts a message on a new line while the live progress line holds the cursor
+    (a stop signal's lines would otherwise be glued after it, or after ``^C``)."""
+
+    def __init__(self, job: JobCallback) -> None:
+        super().__init__()
+        self.job = job
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.job.line_open:
+            self.job.line_open = False
+            try:
+                sys.stderr.write("\n")
+                sys.stderr.flush()
+            except (OSError, RuntimeError, ValueError):  # closed, or re-entered from a signal
+                pass
+        return True
 
 
 class JobCallback(SafepointCallback):
@@ -30,11 +118,20 @@ class JobCallback(SafepointCallback):
         self.tty = tty
         self.started = time.monotonic()
         self.commits = 0
+        self.line_open = False  # the live line is on screen without its newline
+        self._t0 = self.started
+        self._step0 = 0
+        if tty and sys.stderr.isatty():
+            logging.getLogger("safepoint").addFilter(_NewLineFirst(self))
+
+    def resuming(self, info: CheckpointInfo) -> None:
+        """The header line of ``on_train_begin`` says it (or the finished-run warning)."""
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         super().on_train_begin(args, state, control, **kw)
+        self._t0, self._step0 = time.monotonic(), state.global_step
         where = (
-            f"resuming from {self.resumed_from.path} (step {state.global_step})"
+            f"resuming from {self.resumed_from.path} (step {self.resumed_from.step})"
             if self.resumed_from
             else "starting fresh"
         )
@@ -48,17 +145,40 @@ class JobCallback(SafepointCallback):
         if "loss" not in logs or self.checkpointer is None:
             return
         step, total = state.global_step, state.max_steps
-        interval = self.checkpointer.schedule.step_interval()
-        nxt = f"step {min((step // interval + 1) * interval, total)}" if interval else None
-        last = f"{self.last_commit_seconds:.2f} s" if self.last_commit_seconds else "-"
-        line = (
-            f"[{bar(step, total)}] {step}/{total}  loss {logs['loss']:.4f}  "
-            f"next save {nxt or self.cfg.save_every}  last save {last}"
+        if not self.tty and not (step % 5 == 0 or step == total):
+            return
+        elapsed = time.monotonic() - self._t0
+        done = step - self._step0
+        line = progress_line(
+            step=step,
+            total=total,
+            # A terminal wraps a line that fills its last column: one column spare.
+            width=terminal_width() - (1 if self.tty else 0),
+            loss=logs["loss"],
+            elapsed=elapsed,
+            steps_per_s=done / elapsed if done > 0 and elapsed > 0 else None,
+            next_save=self._next_save(step, total),
+            last_save=self._last_save(),
         )
         if self.tty:
-            click.echo("\r" + line, nl=False)
-        elif step % 5 == 0 or step == total:
+            click.echo(_CLEAR_LINE + line, nl=False)
+            self.line_open = True
+        else:
             click.echo(line)
+
+    def _next_save(self, step: int, total: int) -> str:
+        assert self.checkpointer is not None
+        interval = self.checkpointer.schedule.step_interval()
+        if interval:
+            return str(min((step // interval + 1) * interval, total))
+        return str(self.cfg.save_every)
+
+    def _last_save(self) -> str:
+        if self.last_commit is not None and self.last_commit_seconds is not None:
+            return f"{self.last_commit.step} ({self.last_commit_seconds:.2f} s)"
+        if self.resumed_from is not None:
+            return f"resumed {self.resumed_from.step}"
+        return "-"
 
     def committed(self, info: CheckpointInfo, seconds: float) -> None:
         self.commits += 1
@@ -70,3 +190,4 @@ class JobCallback(SafepointCallback):
             f"{_CLEAR_LINE if self.tty else ''}{what} {info.path} in {seconds:.2f} s"
             f"{size}{'  ' + metrics if metrics else ''}"
         )
+        self.line_open = False

@@ -21,7 +21,8 @@ def export_cmd(directory: str, which: str, out: str, merge: bool, metric: str) -
 
     info = pick(Path(directory), which, metric=metric)
     path = export(info, Path(out), merge=merge)
-    kind = "merged model" if merge else "model"
+    is_adapter = (info.path / "adapter_config.json").is_file()
+    kind = "merged model" if merge and is_adapter else "adapter" if is_adapter else "model"
     click.echo(f"exported {info.path} ({kind}) to {path}")
 
 

@@ -121,11 +121,16 @@ def train_cmd(ctx: click.Context, config_file: str | None, print_config: bool, *
         click.echo(to_yaml(cfg), nl=False)
         return
     from safepoint.app.job import build_trainer, plan
+    from safepoint.signals import TrainingStopped
 
     p = plan(cfg)
     callback = _make_callback(cfg, sys.stdout.isatty())
     trainer = build_trainer(p, callback)
-    trainer.train(resume_from_checkpoint=p.resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=p.resume_from)
+    except TrainingStopped as e:
+        # Its one line was logged where the stop happened; a planned stop is no `Error:`.
+        return e.exit_code
     if callback.already_finished is not None:  # the callback said so on stderr
         _summary(ctx, str(p.output_dir), cfg)
         return

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -193,9 +194,10 @@ class SafepointCallback(TrainerCallback):
 
         self.already_finished = info
         log.warning(
-            "%s already ends this run (step %d of %d): nothing to train; raise max_steps or "
-            "epochs to train longer",
+            "resuming from %s (step %d): it already ends this run (step %d of %d); nothing "
+            "to train; raise max_steps or epochs to train longer",
             info.path,
+            info.step,
             saved["global_step"],
             saved["max_steps"],
         )
@@ -323,6 +325,8 @@ class SafepointCallback(TrainerCallback):
                 f"{info.path}: the Trainer resumed at step {state.global_step}, not {info.step}"
             )
         self._rng = ckpt.ranks.rank_rng(info.path) or read_state_doc(info.path).get("rng")
+        if ckpt.ranks.is_writer:
+            self.resuming(info)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._flush(state)
@@ -398,6 +402,19 @@ class SafepointCallback(TrainerCallback):
 
     def committed(self, info: CheckpointInfo, seconds: float) -> None:
         """Called after each commit with the checkpoint and the training stall in seconds."""
+
+    def resuming(self, info: CheckpointInfo) -> None:
+        """Called once the Trainer has resumed from ``info``: says so.
+
+        Logged at INFO to the ``safepoint`` logger and, when no handler would show that
+        (a plain script's default: Python shows only warnings), also printed to stderr;
+        otherwise a resume looks like a progress bar that jumped. Override to report
+        elsewhere.
+        """
+        message = f"resuming from {info.path} (step {info.step})"
+        log.info("%s", message)
+        if not _shows(log, logging.INFO):
+            print(f"safepoint: {message}", file=sys.stderr, flush=True)
 
     def _require(self) -> Checkpointer:
         if self.checkpointer is None:
@@ -496,6 +513,20 @@ _CHECKPOINTER_OPTIONS = set(_inspect.signature(Checkpointer.__init__).parameters
     "directory",
     "total_steps",
 }
+
+
+def _shows(logger: logging.Logger, level: int) -> bool:
+    """Whether a record of ``level`` on ``logger`` reaches a handler that emits it."""
+    if not logger.isEnabledFor(level):
+        return False
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(level >= h.level for h in current.handlers):
+            return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False  # only logging.lastResort, which shows warnings and above
 
 
 def _trainer_schedule(args: Any) -> str | None:

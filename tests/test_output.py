@@ -1,0 +1,124 @@
+"""What a user sees: one line for a planned stop, the resume named the same way in every
+case (also from ``SafepointCallback`` in a user's own script), a quiet ``export``.
+
+All real processes: ``safepoint train`` on the built-in tiny model, the user script
+``tests/hf_user_train.py``, ``safepoint export``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+USER_SCRIPT = Path(__file__).with_name("hf_user_train.py")
+SHORT = ("--max-steps", "6", "--save-every", "3", "--batch-size", "4")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:  # the tiny model is built once per session
+        mp.setenv("SAFEPOINT_HOME", str(tmp_path_factory.getbasetemp() / "safepoint-home"))
+        yield
+
+
+def safepoint_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "safepoint", *args]
+
+
+def run(argv: list[str], *, code: int = 0) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code, f"exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def train(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run(safepoint_cmd("train", "--output-dir", str(out), *args))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("out") / "run"
+    train(out, *SHORT)
+    return out
+
+
+# ------------------------------------------------------------------------ stop
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_prints_one_line_and_no_error(tmp_path: Path, sig: signal.Signals) -> None:
+    out = tmp_path / "run"
+    argv = safepoint_cmd("train", "--output-dir", str(out), "--max-steps", "500")
+    proc = subprocess.Popen(
+        [*argv, "--save-every", "2", "--batch-size", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint-2").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, "no first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr
+    lines = (stdout + stderr).splitlines()
+    stops = [line for line in lines if "stopped by" in line]
+    assert len(stops) == 1, lines
+    assert f"stopped by {sig.name} at step" in stops[0] and "emergency checkpoint" in stops[0]
+    assert not [line for line in lines if "Error" in line], lines
+
+
+# ---------------------------------------------------------------------- resume
+
+
+def test_a_rerun_names_the_checkpoint_it_resumes_from(finished: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    shutil.rmtree(out / "checkpoint-6")  # as if killed between step 3 and step 6
+    proc = train(out, *SHORT)
+    assert f"resuming from {out / 'checkpoint-3'} (step 3)" in proc.stdout
+
+
+def test_a_rerun_of_a_finished_run_names_it_the_same_way(finished: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    proc = train(out, *SHORT)
+    said = proc.stdout + proc.stderr
+    assert f"resuming from {out / 'checkpoint-6'} (step 6)" in said
+    assert "already ends this run" in said and "Error" not in said
+
+
+def test_the_callback_shows_its_resume_in_a_users_script(tmp_path: Path) -> None:
+    from safepoint.app.tiny import tiny_model_path
+
+    out, model = tmp_path / "run", str(tiny_model_path())
+    user = [sys.executable, str(USER_SCRIPT), str(out), model, "--save-every", "2"]
+    first = run([*user, "--steps", "4"])
+    assert "resuming from" not in first.stderr
+    again = run([*user, "--steps", "4"])  # already complete
+    assert f"resuming from {out / 'checkpoint-4'} (step 4)" in again.stderr
+    longer = run([*user, "--steps", "6"])
+    assert f"safepoint: resuming from {out / 'checkpoint-4'} (step 4)" in longer.stderr
+
+
+# ---------------------------------------------------------------------- export
+
+
+def test_export_prints_only_its_own_line(finished: Path, tmp_path: Path) -> None:
+    export = safepoint_cmd("export", str(finished), "--checkpoint")
+    merged = run([*export, "latest", "--out", str(tmp_path / "m"), "--merge"])
+    assert merged.stderr == ""
+    assert merged.stdout.splitlines() == [
+        f"exported {finished / 'checkpoint-6'} (merged model) to {tmp_path / 'm'}"
+    ]
+    adapter = run([*export, "6", "--out", str(tmp_path / "a")])
+    assert adapter.stderr == ""
+    assert "(adapter)" in adapter.stdout and (tmp_path / "a/adapter_model.safetensors").is_file()
