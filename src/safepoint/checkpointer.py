@@ -74,7 +74,8 @@ def prepare_directory(directory: Path) -> None:
         ) from e
     probe = directory / f".safepoint-write-test-{os.getpid()}"
     try:
-        probe.write_bytes(b"")
+        # O_EXCL: never write through a link or file planted under this name
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         probe.unlink()
     except OSError as e:
         raise ConfigError(
@@ -220,14 +221,27 @@ class Checkpointer:
             progress = self._load(info, state)
             return self._resumed(info, progress)
         failed: dict[str, str] = {}
+        misfit: IncompatibleCheckpointError | None = None
         for info in newest_first(self.directory, deep=self.verify_on_resume):
             try:
                 progress = self._load(info, state)
             except CorruptCheckpointError as e:
-                log.warning("skipping %s: %s", info.path, e)
+                log.warning("skipping %s: %s; trying the next older checkpoint", info.path, e)
                 failed[info.name] = str(e)
                 continue
+            except IncompatibleCheckpointError as e:
+                if self._other_config(info):
+                    raise
+                # It does not fit the live objects (kinds, keys, shapes): an older one may
+                # (this one damaged or tampered with). If none fits, the first reason is
+                # raised: training from scratch would hide a changed model.
+                log.warning("skipping %s: %s; trying the next older checkpoint", info.path, e)
+                failed[info.name] = str(e)
+                misfit = misfit or e
+                continue
             return self._resumed(info, progress, failed)
+        if misfit is not None:
+            raise misfit
         return None
 
     def _explicit(self, checkpoint: str | os.PathLike[str] | int) -> CheckpointInfo:
@@ -252,15 +266,19 @@ class Checkpointer:
             )
         return info
 
+    def _other_config(self, info: CheckpointInfo) -> bool:
+        theirs = info.manifest.fingerprint if info.manifest else None
+        return bool(self.fingerprint and theirs and theirs != self.fingerprint)
+
     def _load(self, info: CheckpointInfo, state: MutableMapping[str, Any]) -> dict[str, Any]:
         theirs = info.manifest.fingerprint if info.manifest else None
-        if self.fingerprint and theirs and theirs != self.fingerprint:
+        if self._other_config(info):
             raise IncompatibleCheckpointError(
                 f"{info.path} was written by another configuration (fingerprint {theirs}, "
                 f"this run {self.fingerprint}); use the same configuration or another "
                 "output directory"
             )
-        progress = apply(info.path, state, rng=self.save_rng)
+        progress = apply(info.path, state, rng=self.save_rng, manifest=info.manifest)
         self.ranks.restore_rank_rng(info.path, rng=self.save_rng)
         return progress
 
@@ -473,6 +491,7 @@ class Checkpointer:
         # ``timing`` (async) was measured in the training thread when the save started.
         reason = snapshot.reason
         try:
+            self._lock.check()  # safepoint.lock deleted under us: still the only writer?
             info = self._store_commit(
                 snapshot,
                 versions=library_versions(),

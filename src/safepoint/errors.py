@@ -47,6 +47,13 @@ class RunLockedError(SafepointError, BlockingIOError):
     exit_code = 2
 
 
+class UnsafeFileError(SafepointError, OSError):
+    """A file safepoint reads or writes in the output directory is a symlink, a FIFO or
+    another special file: it is refused rather than followed."""
+
+    exit_code = 2
+
+
 class SaveFailedError(SafepointError, OSError):
     """Writing or committing a checkpoint failed; the previous checkpoints are intact."""
 

@@ -9,14 +9,15 @@ inverse. Nothing here can execute code from a file.
 from __future__ import annotations
 
 import base64
+import errno
 import functools
 import json
 import math
 import os
 import re
+import stat
 import struct
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -222,12 +223,176 @@ def dumps_json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
+MAX_JSON_DEPTH = 64
+"""Deepest nesting accepted in any JSON document of a checkpoint. Ours nest at most ~10
+levels (an optimizer's state); a hostile 900-deep document would otherwise overflow the
+recursive decoders (RecursionError) long after parsing succeeded."""
+
+MAX_JSON_INT = 2**64
+"""Largest magnitude of an integer in a checkpoint's JSON (steps, sizes, RNG words)."""
+
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def json_depth(data: bytes) -> int:
+    """Deepest nesting of ``[``/``{`` in JSON text (strings skipped), scanned in C."""
+    depth = deepest = 0
+    for m in _JSON_TOKENS.finditer(data):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _bounded_int(text: str) -> int:
+    # len first: int() of a 4000-digit string is slow and then refused anyway
+    if len(text) > 21 or abs(value := int(text)) >= MAX_JSON_INT:
+        raise ValueError(f"integer {text[:24]}... is out of range")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:24]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def loads_json(data: bytes, *, where: str) -> Any:
-    """Parse JSON, turning any failure into ``CorruptCheckpointError``."""
+    """Parse JSON, turning any failure into ``CorruptCheckpointError``.
+
+    Bounded: nesting at most ``MAX_JSON_DEPTH``, integers below ``MAX_JSON_INT`` in
+    magnitude, floats finite (no ``NaN``/``Infinity``, no ``1e400``), so that no value
+    read from a checkpoint can overflow or recurse later.
+    """
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise CorruptCheckpointError(
+            f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels; refusing to read it"
+        )
     try:
-        return json.loads(data)
+        return json.loads(
+            data,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+            parse_constant=_no_constant,
+        )
     except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{where}: not valid JSON ({e})") from e
+
+
+# ------------------------------------------------------------------- reading files
+
+
+def open_regular(
+    path: str | os.PathLike[str],
+    *,
+    flags: int = os.O_RDONLY,
+    mode: int = 0o644,
+    size: int | None = None,
+    max_size: int | None = None,
+    error: type[Exception] = CorruptCheckpointError,
+) -> tuple[int, os.stat_result]:
+    """Open ``path`` as a regular file and return (fd, fstat of the open fd).
+
+    Never follows a symlink (``O_NOFOLLOW``), never blocks on a FIFO (``O_NONBLOCK`` for
+    the open, cleared after), and checks what was opened, not what a path pointed to a
+    moment before: the fd must be a regular file, of ``size`` bytes if given, at most
+    ``max_size`` if given. Any other outcome raises ``error`` naming the file and the
+    problem; the caller owns the returned fd.
+    """
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise error(
+                f"{os.fsdecode(path)} is a symlink; safepoint never follows links here: "
+                "remove it (or replace it with the real file)"
+            ) from None
+        if e.errno == errno.ENXIO:  # write-only open of a FIFO nobody reads
+            raise error(f"{os.fsdecode(path)} is a FIFO, not a regular file: remove it") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        problem = None
+        if not stat.S_ISREG(st.st_mode):
+            problem = f"is a {_kind(st.st_mode)}, not a regular file: remove it"
+        elif size is not None and st.st_size != size:
+            problem = f"has {st.st_size} bytes, {size} expected"
+        elif max_size is not None and st.st_size > max_size:
+            problem = f"has {st.st_size} bytes, more than the {max_size} a sane one has"
+        if problem:
+            raise error(f"{os.fsdecode(path)} {problem}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISLNK, "symlink"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def read_regular(
+    path: str | os.PathLike[str],
+    *,
+    size: int | None = None,
+    max_size: int | None = None,
+    checksum: str | None = None,
+) -> bytearray:
+    """The whole content of a regular file inside a checkpoint, read from one fd.
+
+    ``size``/``max_size`` are checked on the open fd before reading (a FIFO, a link to
+    ``/dev/zero`` or a huge file is refused, not read); with ``checksum`` the very bytes
+    returned are hashed, so what is loaded is what was verified. Reading by fd also works
+    for paths that are not valid UTF-8. Raises ``CorruptCheckpointError``.
+    """
+    where = os.fsdecode(path)
+    try:
+        fd, st = open_regular(path, size=size, max_size=max_size)
+    except OSError as e:
+        raise CorruptCheckpointError(f"{where}: cannot open ({e.strerror})") from e
+    buf = bytearray(st.st_size)
+    view = memoryview(buf)
+    hasher = new_hasher() if checksum is not None else None
+    got = 0
+    try:
+        while got < len(buf):
+            n = os.readv(fd, [view[got : got + _CHUNK]])
+            if n == 0:
+                break
+            if hasher is not None:
+                hasher.update(view[got : got + n])
+            got += n
+    except OSError as e:
+        raise CorruptCheckpointError(f"{where}: cannot read ({e.strerror})") from e
+    finally:
+        view.release()
+        os.close(fd)
+    if got != len(buf):
+        raise CorruptCheckpointError(f"{where}: shrank while being read ({got} of {len(buf)})")
+    if hasher is not None and hasher.hexdigest() != checksum:
+        raise CorruptCheckpointError(
+            f"{where}: checksum expected {checksum}, found {hasher.hexdigest()}"
+        )
+    return buf
 
 
 # ------------------------------------------------------------------------ safetensors
@@ -313,24 +478,108 @@ def write_all(fd: int, data: memoryview) -> None:
         data = data[n:]
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a safetensors file (tensors and metadata) with the safetensors library."""
-    from safetensors import SafetensorError, safe_open
+def read_safetensors(
+    path: str | os.PathLike[str], *, size: int | None = None, checksum: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file (tensors and metadata): ``read_regular`` then
+    ``parse_safetensors``. Raises ``CorruptCheckpointError``."""
+    return parse_safetensors(
+        read_regular(path, size=size, checksum=checksum), where=os.fsdecode(path)
+    )
 
+
+_MAX_HEADER = 100 << 20  # the safetensors library's own limit
+
+
+def parse_safetensors(
+    buf: bytearray, *, where: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors of a safetensors file held in ``buf``, as views of ``buf`` (no copy).
+
+    Parsed here rather than by the safetensors library because the library opens files
+    by ``str`` path (a folder whose name is not UTF-8 could never be read) and would
+    read the file a second time after it was hashed. Stricter than the library: the
+    header is bounded JSON, every tensor has a known dtype, a shape whose byte size is
+    its span, spans tile the data exactly with no gap or overlap, and each span is
+    aligned for its dtype (our writer always aligns). Raises ``CorruptCheckpointError``.
+    """
+    import torch
+
+    def bad(problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{where}: not a readable safetensors file ({problem})")
+
+    if len(buf) < 8:
+        raise bad("shorter than its 8-byte header length")
+    (hlen,) = struct.unpack_from("<Q", buf, 0)
+    if hlen > min(len(buf) - 8, _MAX_HEADER):
+        raise bad(f"header length {hlen} is past the end of the file")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CorruptCheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        header = loads_json(bytes(buf[8 : 8 + hlen]), where=where)
+    except CorruptCheckpointError as e:
+        raise bad(f"header: {e.__cause__ or e}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("__metadata__ is not an object of strings")
+    dtypes = {code: dtype for dtype, code in _dtype_codes().items()}
+    start, spans = 8 + hlen, []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise bad(f"entry {name!r} is not an object")
+        dtype = dtypes.get(entry.get("dtype"))  # type: ignore[arg-type]
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if dtype is None:
+            raise bad(f"{name!r} has an unknown dtype {entry.get('dtype')!r}")
+        if not _ints(shape) or not _ints(offsets) or len(offsets) != 2:
+            raise bad(f"{name!r} has a malformed shape or data_offsets")
+        begin, end = offsets
+        itemsize = dtype.itemsize
+        if math.prod(shape) * itemsize != end - begin or (start + begin) % itemsize:
+            raise bad(f"{name!r}: shape {shape} does not match data_offsets {offsets}")
+        spans.append((begin, end, name, dtype, shape))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    position = 0
+    for begin, end, name, *_ in spans:
+        if begin != position:
+            raise bad(f"{name!r} overlaps another tensor or leaves a gap")
+        position = end
+    if start + position != len(buf):
+        raise bad(f"tensor data ends at byte {start + position}, the file at {len(buf)}")
+    tensors = {}
+    for begin, end, name, dtype, shape in spans:
+        if end == begin:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        t = torch.frombuffer(
+            buf, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin
+        ).view(shape)
+        if (
+            dtype == torch.bool
+            and torch.frombuffer(
+                buf, dtype=torch.uint8, count=end - begin, offset=start + begin
+            ).max()
+            > 1
+        ):
+            raise bad(f"{name!r}: a bool tensor holds values other than 0 and 1")
+        tensors[name] = t
+    return tensors, meta
 
 
-def hash_file(path: Path, *, buffer_size: int = 8 << 20) -> tuple[int, str]:
-    """(size, checksum) of a regular file, read in chunks; a symlink is refused."""
+def _ints(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
+
+
+def hash_file(path: str | os.PathLike[str], *, buffer_size: int = 8 << 20) -> tuple[int, str]:
+    """(size, checksum) of a regular file, read in chunks. A symlink, a FIFO or any other
+    special file is refused with ``CorruptCheckpointError`` (never followed, never
+    blocked on); other failures raise ``OSError``."""
     hasher = new_hasher()
     size = 0
     view = memoryview(bytearray(buffer_size))
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    fd, _ = open_regular(path)
     with os.fdopen(fd, "rb", buffering=0) as f:
         while n := f.readinto(view):
             hasher.update(view[:n])

@@ -1,30 +1,55 @@
 """The run lock: one live process per output directory.
 
-An advisory ``flock`` on ``safepoint.lock``. The kernel drops it when the holder dies,
-however it dies, so a lock left by a killed run never blocks the rerun; the file's
-content (pid, host, start time) only serves the message to whoever is refused.
+An advisory ``flock`` on the output directory itself and on ``safepoint.lock`` in it.
+The kernel drops both when the holder dies, however it dies, so a lock left by a killed
+run never blocks the rerun; the file's content (pid, host, start time) only serves the
+message to whoever is refused.
+
+Why the directory too: a lock on a file protects only while the file stays. With
+``safepoint.lock`` deleted under a live run (``rm``, a cleanup script), a second run
+would create a new file, lock it, and both would commit and prune in one folder. The
+directory cannot be deleted under a run without deleting the run, so its lock is the
+one that excludes. The file lock is kept for safepoint versions that lock only the file,
+and is checked by inode after ``flock`` (a file unlinked between our ``open`` and our
+``flock`` is retried), and again by the live run before each commit (``check``): a
+deleted file is re-created so that the next refused run can still say who holds the
+directory. Where a file system cannot lock directories (some network file systems),
+the file lock alone is used, and ``check`` then refuses to commit if another process
+locked a new file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
 from pathlib import Path
 
-from safepoint.errors import RunLockedError
+from safepoint.errors import RunLockedError, UnsafeFileError
+from safepoint.format import open_regular
+
+log = logging.getLogger("safepoint")
 
 LOCK_NAME = "safepoint.lock"
+_RETRIES = 20  # a file swapped between our open and flock every time is an attack: stop
 
 
 class RunLock:
-    """Exclusive lock of ``directory``; ``acquire`` raises ``RunLockedError`` if held."""
+    """Exclusive lock of ``directory``; ``acquire`` raises ``RunLockedError`` if held.
+
+    Raises ``UnsafeFileError`` if ``safepoint.lock`` is a symlink, a FIFO or another
+    non-regular file: it is never followed nor written through."""
 
     def __init__(self, directory: Path) -> None:
-        self.path = Path(directory) / LOCK_NAME
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
         self._fd: int | None = None
+        self._dir_fd: int | None = None
 
     @property
     def held(self) -> bool:
@@ -33,35 +58,99 @@ class RunLock:
     def acquire(self) -> None:
         if self._fd is not None:
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        dir_fd = self._lock_directory()
+        try:
+            self._fd = self._lock_file()
+        except BaseException:
+            if dir_fd is not None:
+                os.close(dir_fd)
+            raise
+        self._dir_fd = dir_fd
+
+    def _lock_directory(self) -> int | None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _describe(fd)
             os.close(fd)
-            raise RunLockedError(
-                f"{self.path.parent}: another run holds the lock ({holder}); wait for it to "
-                "finish or stop it, or use another --output-dir"
-            ) from None
-        except BaseException:
+            raise RunLockedError(self._refusal()) from None
+        except OSError as e:
             os.close(fd)
+            if e.errno in (errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
+                return None  # no directory locks here: the file lock alone decides
             raise
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.time(),
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
-        self._fd = fd
+        return fd
+
+    def _lock_file(self) -> int:
+        """Open, lock and fill ``safepoint.lock``; the fd returned is the file at the path."""
+        for _ in range(_RETRIES):
+            fd, _ = open_regular(self.path, flags=os.O_RDWR | os.O_CREAT, error=UnsafeFileError)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunLockedError(self._refusal()) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._is_path(fd):
+                info = {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.time(),
+                    "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
+                return fd
+            os.close(fd)  # unlinked or replaced after our open: lock what is there now
+        raise RunLockedError(
+            f"{self.path} keeps being replaced while safepoint locks it; stop whatever "
+            "rewrites it, or use another output directory"
+        )
+
+    def _is_path(self, fd: int) -> bool:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def _refusal(self) -> str:
+        return (
+            f"{self.directory}: another run holds the lock ({_holder(self.path)}); wait for "
+            "it to finish or stop it, or use another --output-dir"
+        )
+
+    def check(self) -> None:
+        """Before a commit: raise ``RunLockedError`` unless this run still excludes all
+        others. Re-creates ``safepoint.lock`` if it was deleted or replaced."""
+        if self._fd is None or self._is_path(self._fd):
+            return
+        log.warning("%s was deleted or replaced while this run held it; re-creating it", self.path)
+        try:
+            fd = self._lock_file()
+        except (RunLockedError, OSError) as e:
+            if self._dir_fd is not None:  # the directory lock still excludes every run
+                log.warning("cannot re-create %s (%s); the run goes on", self.path, e)
+                return
+            raise RunLockedError(
+                f"{self.directory}: {LOCK_NAME} was removed under this run and another "
+                f"process now holds the directory ({e}); this run stops saving here"
+            ) from e
+        old, self._fd = self._fd, fd
+        os.close(old)
 
     def release(self) -> None:
         # The file stays: unlinking a lock file races with a process that just opened it.
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        for name in ("_fd", "_dir_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -69,6 +158,18 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock, from the lock file (never followed, never blocked on)."""
+    try:
+        fd, _ = open_regular(path, max_size=1 << 16, error=UnsafeFileError)
+    except OSError:
+        return "holder unknown"
+    try:
+        return _describe(fd)
+    finally:
+        os.close(fd)
 
 
 def _describe(fd: int) -> str:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from safepoint.format import CHECKSUM, dumps_json, is_safe_name, loads_json, new_hasher
+from safepoint.schema import SchemaError, is_int, is_number, require
 
 MANIFEST_NAME = "safepoint.json"
 FORMAT_NAME = "safepoint"
@@ -78,7 +80,9 @@ class Manifest:
                 f"{where}: not a safepoint manifest (format={body.get('format')!r})"
             )
         version = body.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not is_int(version, 1, 2**31):
+            raise CorruptCheckpointError(f"{where}: manifest version {version!r} is not a version")
+        if version > FORMAT_VERSION:
             raise IncompatibleCheckpointError(
                 f"{where}: manifest format version {version!r} is newer than this safepoint "
                 f"reads ({FORMAT_VERSION}); upgrade safepoint"
@@ -91,43 +95,118 @@ class Manifest:
                 f"{where}: unknown checksum {body.get('checksum')!r}; upgrade safepoint"
             )
         try:
-            files = {}
-            for name, entry in dict(body["files"]).items():
-                if not is_safe_name(name) or name == MANIFEST_NAME:
-                    raise CorruptCheckpointError(
-                        f"{where}: manifest lists {name!r}, which is not a plain file name "
-                        "inside the checkpoint; refusing to read it"
-                    )
-                size, digest = entry["size"], entry[CHECKSUM]
-                if not isinstance(size, int) or size < 0 or not isinstance(digest, str):
-                    raise TypeError(f"bad entry for {name!r}")
-                files[name] = FileEntry(size, digest)
-            step = body["step"]
-            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-                raise TypeError(f"bad step {step!r}")
-            return cls(
-                step=step,
-                files=files,
-                created=float(body.get("created", 0.0)),
-                reason=str(body.get("reason", "step")),
-                metrics=_metrics(body.get("metrics") or {}),
-                fingerprint=body.get("fingerprint"),
-                versions={str(k): str(v) for k, v in dict(body.get("versions") or {}).items()},
-                info=dict(body.get("info") or {}),
+            return cls._checked(body, where)
+        except SchemaError as e:
+            raise CorruptCheckpointError(f"{where}: {e}") from None
+
+    @classmethod
+    def _checked(cls, body: dict[str, Any], where: str) -> Manifest:
+        # Every field a reader uses is bounded here, so that `ls`, retention and restore
+        # never meet a value that overflows (a created time of 1e300, a metric of
+        # 10**400 is already refused by loads_json) or has the wrong type.
+        raw_files = body.get("files")
+        require(isinstance(raw_files, dict), "files", type(raw_files).__name__, "an object")
+        files = {}
+        for name, entry in raw_files.items():
+            if not is_safe_name(name) or name == MANIFEST_NAME:
+                raise CorruptCheckpointError(
+                    f"{where}: manifest lists {name!r}, which is not a plain file name "
+                    "inside the checkpoint; refusing to read it"
+                )
+            require(isinstance(entry, dict), f"files.{name}", entry, "an object")
+            size, digest = entry.get("size"), entry.get(CHECKSUM)
+            require(is_int(size, 0, 2**63), f"files.{name}.size", size, "a byte count")
+            require(
+                isinstance(digest, str) and _HEX32.fullmatch(digest) is not None,
+                f"files.{name}.{CHECKSUM}",
+                digest,
+                "32 hex digits",
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            if isinstance(e, CorruptCheckpointError):
-                raise
-            raise CorruptCheckpointError(f"{where}: malformed manifest ({e})") from e
+            files[name] = FileEntry(size, digest)
+        step = body.get("step")
+        require(is_int(step, 0, 10**18), "step", step, "a step number")
+        created = body.get("created", 0.0)
+        require(is_number(created, 0, _MAX_TIME), "created", created, "a Unix time")
+        reason = body.get("reason", "step")
+        require(isinstance(reason, str) and len(reason) <= 200, "reason", reason, "a short text")
+        metrics = body.get("metrics") or {}
+        require(isinstance(metrics, dict), "metrics", metrics, "an object")
+        for k, v in metrics.items():
+            require(is_number(v, -_MAX_FLOAT, _MAX_FLOAT), f"metrics.{k}", v, "a finite number")
+        fingerprint = body.get("fingerprint")
+        require(
+            fingerprint is None or isinstance(fingerprint, str),
+            "fingerprint",
+            fingerprint,
+            "a string",
+        )
+        versions = body.get("versions") or {}
+        require(
+            isinstance(versions, dict) and all(isinstance(v, str) for v in versions.values()),
+            "versions",
+            versions,
+            "an object of strings",
+        )
+        info = body.get("info") or {}
+        require(isinstance(info, dict), "info", info, "an object")
+        _check_info(info)
+        return cls(
+            step=step,
+            files=files,
+            created=float(created),
+            reason=reason,
+            metrics={k: float(v) for k, v in metrics.items()},
+            fingerprint=fingerprint,
+            versions=dict(versions),
+            info=info,
+        )
+
+
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_MAX_TIME = 1e11  # seconds since 1970: the year 5138
+_MAX_FLOAT = 1.7976931348623157e308
+
+# info fields that `ls`, `report` and `plan` read as numbers
+_INFO_NUMBERS = ("write_s", "stall_s", "snapshot_s", "wait_s", "bytes")
+# the stored retention policy (retention.policy_to_json): `ls` and `prune` rebuild it
+_POLICY_INTS = {"keep_last": 1, "keep_best": 0, "keep_every": 1, "max_bytes": 1}
+
+
+def _check_info(info: dict[str, Any]) -> None:
+    for k in _INFO_NUMBERS:
+        if k in info:
+            require(is_number(info[k], 0, _MAX_FLOAT), f"info.{k}", info[k], "a number >= 0")
+    policy = info.get("policy")
+    if policy is None:
+        return
+    require(isinstance(policy, dict), "info.policy", policy, "an object")
+    for k, lo in _POLICY_INTS.items():
+        v = policy.get(k)
+        require(
+            (v is None and k != "keep_best") or k not in policy or is_int(v, lo, 2**63),
+            f"info.policy.{k}",
+            v,
+            f"an integer >= {lo}" + (" or null" if k != "keep_best" else ""),
+        )
+    if "mode" in policy:
+        require(policy["mode"] in ("min", "max"), "info.policy.mode", policy["mode"], "min/max")
+    if "metric" in policy:
+        require(isinstance(policy["metric"], str), "info.policy.metric", policy["metric"], "text")
 
 
 def _metrics(raw: Any) -> dict[str, float]:
-    """Finite numbers only: a NaN loss is not a metric retention can rank."""
-    return {
-        str(k): float(v)
-        for k, v in dict(raw).items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    }
+    """Finite numbers only: a NaN loss is not a metric retention can rank (nor is a number
+    too large for a float)."""
+    out = {}
+    for k, v in dict(raw).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            try:
+                f = float(v)
+            except OverflowError:
+                continue
+            if math.isfinite(f):
+                out[str(k)] = f
+    return out
 
 
 def _self_checksum(body: dict[str, Any]) -> str:

@@ -37,7 +37,10 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from safepoint.errors import CorruptCheckpointError, UnsafeFileError
+from safepoint.format import loads_json, open_regular
 
 log = logging.getLogger("safepoint")
 
@@ -76,7 +79,9 @@ class RunRecord:
             + "\n"
         )
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd, _ = open_regular(
+                self.path, flags=os.O_WRONLY | os.O_APPEND | os.O_CREAT, error=UnsafeFileError
+            )
             try:
                 if not self._tail_checked:
                     # A crash may have torn the last line: start ours on a fresh line so
@@ -92,14 +97,21 @@ class RunRecord:
                 log.warning(
                     "cannot append to the run record %s (%s); training goes on",
                     self.path,
-                    e.strerror,
+                    e.strerror or e,
                 )
             self._failed = True
 
 
+def _open_record(path: Path) -> BinaryIO:
+    """The run record for reading: a regular file, never a symlink or FIFO followed or
+    blocked on (``UnsafeFileError`` says which file and to remove it)."""
+    fd, _ = open_regular(path, error=UnsafeFileError)
+    return os.fdopen(fd, "rb")
+
+
 def _ends_torn(path: Path) -> bool:
     try:
-        with open(path, "rb") as f:
+        with _open_record(path) as f:
             f.seek(0, os.SEEK_END)
             if f.tell() == 0:
                 return False
@@ -113,18 +125,26 @@ def read_events(directory: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     """The events of a run record, in order; torn or garbled lines are skipped."""
     path = Path(directory) / RECORD_NAME
     try:
-        with open(path, "rb") as f:
-            for raw in f:
-                if (event := _parse(raw)) is not None:
-                    yield event
+        f = _open_record(path)
     except FileNotFoundError:
         return
+    with f:
+        # up to the size the file had when opened: a file appended to forever (or grown
+        # by a writer while we read) still ends; a line longer than _MAX_LINE is garbage
+        left = os.fstat(f.fileno()).st_size
+        while left > 0 and (raw := f.readline(min(left, _MAX_LINE))):
+            left -= len(raw)
+            if (event := _parse(raw)) is not None:
+                yield event
+
+
+_MAX_LINE = 1 << 20
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
     try:
-        event = json.loads(raw)
-    except ValueError:
+        event = loads_json(raw, where=RECORD_NAME)  # bounded depth and numbers
+    except CorruptCheckpointError:
         return None
     return event if isinstance(event, dict) and "event" in event else None
 
@@ -136,7 +156,7 @@ def last_reached_step(directory: str | os.PathLike[str]) -> int | None:
     path = Path(directory) / RECORD_NAME
     reached: int | None = None
     try:
-        with open(path, "rb") as f:
+        with _open_record(path) as f:
             pos = f.seek(0, os.SEEK_END)
             head = b""  # the first, maybe partial, line of the block read last
             while pos > 0:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from safepoint.errors import CorruptCheckpointError
+from safepoint.schema import SchemaError, check_rng
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -41,9 +42,14 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of ``capture_rng``. CUDA states are restored when the device count matches."""
-    if not isinstance(state, dict):
-        raise CorruptCheckpointError(f"RNG state is malformed (a {type(state).__name__})")
+    """Inverse of ``capture_rng``. CUDA states are restored when the device count matches.
+
+    The whole state is checked first (``schema.check_rng``: word counts and ranges), so a
+    bad one raises ``CorruptCheckpointError`` with every generator untouched."""
+    try:
+        check_rng(state)
+    except SchemaError as e:
+        raise CorruptCheckpointError(f"RNG state is malformed: {e}") from None
     try:
         py = state["python"]
         random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
@@ -58,7 +64,7 @@ def restore_rng(state: dict[str, Any]) -> None:
             )
         )
         torch.set_rng_state(_unb64(state["torch"]))
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise CorruptCheckpointError(f"RNG state is malformed ({e})") from e
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():

@@ -32,7 +32,7 @@ from safepoint.errors import (
     SafepointError,
     SaveFailedError,
 )
-from safepoint.format import hash_file, new_hasher, write_all, write_safetensors
+from safepoint.format import hash_file, new_hasher, read_regular, write_all, write_safetensors
 from safepoint.manifest import MANIFEST_NAME, FileEntry, Manifest
 
 if TYPE_CHECKING:
@@ -111,9 +111,11 @@ def checkpoint_step(name: str) -> int | None:
 def inspect(path: str | os.PathLike[str], *, deep: bool = False) -> CheckpointInfo:
     """Decide what the folder ``path`` is: the single source of truth for validity.
 
-    Shallow: the manifest parses, matches the folder's step and every file it lists is
-    a regular file of the recorded size. ``deep`` also re-hashes every file. Never reads
-    anything that is not a plain file directly inside ``path``.
+    Shallow: the manifest and ``state.json`` parse and pass their schemas, the manifest
+    matches the folder's step, every file it lists is a regular file of the recorded
+    size, and nothing under ``path`` is a symlink or special file. ``deep`` also
+    re-hashes every file. Opens only files the manifest lists (and the manifest), each
+    with ``O_NOFOLLOW`` and checked on the open fd; never follows a link, never blocks.
     """
     path = Path(path)
     step = checkpoint_step(path.name)
@@ -145,15 +147,15 @@ def inspect(path: str | os.PathLike[str], *, deep: bool = False) -> CheckpointIn
         return CheckpointInfo(path, step, "corrupt", ("is not a folder",))
     mpath = path / MANIFEST_NAME
     try:
-        mst = mpath.lstat()
+        mpath.lstat()
     except FileNotFoundError:
         if (path / "trainer_state.json").exists():
             return bad("foreign", "written by another tool (no safepoint.json)")
         return bad("incomplete", "no safepoint.json: never committed")
-    if not stat.S_ISREG(mst.st_mode) or mst.st_size > _MAX_MANIFEST_BYTES:
-        return bad("corrupt", "safepoint.json is not a regular file of sane size")
     try:
-        manifest = Manifest.from_json(mpath.read_bytes(), where=str(mpath))
+        manifest = Manifest.from_json(
+            bytes(read_regular(mpath, max_size=_MAX_MANIFEST_BYTES)), where=str(mpath)
+        )
     except IncompatibleCheckpointError as e:
         return bad("foreign", str(e))
     except (CorruptCheckpointError, OSError) as e:
@@ -162,11 +164,16 @@ def inspect(path: str | os.PathLike[str], *, deep: bool = False) -> CheckpointIn
         return bad(
             "corrupt", f"manifest says step {manifest.step}, folder says {step}", manifest=manifest
         )
-    problems = [
+    # A link anywhere inside is refused even if unlisted: nothing in a checkpoint may
+    # point out of it, and a tool that copies or exports the folder would follow it.
+    problems = _special_files(path)
+    problems += [
         p
         for name, entry in manifest.files.items()
         if (p := _check_file(path / name, entry, deep=deep))
     ]
+    if not problems:
+        problems += _check_state(path, manifest, deep=deep)
     listed = set(manifest.files) | {MANIFEST_NAME}
     try:
         extra = tuple(sorted(n for n in os.listdir(path) if n not in listed))
@@ -177,6 +184,49 @@ def inspect(path: str | os.PathLike[str], *, deep: bool = False) -> CheckpointIn
     return CheckpointInfo(
         path, step, status, tuple(problems), manifest, manifest.total_bytes, extra
     )
+
+
+def _check_state(path: Path, manifest: Manifest, *, deep: bool) -> list[str]:
+    """Problems of ``state.json``: listed, readable, and valid against its schema, so
+    that a checkpoint resume would fail on is ``corrupt`` in ``ls`` already."""
+    from safepoint.schema import STATE_NAME, parse_state
+
+    entry = manifest.files.get(STATE_NAME)
+    if entry is None:
+        return [f"{STATE_NAME} is not listed in the manifest: nothing to restore from"]
+    if entry.size > _MAX_MANIFEST_BYTES:
+        return [f"{STATE_NAME}: {entry.size} bytes, more than a state file has"]
+    try:
+        data = read_regular(
+            path / STATE_NAME, size=entry.size, checksum=entry.checksum if deep else None
+        )
+        parse_state(bytes(data), files=manifest.files, where=STATE_NAME)
+    except (CorruptCheckpointError, IncompatibleCheckpointError) as e:
+        return [str(e)]
+    return []
+
+
+def _special_files(path: Path) -> list[str]:
+    """Every symlink or special file (FIFO, socket, device) anywhere under ``path``."""
+    problems = []
+    stack = [path]
+    while stack and len(problems) < 10:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as e:
+            problems.append(f"cannot list {folder.name} ({e.strerror})")
+            continue
+        for e in entries:
+            rel = os.path.relpath(e.path, path)
+            if e.is_symlink():
+                problems.append(f"{rel} is a symlink; a checkpoint holds only real files")
+            elif e.is_dir(follow_symlinks=False):
+                stack.append(Path(e.path))
+            elif not e.is_file(follow_symlinks=False):
+                problems.append(f"{rel} is not a regular file (FIFO, socket or device)")
+    return problems
 
 
 def _check_file(path: Path, entry: FileEntry, *, deep: bool) -> str | None:
@@ -193,6 +243,8 @@ def _check_file(path: Path, entry: FileEntry, *, deep: bool) -> str | None:
     if deep:
         try:
             _, digest = hash_file(path)
+        except CorruptCheckpointError as e:
+            return str(e)
         except OSError as e:
             return f"{path.name}: cannot read ({e.strerror})"
         if digest != entry.checksum:
