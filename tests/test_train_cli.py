@@ -97,7 +97,7 @@ def test_empty_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 @pytest.mark.parametrize(
     ("flag", "value", "needle"),
-    [("--save-every", "0", "at least 1"), ("--keep-last", "0", "keep at least 1")],
+    [("--save-every", "0", "at least 1"), ("--keep-last", "-1", "or 0 to keep all")],
 )
 def test_bad_numbers(tmp_path: Path, capsys, flag: str, value: str, needle: str) -> None:
     assert needle in _bad(tmp_path, capsys, flag, value)

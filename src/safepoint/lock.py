@@ -160,6 +160,29 @@ class RunLock:
         self.release()
 
 
+def check_unlocked(directory: Path) -> None:
+    """Raise ``RunLockedError`` if a live process holds ``directory``'s lock.
+
+    Creates and writes nothing (a pre-flight before any work); a lock file left by a
+    dead run does not count. ``RunLock.acquire`` stays the real guard.
+    """
+    try:
+        # no-follow, non-blocking: a symlinked or FIFO lock file must not hang a probe
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(Path(directory) / LOCK_NAME, flags)
+    except OSError:
+        return  # no lock file (or none readable): nobody can hold it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunLockedError(
+            f"{directory}: another run holds the lock ({_describe(fd)}); wait for it to "
+            "finish or stop it, or use another output directory"
+        ) from None
+    finally:
+        os.close(fd)  # closing drops the probe's shared lock
+
+
 def _holder(path: Path) -> str:
     """Who holds the lock, from the lock file (never followed, never blocked on)."""
     try:

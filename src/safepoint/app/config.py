@@ -51,8 +51,11 @@ class TrainConfig:
     """Fine-tune every weight instead of a LoRA adapter."""
     seed: int = 42
     save_every: str = "10"
-    """Steps (``10``), a fraction of the run (``10%``), a time (``15m``) or ``epoch``."""
+    """Steps (``10``), a fraction of the run (``10%``), a time (``15m``), ``epoch``,
+    ``auto`` (from save cost and ``mtbf``), or a comma list of these (``10,15m``: whichever
+    comes first)."""
     keep_last: int | None = 3
+    """Keep the newest N checkpoints; 0 (or null) keeps all."""
     keep_best: int = 1
     keep_every: int | None = None
     max_disk: str | None = None
@@ -103,14 +106,21 @@ class TrainConfig:
         types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
         cfg = cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
         cfg.validate()
+        if cfg.keep_last == 0:
+            cfg.keep_last = None  # 0 is how a flag says "keep all"
         return cfg
 
     def validate(self) -> None:
         """Raise ``ConfigError`` on any bad value; writes nothing."""
         parse_save_every(self.save_every)
         parse_duration(self.mtbf, what="mtbf")
+        if self.keep_last is not None and self.keep_last < 0:
+            raise ConfigError(
+                f"keep_last={self.keep_last}: give N >= 1 to keep the newest N checkpoints, "
+                "or 0 to keep all"
+            )
         RetentionPolicy(
-            keep_last=self.keep_last,
+            keep_last=self.keep_last or None,
             keep_best=self.keep_best,
             metric=self.metric,
             mode=self.mode,  # type: ignore[arg-type]
@@ -230,8 +240,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         doc = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read the config file ({e})".splitlines()[0]) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({where}{problem}); fix the file") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):

@@ -6,8 +6,10 @@ are all checked before the output directory is touched.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from typing import Any
 from safepoint.app.config import TrainConfig
 from safepoint.app.tiny import BUILTIN_DATASET, TINY_MODEL, builtin_dataset_path, tiny_model_path
 from safepoint.errors import CheckpointNotFoundError, ConfigError, IncompatibleCheckpointError
+from safepoint.lock import check_unlocked
 from safepoint.store import CheckpointInfo, newest_first, scan
 
 log = logging.getLogger("safepoint")
@@ -47,6 +50,13 @@ def resolve_model(name: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ConfigError(f"--model {name}: {path} has no config.json; give a model folder")
+        try:
+            json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"--model {name}: cannot read {path / 'config.json'} ({_root_reason(e)}); "
+                "give a model folder saved by save_pretrained"
+            ) from None
         return str(path)
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]:
         raise ConfigError(f"--model {name}: no such folder; give a model folder, or 'tiny'")
@@ -61,29 +71,114 @@ def resolve_model(name: str) -> str:
         ) from None
 
 
-def _load_file(path_text: str, what: str) -> Any:
-    from datasets import load_dataset
-
+def _data_path(path_text: str, what: str) -> Path:
+    """The file behind ``--dataset``/``--eval-dataset``, checked cheaply before any loading:
+    exists, is a file of a known type, readable, not empty, and (JSON) parseable, so that
+    a bad line is reported with its 1-based number instead of the parser's row index."""
     if path_text == BUILTIN_DATASET:
-        path = builtin_dataset_path()
-    else:
-        path = Path(path_text).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"--{what} {path_text}: no such file")
-    loader = _LOADERS.get(path.suffix.lower())
-    if loader is None:
+        return builtin_dataset_path()
+    path = Path(path_text).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"--{what} {path_text}: is a directory; give a data file")
+    if not path.is_file():
+        raise ConfigError(f"--{what} {path_text}: no such file")
+    if path.suffix.lower() not in _LOADERS:
         raise ConfigError(
             f"--{what} {path_text}: unknown file type {path.suffix!r}; use "
             f"{', '.join(sorted(_LOADERS))}"
         )
     try:
+        if path.suffix.lower() == ".parquet":
+            empty = path.stat().st_size == 0
+        elif path.suffix.lower() in (".jsonl", ".json"):
+            empty = _check_json(path, path_text, what)
+        else:
+            with open(path, "rb") as f:
+                empty = not any(line.strip() for line in f)
+    except OSError as e:
+        raise ConfigError(
+            f"--{what} {path_text}: cannot read it ({e.strerror or e}); check its permissions"
+        ) from None
+    if empty:
+        raise ConfigError(f"--{what} {path_text}: the data set is empty; give it some examples")
+    return path
+
+
+def _check_json(path: Path, path_text: str, what: str) -> bool:
+    """True if the file holds no examples; ``ConfigError`` naming the first bad line."""
+    with open(path, "rb") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    if not lines:
+        return True
+    try:  # datasets reads a .json as one document (a list of objects) or as JSON lines
+        first = json.loads(lines[0][1])
+    except ValueError:
+        first = None
+    if path.suffix.lower() == ".json" and not isinstance(first, dict):
+        try:
+            doc = json.loads(b"".join(line for _, line in lines))
+        except ValueError as e:
+            where = f"line {e.lineno}: " if isinstance(e, json.JSONDecodeError) else ""
+            raise ConfigError(
+                f"--{what} {path_text}: not valid JSON ({where}{_json_reason(e)}); fix the file"
+            ) from None
+        if isinstance(doc, list) and not all(isinstance(x, dict) for x in doc):
+            raise ConfigError(
+                f"--{what} {path_text}: a JSON list of examples holds only objects "
+                '({"text": ...}); fix the file'
+            )
+        return doc in ([], {})
+    for n, line in lines:
+        try:
+            example = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(
+                f"--{what} {path_text}: line {n} is not valid JSON ({_json_reason(e)}); "
+                "fix or remove that line"
+            ) from None
+        if not isinstance(example, dict):
+            raise ConfigError(
+                f"--{what} {path_text}: line {n} is not a JSON object "
+                '(one {"text": ...} per line); fix or remove that line'
+            )
+    return False
+
+
+def _json_reason(e: ValueError) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at column {e.colno}"
+    return str(e).splitlines()[0]  # UnicodeDecodeError and the like
+
+
+def _load_file(path_text: str, what: str) -> Any:
+    from datasets import disable_progress_bars, load_dataset
+
+    path = _data_path(path_text, what)
+    loader = _LOADERS[path.suffix.lower()]
+    # datasets logs the parser's error itself before raising it: silence that copy.
+    datasets_log = logging.getLogger("datasets")
+    level = datasets_log.level
+    datasets_log.setLevel(logging.CRITICAL)
+    disable_progress_bars()
+    try:
         data = load_dataset(loader, data_files=str(path), split="train")
     except Exception as e:  # datasets wraps parser errors in many types
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"--{what} {path_text}: cannot read it as {loader} ({reason})") from None
+        raise ConfigError(
+            f"--{what} {path_text}: cannot read it as {loader} ({_root_reason(e)}); fix the file"
+        ) from None
+    finally:
+        datasets_log.setLevel(level)
     if len(data) == 0:
         raise ConfigError(f"--{what} {path_text}: the data set is empty; give it some examples")
     return data
+
+
+def _root_reason(e: BaseException) -> str:
+    """The first line of the innermost cause: datasets' own message is generic."""
+    while (inner := e.__cause__ or e.__context__) is not None:
+        e = inner
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _check_columns(data: Any, cfg: TrainConfig, where: str) -> None:
@@ -127,6 +222,38 @@ def load_data(cfg: TrainConfig) -> tuple[Any, Any | None]:
 # ---------------------------------------------------------------- output dir
 
 
+def check_output_dir(out: Path) -> None:
+    """``ConfigError`` unless ``out`` is, or can be made, a writable directory with free
+    space that no live run holds. Creates nothing: the Trainer and the first save do."""
+    flag = f"--output-dir {out}"
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == out and not out.is_dir():
+        raise ConfigError(f"{flag}: is a file, not a directory; give a directory path")
+    if not existing.is_dir():
+        raise ConfigError(f"{flag}: {existing} is a file, so no directory can be made there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            problem = f"{existing} is on a read-only file system"
+        else:
+            problem = f"{existing} is not writable (permission denied)"
+        raise ConfigError(f"{flag}: {problem}; choose a writable directory")
+    free = shutil.disk_usage(existing).free
+    if free < _MIN_FREE:
+        raise ConfigError(
+            f"{flag}: the disk holding {existing} is full ({free} bytes free); "
+            "free space or choose another disk"
+        )
+    if out.is_dir():
+        check_unlocked(out)
+
+
+# Not even a manifest and the run record fit below this; the real pre-flight, which
+# knows the checkpoint size, runs once the model is loaded.
+_MIN_FREE = 64 * 1024
+
+
 def _checkpoints(directory: Path) -> list[CheckpointInfo]:
     return [i for i in scan(directory) if i.status != "staging"] if directory.is_dir() else []
 
@@ -141,6 +268,7 @@ def choose_output(cfg: TrainConfig) -> tuple[Path, str | None]:
             while _checkpoints(Path(f"{out}-{n}")) or Path(f"{out}-{n}").is_file():
                 n += 1
             new = Path(f"{out}-{n}")
+            check_output_dir(new)
             log.warning("--resume never: starting fresh in %s; %s is left untouched", new, out)
             return new, None
         return out, None
@@ -152,12 +280,33 @@ def choose_output(cfg: TrainConfig) -> tuple[Path, str | None]:
                 f"--resume {cfg.resume}: no such checkpoint; valid checkpoints in {out}: "
                 f"{', '.join(valid) or 'none'}"
             )
+        _check_resumable(path, cfg.resume)
         _check_identity(path, cfg, out)
         return out, str(path)
     for info in newest_first(out, deep=False):
         _check_identity(info.path, cfg, out)
         break
     return out, None
+
+
+def _check_resumable(path: Path, given: str) -> None:
+    # The checkpointer refuses these too, but only once the model is loaded and the
+    # output directory made; here nothing has been written yet.
+    from safepoint.store import inspect
+
+    info = inspect(path)
+    if info.status == "foreign":  # e.g. the stock Trainer's: never resumed from
+        from safepoint.foreign import describe_foreign
+
+        raise IncompatibleCheckpointError(
+            f"{path} was not written by safepoint ({'; '.join(info.problems)}); "
+            f"{describe_foreign(path)}"
+        )
+    if not info.valid:
+        raise ConfigError(
+            f"--resume {given}: {path} is {info.status} ({'; '.join(info.problems)}); give a "
+            "checkpoint that `safepoint ls` shows as valid, or leave --resume out"
+        )
 
 
 def _check_identity(checkpoint: Path, cfg: TrainConfig, out: Path) -> None:
@@ -183,10 +332,19 @@ def _check_identity(checkpoint: Path, cfg: TrainConfig, out: Path) -> None:
 
 def plan(cfg: TrainConfig) -> Plan:
     """Check everything and decide where the run goes. Writes nothing but the model cache."""
+    # The cheap checks first: a bad path fails in a second, before any model is loaded.
+    check_output_dir(Path(cfg.output_dir))
+    for text, what in ((cfg.dataset, "dataset"), (cfg.eval_dataset, "eval-dataset")):
+        if text:
+            _data_path(text, what)
+    if cfg.remote:
+        from safepoint.remote import RemoteDir
+
+        RemoteDir(cfg.remote)  # a bad URL or a missing fsspec backend: ConfigError now
+    out, resume = choose_output(cfg)
+    train, eval_data = load_data(cfg)  # before importing transformers: seconds sooner
     _quiet_libraries()
     model_path = resolve_model(cfg.model)
-    train, eval_data = load_data(cfg)
-    out, resume = choose_output(cfg)
     return Plan(cfg, model_path, out, resume, train, eval_data)
 
 
@@ -215,8 +373,14 @@ def build_trainer(p: Plan, callback: Any) -> Any:
     from trl import SFTConfig, SFTTrainer
 
     cfg = p.config
-    tokenizer = AutoTokenizer.from_pretrained(p.model_path)
-    model = AutoModelForCausalLM.from_pretrained(p.model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p.model_path)
+        model = AutoModelForCausalLM.from_pretrained(p.model_path)
+    except (OSError, ValueError, KeyError) as e:  # missing or unreadable model files
+        raise ConfigError(
+            f"--model {cfg.model}: cannot load it ({_root_reason(e)}); give a folder "
+            "saved by save_pretrained (config, weights and tokenizer), or 'tiny'"
+        ) from None
     peft_config = None
     if not cfg.full:
         from peft import LoraConfig

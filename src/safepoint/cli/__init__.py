@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import sys
@@ -62,22 +63,54 @@ def cli(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI, turning safepoint errors into ``Error: ...`` and an exit code."""
+    """Entry point: run the CLI, turning safepoint errors into ``Error: ...`` and an exit code.
+
+    Every error a user can cause is one line on stderr and exit code 2 (DESIGN.md).
+    """
     try:
         # standalone_mode=False: click returns a command's exit code instead of exiting.
         rv = cli.main(args=argv, prog_name="safepoint", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 130
+    except click.UsageError as e:
+        # click would print the usage block and a hint over several lines.
+        where = e.ctx.command_path if e.ctx else "safepoint"
+        return _fail(f"{e.format_message()} (see '{where} --help')", e.exit_code)
     except click.ClickException as e:
-        e.show()
-        return e.exit_code
+        return _fail(e.format_message(), e.exit_code)
     except click.exceptions.Exit as e:
         return e.exit_code
     except SafepointError as e:
-        click.echo(f"Error: {e}", err=True)
-        return e.exit_code
+        return _fail(str(e), e.exit_code)
+    except OSError as e:
+        # Last resort for a user's path that a command did not check itself: say what
+        # failed and where; anything else is a bug and keeps its traceback.
+        if e.errno not in _USER_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"{where}{e.strerror or e}; {_USER_ERRNOS[e.errno]}", 2)
     return rv if isinstance(rv, int) else 0
+
+
+_USER_ERRNOS = {
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "choose another path",
+    errno.ENOTDIR: "a part of the path is a file; give a directory",
+    errno.EISDIR: "give a file, not a directory",
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EROFS: "choose a path on a writable file system",
+    errno.ENOSPC: "free space or choose another disk",
+    errno.EDQUOT: "free space or choose another disk",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+def _fail(message: str, code: int) -> int:
+    # One line, whatever the message: scripts and people read the first line only.
+    click.echo("Error: " + " ".join(message.split()), err=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -400,13 +400,21 @@ def chaos_cmd(
             "put {out} where the command takes its output directory, e.g. "
             "safepoint chaos -- safepoint train --output-dir {out}"
         )
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="safepoint-chaos-"))
-    ref, run, logs = work / "reference", work / "chaos", work / "logs"
-    for d in (ref, run):
-        if d.exists():
-            raise ConfigError(f"{d} already exists; give an empty --workdir")
-    logs.mkdir(parents=True, exist_ok=True)
+    # Every check before the first directory is made: a refused command leaves nothing.
     limit = None if timeout_text is None else parse_duration(timeout_text, what="--timeout")
+    if workdir:
+        for d in (Path(workdir) / "reference", Path(workdir) / "chaos"):
+            if d.exists():
+                raise ConfigError(f"{d} already exists; give an empty --workdir")
+    try:
+        work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="safepoint-chaos-"))
+        ref, run, logs = work / "reference", work / "chaos", work / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = f"--workdir {workdir}" if workdir else f"the temporary folder {e.filename}"
+        raise ConfigError(
+            f"{where}: cannot create it ({e.strerror}); give a writable --workdir"
+        ) from None
 
     click.echo(f"chaos: uninterrupted run in {ref}")
     rc, duration, startup = _run(

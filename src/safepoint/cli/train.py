@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import click
 
 from safepoint.app.config import TrainConfig, to_yaml
+from safepoint.errors import ConfigError
 from safepoint.store import scan
 
 # (flag name = config key, click type, help). Every key is also a YAML key.
@@ -27,8 +29,13 @@ _OPTIONS: list[tuple[str, Any, str]] = [
     ("lora_dropout", float, "LoRA dropout (default 0.05)."),
     ("lora_target_modules", str, "Comma-separated module names (default: PEFT's choice)."),
     ("seed", int, "Random seed (default 42)."),
-    ("save_every", str, "Steps (10), a fraction (10%), a time (15m) or 'epoch' (default 10)."),
-    ("keep_last", int, "Keep the newest N checkpoints (default 3)."),
+    (
+        "save_every",
+        str,
+        "Steps (10), a fraction (10%), a time (15m), 'epoch', 'auto' (from save cost and "
+        "--mtbf), or a comma list, whichever comes first (10,15m) (default 10).",
+    ),
+    ("keep_last", int, "Keep the newest N checkpoints; 0 keeps all (default 3)."),
     ("keep_best", int, "Keep the best K by --metric (default 1)."),
     ("keep_every", int, "Also keep every checkpoint whose step is a multiple of N."),
     ("max_disk", str, "Byte budget for all checkpoints, e.g. 2GB."),
@@ -57,6 +64,12 @@ def _decorate(f: Any) -> Any:
         "async_save",
         default=None,
         help="Write checkpoints in the background (default: in line).",
+    )(f)
+    f = click.option(
+        "--stop-on-nan/--no-stop-on-nan",
+        "stop_on_nan",
+        default=None,
+        help="Stop (exit 4) when the training loss is NaN or inf (default: no).",
     )(f)
     return f
 
@@ -106,6 +119,20 @@ def _summary(ctx: click.Context, directory: str, cfg: TrainConfig) -> None:
     click.echo(f"latest: {valid[-1].path}")
 
 
+def _resolve(config_file: str | None, flags: dict[str, Any]) -> TrainConfig:
+    """The config, with errors about a value given as a flag speaking of that flag."""
+    try:
+        return TrainConfig.resolve(config_file, flags)
+    except ConfigError as e:
+        # The config names keys (`keep_last=-1: ...`), right for a YAML file; a user who
+        # typed --keep-last should read --keep-last.
+        key = re.match(r"[a-z_]+", str(e))
+        if key and flags.get(key[0]) is not None:
+            text = "--" + key[0].replace("_", "-") + str(e)[key.end() :]
+            raise ConfigError(text) from None
+        raise
+
+
 @click.command("train")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
@@ -116,7 +143,7 @@ def train_cmd(ctx: click.Context, config_file: str | None, print_config: bool, *
 
     Rerunning the same command resumes from the newest valid checkpoint.
     """
-    cfg = TrainConfig.resolve(config_file, flags)
+    cfg = _resolve(config_file, flags)
     if print_config:
         click.echo(to_yaml(cfg), nl=False)
         return
