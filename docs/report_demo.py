@@ -63,7 +63,7 @@ def main(work: str) -> int:
     subprocess.run([*me, "130", "-"], check=False)
     subprocess.run([*me, "237", "237"], check=False)
     subprocess.run([*me, "-", "-"], check=True)
-    subprocess.run(["safepoint", "report", "runs/demo"], check=True, cwd=work)
+    subprocess.run([sys.executable, "-m", "safepoint", "report", "runs/demo"], check=True, cwd=work)
     docs = Path(__file__).parent
     subprocess.run(
         [

@@ -115,9 +115,11 @@ def test_signal_to_one_rank_stops_all_at_same_step(tmp_path: Path) -> None:
 LAUNCHERS = {
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone"],
     # accelerate's multi-process launcher is torchrun underneath; the script sets use_cpu.
+    # Both through this interpreter: a bare `accelerate` is found only with the venv on PATH.
     "accelerate": [
-        "accelerate",
-        "launch",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
         "--multi_gpu",
         "--num_machines",
         "1",

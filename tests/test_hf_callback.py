@@ -192,3 +192,23 @@ def test_unknown_option_is_refused() -> None:
         SafepointCallback(keep_lats=3)
     with pytest.raises(ConfigError):
         SafepointCallback(save_every="0")
+
+
+def test_missing_ranking_metric_warning_names_what_a_trainer_user_sets(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # keep_best without an eval set: the hint must name Trainer settings and the
+    # callback's own `metric=`, not the plain loop's `metrics=` nor a CLI flag.
+    from safepoint import SafepointCallback
+
+    cb = SafepointCallback(keep_best=1)
+    cb._begin(_args(tmp_path / "run"), None)
+    try:
+        assert cb.checkpointer is not None
+        with caplog.at_level("WARNING", logger="safepoint"):
+            cb.checkpointer.save(1, {"w": torch.zeros(2)}, metrics={"loss": 1.0})
+    finally:
+        cb._end()
+    (note,) = [r.getMessage() for r in caplog.records if "no such metric" in r.getMessage()]
+    assert "eval_dataset" in note and "eval_strategy" in note and "metric=" in note, note
+    assert "metrics=" not in note and "--metric" not in note, note

@@ -129,6 +129,8 @@ class Checkpointer:
         self.check_disk = check_disk
         self._preflight: DiskCheck | None = None
         self._warned_overhead = self._warned_metric = False
+        self.metric_hint = "pass it to step() in metrics=, or set metric= to one the saves carry"
+        """How the user gets ``metric`` into the saves, in their terms (integrations adapt it)."""
         self.schedule = Schedule(
             parse_save_every(save_every),
             total_steps=total_steps,

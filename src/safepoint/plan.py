@@ -184,7 +184,7 @@ def overhead_warning(
         return None
     return (
         f"saving {description} at ~{stall:.2g} s per save spends ~{share:.0%} of the run on "
-        "checkpoints; consider a longer --save-every or --save-every auto"
+        "checkpoints; consider a longer save_every, or save_every='auto'"
     )
 
 

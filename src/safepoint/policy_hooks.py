@@ -152,8 +152,8 @@ def _check_metric(self: Checkpointer, snapshot: Snapshot) -> None:
     have = ", ".join(sorted(snapshot.metrics)) or "none"
     note = (
         f"keep_best={policy.keep_best} ranks checkpoints by {policy.metric!r}, but the save "
-        f"of step {snapshot.step} has no such metric (it has: {have}); pass it in metrics= "
-        "or choose --metric, else only the newest checkpoints are kept"
+        f"of step {snapshot.step} has no such metric (it has: {have}); {self.metric_hint}, "
+        "else only the newest checkpoints are kept"
     )
     log.warning("%s", note)
     self.record.event("warning", message=note)

@@ -61,6 +61,21 @@ def tiny_model_path() -> Path:
     return target
 
 
+def load_tiny() -> tuple[Any, Any, Any]:
+    """The built-in model, its tokenizer and the built-in data set, for examples and tests.
+
+    ``model, tokenizer, data = load_tiny()`` gives a ``transformers`` causal LM, its fast
+    tokenizer and a ``datasets.Dataset`` of 273 ``prompt``/``completion`` rows, ready for
+    ``SFTTrainer``. The model is built into ``cache_home()`` on first use (seconds).
+    """
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_model_path()
+    data = load_dataset("json", data_files=str(builtin_dataset_path()), split="train")
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), data
+
+
 def _texts() -> list[str]:
     rows = [json.loads(line) for line in builtin_dataset_path().read_text().splitlines() if line]
     return [r["prompt"] + r["completion"] for r in rows]

@@ -219,6 +219,11 @@ class SafepointCallback(TrainerCallback):
                 args.save_strategy,
             )
         self.checkpointer = Checkpointer(self._directory(args), **options)
+        # The warning for a missing ranking metric, in a Trainer user's terms.
+        self.checkpointer.metric_hint = (
+            "give the Trainer an eval_dataset and an eval_strategy so that it evaluates, "
+            "or set metric= to one it logs (such as 'loss')"
+        )
         try:
             self.resumed_from = self._pick(resume)
         except BaseException:
