@@ -44,6 +44,16 @@ def mlp(params: float, optimizer: str) -> tuple[dict[str, Any], Callable[[], Non
     return {"model": model, "optimizer": opt}, step, {}
 
 
+def wrapped(params: float) -> tuple[dict[str, Any], Callable[[], None], dict]:
+    """AdamW inside accelerate's AcceleratedOptimizer, as a Trainer hands it over (issue
+    #12: the wrapper hid AdamW's lazily created state, and the estimate was 2-3x low)."""
+    from accelerate import Accelerator
+
+    state, step, extra = mlp(params, "adamw")
+    state["optimizer"] = Accelerator(cpu=True).prepare_optimizer(state["optimizer"])
+    return state, step, extra
+
+
 def lora() -> tuple[dict[str, Any], Callable[[], None], dict]:
     import peft
     import transformers
@@ -94,6 +104,7 @@ def main() -> None:
     for n in (1e6, 5e6, args.max_params):
         cases.append((f"MLP {n / 1e6:g}M params, AdamW", lambda n=n: mlp(n, "adamw")))
     cases.append(("MLP 5M params, SGD momentum", lambda: mlp(5e6, "sgd")))
+    cases.append(("MLP 5M params, AdamW in accelerate's wrapper", lambda: wrapped(5e6)))
     cases.append(("Llama 4x256 + LoRA r=16, AdamW", lora))
     rows = [measure(name, build) for name, build in cases]
     headers = ["state", "real MB", "estimate MB", "error", "estimate ms"]

@@ -284,3 +284,45 @@ def test_estimate_lora_with_extra_files(tmp_path: Path) -> None:
         info = ckpt.commit(snapshot)
     real = _du(info.path)
     assert abs(estimate - real) / real < 0.10, (estimate, real)
+
+
+def test_keep_last_1_holds_one_over_repeated_reruns(tmpfs: Callable[..., Path]) -> None:
+    """Issue #12: keep_last=1 without keep_best kept the best too, so on a disk for 2.5
+    checkpoints every rerun saved one more and died. Now each rerun finishes holding one."""
+    state = _state()
+    footprint = estimate_checkpoint_bytes(state) + 10 * 4096  # whole blocks and the record
+    disk = tmpfs(int(2.5 * footprint))
+    # eval_loss is best at step 1 and only gets worse: the old policy kept checkpoint-1
+    for run, last in enumerate((3, 6, 9, 12)):
+        with Checkpointer(disk / "run", save_every="1", keep_last=1, total_steps=last) as ckpt:
+            start = ckpt.restore(state) or 0
+            assert start == 3 * run
+            for step in range(start + 1, last + 1):
+                _train_step(state)
+                ckpt.step(step, state, metrics={"loss": 1.0, "eval_loss": float(step)})
+            assert [i.step for i in ckpt.list()] == [last]
+
+
+def test_refused_run_says_how_much_to_free_and_then_finishes(
+    tmpfs: Callable[..., Path],
+) -> None:
+    state = _state()
+    disk = tmpfs(12 * MB)
+    ballast = _fill(disk, 5 * MB)  # room for ~1.5 checkpoints of ~3.3 MB
+    with Checkpointer(disk / "run", save_every="1", keep_last=2, total_steps=3) as ckpt:
+        with pytest.raises(DiskBudgetError) as e:
+            ckpt.restore(state)
+        assert ckpt.list() == []
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "more" in msg, msg
+    check = next(ev for ev in read_events(disk / "run") if ev["event"] == "preflight")
+    short = check["needed_bytes"] - check["free_bytes"]
+    # free exactly what it asked for (whole blocks), and the same run now finishes
+    with open(ballast, "r+b") as f:
+        f.truncate(max(0, ballast.stat().st_size - short - (-short % 4096)))
+    with Checkpointer(disk / "run", save_every="1", keep_last=2, total_steps=3) as ckpt:
+        ckpt.restore(state)
+        for step in range(1, 4):
+            _train_step(state)
+            ckpt.step(step, state)
+        assert [i.step for i in ckpt.list()] == [2, 3]

@@ -49,12 +49,17 @@ def test_retention_invariants(policy: RetentionPolicy, history: list) -> None:
         # a partition of the candidates: nothing else is ever deleted
         assert set(decision.keep) | set(decision.delete) == steps
         assert not set(decision.keep) & set(decision.delete)
-        # never zero; the newest and the best always kept
+        # never zero; the newest always kept, the best when keep_best asks for it
         assert decision.keep
         assert step in decision.keep and "latest" in decision.keep[step]
-        best = best_step(kept, policy.mode)
+        best = best_step(kept, policy.mode) if policy.keep_best else None
         if best is not None:
             assert best in decision.keep and "best" in decision.keep[best]
+        else:
+            assert not any("best" in r for r in decision.keep.values())
+        if policy.keep_last is not None and not (policy.keep_best or policy.keep_every):
+            # keep_last=N holds exactly N: what the disk pre-flight counts
+            assert len(decision.keep) == min(policy.keep_last, len(steps))
         ordered = sorted(steps)
         if policy.max_bytes is None:
             # every rule is honoured in full
@@ -85,6 +90,6 @@ def test_freeing_space_before_a_commit_keeps_what_resume_needs(
     steps = {c.step for c in existing}
     assert set(freed) <= steps
     assert step not in freed  # the newest existing checkpoint survives a failed retry
-    best = best_step(existing, policy.mode)
+    best = best_step(existing, policy.mode) if policy.keep_best else None
     assert best is None or best not in freed
     assert len(freed) < len(existing)

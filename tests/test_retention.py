@@ -32,17 +32,22 @@ ALL = [10, 20, 30, 40, 50, 60]
 
 # policy kwargs -> (kept steps, {step: reasons that must be among its reasons})
 TABLE = [
-    ({}, ALL, {60: ["latest", "all"], 40: ["best"]}),
-    ({"keep_last": 1}, [40, 60], {60: ["latest", "last-1"], 40: ["best"]}),
-    ({"keep_last": 2}, [40, 50, 60], {50: ["last-2"]}),
+    ({}, ALL, {60: ["latest", "all"], 40: ["all"]}),
+    # keep_best=0: keep_last=N means N, the best is not protected (issue #12)
+    ({"keep_last": 1}, [60], {60: ["latest", "last-1"]}),
+    ({"keep_last": 1, "keep_best": 1}, [40, 60], {60: ["latest", "last-1"], 40: ["best"]}),
+    ({"keep_last": 2}, [50, 60], {50: ["last-2"]}),
+    ({"keep_last": 2, "keep_best": 1}, [40, 50, 60], {50: ["last-2"], 40: ["best"]}),
     ({"keep_last": 1, "keep_best": 3}, [20, 40, 60], {20: ["best-3"], 60: ["best-3"]}),
     ({"keep_last": 1, "keep_best": 2, "mode": "max"}, [10, 50, 60], {10: ["best"]}),
     ({"keep_last": 1, "keep_every": 20}, [20, 40, 60], {20: ["milestone"]}),
-    ({"keep_last": 1, "keep_every": 25}, [40, 50, 60], {50: ["milestone"]}),
+    ({"keep_last": 1, "keep_every": 25}, [50, 60], {50: ["milestone"]}),
     ({"keep_last": 1, "metric": "accuracy"}, [60], {}),  # unknown metric: no best
     ({"max_bytes": 300}, [40, 50, 60], {}),  # the budget trims the oldest
-    ({"max_bytes": 200}, [40, 60], {}),
-    ({"max_bytes": 1}, [40, 60], {}),  # never below latest + best
+    ({"max_bytes": 200}, [50, 60], {}),
+    ({"max_bytes": 200, "keep_best": 1}, [40, 60], {40: ["best"]}),
+    ({"max_bytes": 1}, [60], {}),  # never below latest
+    ({"max_bytes": 1, "keep_best": 1}, [40, 60], {}),  # nor below the best, when asked for
     ({"keep_last": 2, "keep_every": 20, "max_bytes": 400}, [20, 40, 50, 60], {}),
     ({"keep_last": 2, "keep_every": 20, "max_bytes": 300}, [40, 50, 60], {}),
     ({"keep_last": 4, "keep_best": 2, "max_bytes": 300}, [40, 50, 60], {}),
@@ -71,24 +76,29 @@ def test_empty_and_single() -> None:
 
 def test_ties_prefer_the_newer_checkpoint() -> None:
     same = [Candidate(s, 1, {"eval_loss": 0.5}) for s in (1, 2, 3)]
-    decision = plan(same, RetentionPolicy(keep_last=1))
+    decision = plan(same, RetentionPolicy(keep_last=1, keep_best=1))
     assert "best" in decision.keep[3]
     assert decision.delete == (1, 2)
 
 
 def test_next_deletions() -> None:
     policy = RetentionPolicy(keep_last=2)
-    assert next_deletions(cands([40, 50, 60]), policy, step=70) == (50,)  # 40 is best
+    assert next_deletions(cands([40, 50, 60]), policy, step=70) == (40, 50)
+    best = RetentionPolicy(keep_last=2, keep_best=1)
+    assert next_deletions(cands([40, 50, 60]), best, step=70) == (50,)  # 40 is best
     assert next_deletions(cands([50, 60]), policy, step=70) == (50,)
     assert next_deletions(cands([50, 60]), RetentionPolicy(keep_last=3), step=70) == ()
 
 
 def test_free_before_commit_spares_newest_and_best() -> None:
-    policy = RetentionPolicy(keep_last=2)
+    policy = RetentionPolicy(keep_last=2, keep_best=1)
     incoming = Candidate(70, 100, {"eval_loss": 0.1})  # will be the new best
     assert free_before_commit(cands([20, 40, 50, 60]), policy, incoming) == (20, 50)
+    # without keep_best only the newest is spared
+    plain = RetentionPolicy(keep_last=2)
+    assert free_before_commit(cands([20, 40, 50, 60]), plain, incoming) == (20, 40, 50)
     # keep_last=1: the policy would delete all older ones, but newest and best stay
-    one = RetentionPolicy(keep_last=1)
+    one = RetentionPolicy(keep_last=1, keep_best=1)
     assert free_before_commit(cands([50, 60]), one, incoming) == (50,)
     assert free_before_commit(cands([60]), one, incoming) == ()
     assert free_before_commit([], one, incoming) == ()

@@ -129,6 +129,7 @@ class Checkpointer:
         self.check_disk = check_disk
         self._preflight: DiskCheck | None = None
         self._warned_overhead = self._warned_metric = False
+        self._preflight_rechecked = False  # policy_hooks.recheck: once, after the first save
         self.metric_hint = "pass it to step() in metrics=, or set metric= to one the saves carry"
         """How the user gets ``metric`` into the saves, in their terms (integrations adapt it)."""
         self.schedule = Schedule(
@@ -370,6 +371,12 @@ class Checkpointer:
         if self._stop.requested:
             self._stop.stop(self, step, None if self.schedule.last_save_step == step else save)
         self._stop.boundary(step, state, rng=self.save_rng)
+
+    @property
+    def stop_requested(self) -> str | None:
+        """The stop signal received and not yet acted on (``"SIGINT"``...), or None. For
+        integrations that let their framework finish the step's logging first."""
+        return self._stop.requested
 
     def check_loss(self, step: int, metrics: Mapping[str, Any]) -> None:
         """With ``stop_on_nan``: raise ``NonFiniteLossError`` if ``metrics["loss"]`` is NaN

@@ -4,12 +4,14 @@ the disk errors that freeing space may cure.
 The estimate serialises nothing: ``capture(..., copy=False)`` only references the live
 tensors, and the safetensors headers are computed exactly by ``safetensors_layout``.
 Optimizers such as Adam create their state at the first step, so before training that
-state is missing from ``state_dict()``; it is added from the optimizer's kind.
+state is missing from ``state_dict()``; it is added from the optimizer's kind, as meta
+tensors, so that the headers and ``state.json`` come out exact.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import torch
 
 from safepoint.errors import DiskBudgetError
 from safepoint.format import safetensors_layout
+from safepoint.manifest import MANIFEST_NAME, FileEntry, Manifest
 from safepoint.plan import disk_needed, kept_count
 from safepoint.retention import RetentionPolicy
 from safepoint.snapshot import TensorFile, capture
@@ -27,21 +30,26 @@ from safepoint.units import format_size
 
 MANIFEST_BASE = 700
 MANIFEST_PER_FILE = 128
-"""``safepoint.json``: ~700 bytes of versions and info, plus a line per file it lists."""
+"""``safepoint.json`` when its content is not known: ~700 bytes plus a line per file."""
 
-# Tensors per parameter that each optimizer creates lazily, at its first step.
-_LAZY_STATE = {
-    "Adam": 2,
-    "AdamW": 2,
-    "Adamax": 2,
-    "NAdam": 2,
-    "RAdam": 2,
-    "Adagrad": 1,
-    "Adadelta": 2,
-    "RMSprop": 1,
-    "ASGD": 2,
-    "Rprop": 2,
+# What each torch optimizer creates lazily, at its first step, per parameter with a
+# gradient: "p" a tensor like the parameter, "s" a float32 scalar tensor. Adagrad
+# creates its state in __init__, so it is already in ``state_dict()``.
+_LAZY_STATE: dict[str, tuple[tuple[str, str], ...]] = {
+    "Adam": (("step", "s"), ("exp_avg", "p"), ("exp_avg_sq", "p")),
+    "AdamW": (("step", "s"), ("exp_avg", "p"), ("exp_avg_sq", "p")),
+    "Adamax": (("step", "s"), ("exp_avg", "p"), ("exp_inf", "p")),
+    "NAdam": (("step", "s"), ("mu_product", "s"), ("exp_avg", "p"), ("exp_avg_sq", "p")),
+    "RAdam": (("step", "s"), ("exp_avg", "p"), ("exp_avg_sq", "p")),
+    "Adadelta": (("step", "s"), ("square_avg", "p"), ("acc_delta", "p")),
+    "ASGD": (("step", "s"), ("eta", "s"), ("mu", "s"), ("ax", "p")),
+    "Rprop": (("step", "s"), ("prev", "p"), ("step_size", "p")),
+    "RMSprop": (("step", "s"), ("square_avg", "p")),
+    "SGD": (),
 }
+# Optimizers not in the table (bitsandbytes, Adafactor...) are assumed to keep what
+# AdamW keeps: two tensors per parameter, which over-counts the factored or 8-bit ones.
+_UNKNOWN_STATE = _LAZY_STATE["AdamW"]
 
 RECOVERABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
 """Disk errors after which safepoint frees space by retention and retries once."""
@@ -57,31 +65,67 @@ def is_recoverable(exc: BaseException) -> bool:
 
 
 def _unwrap_optimizer(value: Any) -> torch.optim.Optimizer | None:
-    # accelerate wraps the optimizer (AcceleratedOptimizer.optimizer); an LR scheduler
-    # also has an ``optimizer`` attribute, but saves none of its state
+    # accelerate wraps the optimizer (AcceleratedOptimizer.optimizer); the wrapper is an
+    # Optimizer too, so look inside first: its class name says nothing of the state.
+    # An LR scheduler also has an ``optimizer`` attribute, but saves none of its state.
     if isinstance(value, torch.optim.lr_scheduler.LRScheduler):
         return None
-    for candidate in (value, getattr(value, "optimizer", None)):
-        if isinstance(candidate, torch.optim.Optimizer):
-            return candidate
-    return None
+    inner = getattr(value, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer) and inner is not value:
+        return _unwrap_optimizer(inner)
+    return value if isinstance(value, torch.optim.Optimizer) else None
 
 
-def _lazy_optimizer_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the state ``opt`` will create at its first step for params without state."""
-    total = 0
-    for group in opt.param_groups:
-        per_param = _LAZY_STATE.get(type(opt).__name__)
-        if per_param is None:  # SGD and unknown optimizers
-            per_param = 1 if group.get("momentum") else 0
-        if type(opt).__name__ == "RMSprop":
-            per_param += int(bool(group.get("momentum"))) + int(bool(group.get("centered")))
-        for p in group["params"]:
-            if p.requires_grad and not opt.state.get(p):
-                # each state tensor is a copy of the parameter, plus a `step` scalar and
-                # roughly 80 bytes of safetensors header per tensor
-                total += per_param * (p.numel() * p.element_size() + 80) + 100
-    return total
+def _lazy_entries(opt: torch.optim.Optimizer, group: Mapping[str, Any]) -> list[tuple[str, str]]:
+    entries = list(_LAZY_STATE.get(type(opt).__name__, _UNKNOWN_STATE))
+    name = type(opt).__name__
+    if name in ("Adam", "AdamW") and group.get("amsgrad"):
+        entries.append(("max_exp_avg_sq", "p"))
+    if name in ("SGD", "RMSprop") and group.get("momentum"):
+        entries.append(("momentum_buffer", "p"))
+    if name == "RMSprop" and group.get("centered"):
+        entries.append(("grad_avg", "p"))
+    return entries
+
+
+class _ProjectedOptimizer:
+    """An optimizer's ``state_dict()`` as it will be after its first step: the state it
+    creates lazily is added as meta tensors (no memory), so that ``capture`` computes the
+    exact safetensors header and ``state.json`` of a real save."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+
+    def state_dict(self) -> dict[str, Any]:
+        doc = self.opt.state_dict()
+        state = dict(doc["state"])
+        index = 0
+        for group in self.opt.param_groups:
+            entries = _lazy_entries(self.opt, group)
+            for p in group["params"]:
+                if p.requires_grad and not self.opt.state.get(p) and entries:
+                    state[index] = {
+                        key: torch.empty(
+                            p.shape if kind == "p" else (),
+                            dtype=p.dtype if kind == "p" else torch.float32,
+                            device="meta",
+                        )
+                        for key, kind in entries
+                    }
+                index += 1
+        return {**doc, "state": state}
+
+    def load_state_dict(self, _doc: Any) -> None:  # makes ``capture`` see a stateful object
+        raise NotImplementedError
+
+
+def projected_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with each optimizer replaced by its state after the first step."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        opt = _unwrap_optimizer(value)
+        out[key] = _ProjectedOptimizer(opt) if opt is not None else value
+    return out
 
 
 def files_bytes(files: Mapping[str, TensorFile | bytes]) -> int:
@@ -96,24 +140,78 @@ def files_bytes(files: Mapping[str, TensorFile | bytes]) -> int:
     return total
 
 
-def estimate_checkpoint_bytes(
-    state: Mapping[str, Any], *, extra_files: Mapping[str, TensorFile | bytes] | None = None
-) -> int:
-    """Bytes one checkpoint of ``state`` will take on disk (within a few percent).
+def manifest_bytes(sizes: Mapping[str, int], **fields: Any) -> int:
+    """Bytes of the ``safepoint.json`` listing files of ``sizes``; ``fields``: the other
+    ``Manifest`` fields (step, metrics, versions, info...) as the save will fill them."""
+    files = {name: FileEntry(size, "0" * 32) for name, size in sizes.items()}
+    return len(Manifest(files=files, **{"step": 0, **fields}).to_json())
 
-    Copies no tensor. Includes optimizer state that does not exist yet (before the
+
+def estimate_checkpoint_bytes(
+    state: Mapping[str, Any],
+    *,
+    extra_files: Mapping[str, TensorFile | bytes] | None = None,
+    progress: Mapping[str, Any] | None = None,
+    manifest: Mapping[str, Any] | None = None,
+) -> int:
+    """Bytes one checkpoint of ``state`` will take on disk (within 1% when ``manifest``
+    is given, see ``benchmarks/preflight.py``).
+
+    Copies no tensor. Includes the optimizer state that does not exist yet (before the
     first optimizer step), headers, ``state.json`` and the manifest. ``extra_files``:
-    files an integration adds to the snapshot itself (adapter weights, configs).
+    files an integration adds to the snapshot itself (adapter weights, configs; bytes of
+    the expected size stand for a file that grows, like ``trainer_state.json``).
+    ``progress``: as passed to ``capture``. ``manifest``: ``Manifest`` fields as the save
+    will fill them (info, versions, metrics); without it a typical size is assumed.
     """
-    snapshot = capture(state, step=0, copy=False, rng=True)
+    return sum(
+        estimate_file_sizes(
+            state, extra_files=extra_files, progress=progress, manifest=manifest
+        ).values()
+    )
+
+
+def estimate_file_sizes(
+    state: Mapping[str, Any],
+    *,
+    extra_files: Mapping[str, TensorFile | bytes] | None = None,
+    progress: Mapping[str, Any] | None = None,
+    manifest: Mapping[str, Any] | None = None,
+) -> dict[str, int]:
+    """``estimate_checkpoint_bytes`` file by file (``safepoint.json`` included)."""
+    snapshot = capture(projected_state(state), step=0, copy=False, rng=True, progress=progress)
     files = {**snapshot.files, **(extra_files or {})}
-    total = MANIFEST_BASE + MANIFEST_PER_FILE * len(files) + files_bytes(files)
-    seen: set[int] = set()
-    for value in state.values():
-        opt = _unwrap_optimizer(value)
-        if opt is not None and id(opt) not in seen:
-            seen.add(id(opt))
-            total += _lazy_optimizer_bytes(opt)
+    sizes = {name: files_bytes({name: content}) for name, content in files.items()}
+    if manifest is None:
+        sizes[MANIFEST_NAME] = MANIFEST_BASE + MANIFEST_PER_FILE * len(files)
+    else:
+        sizes[MANIFEST_NAME] = manifest_bytes(sizes, **manifest)
+    return sizes
+
+
+def block_size(directory: Path) -> int:
+    """The allocation unit of the file system of ``directory`` (4096 on ext4 and tmpfs)."""
+    try:
+        return os.statvfs(directory).f_frsize or 4096
+    except OSError:
+        return 4096
+
+
+def on_disk(sizes: Mapping[str, int], block: int) -> int:
+    """Space files of ``sizes`` take in one folder: each rounded up to whole blocks, plus
+    the folder itself. On the 300 KB tmpfs of issue #12 a LoRA checkpoint of 86.8 KB of
+    files takes 106.5 KB; counting bytes alone let a run start that could not finish."""
+    return block + sum(-(-size // block) * block for size in sizes.values())
+
+
+def used_bytes(path: Path) -> int:
+    """Space a committed checkpoint folder takes on its disk (allocated blocks)."""
+    try:
+        total = path.stat().st_blocks * 512
+        for child in path.iterdir():
+            total += child.stat().st_blocks * 512
+    except OSError:
+        return 0
     return total
 
 
@@ -132,6 +230,9 @@ class DiskCheck:
     """Bytes this run's checkpoints already take in ``directory``."""
     unbounded: bool = False
     milestones: int = 0
+    files_bytes: int = 0
+    """The estimated bytes of one checkpoint's files (what ``ls`` shows as its size);
+    ``checkpoint_bytes`` is the space they take on this disk, whole blocks."""
 
     @property
     def fits(self) -> bool:
@@ -178,14 +279,19 @@ def require_fits(check: DiskCheck, policy: RetentionPolicy) -> None:
     if check.fits:
         return
     where = check.directory
+    short = format_size(check.needed - check.free)
     if check.free < size:
         raise DiskBudgetError(
             f"{where} has {format_size(check.free)} free, not enough for even one checkpoint "
-            f"(~{format_size(size)}); free space or choose another --output-dir"
+            f"(~{format_size(size)}); free {short} more or choose another --output-dir"
         )
     slots = (check.free + check.held) // size - 1  # one slot for the save in flight
+    options = [f"free {short} more"]
     keep_last = slots - policy.keep_best - check.milestones
-    options = [f"--keep-last {keep_last}"] if keep_last >= 1 else []
+    if keep_last >= 1:
+        options.append(f"--keep-last {keep_last}")
+    elif policy.keep_best and slots - check.milestones >= 1:
+        options.append(f"--keep-last {slots - check.milestones} --keep-best 0")
     if slots >= 2:
         options.append(f"--max-disk {format_size(slots * size).replace(' ', '')}")
     options.append("another --output-dir with more space")
@@ -194,7 +300,7 @@ def require_fits(check: DiskCheck, policy: RetentionPolicy) -> None:
         f"{where} has {format_size(check.free)} free but the checkpoints need "
         f"~{format_size(check.needed)} ({kept} x ~{format_size(size)} + 1 being written"
         + (f", less {format_size(check.held)} already on disk" if check.held else "")
-        + "); use "
+        + "); "
         + ", or ".join(options)
     )
 

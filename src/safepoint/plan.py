@@ -101,8 +101,8 @@ def kept_count(
     """Most checkpoints retention holds at once for ``saves`` saves (None: unbounded).
 
     Worst case: the last N, plus the best K when they are older, plus the milestones;
-    never more than were saved. (With ``keep_best=0`` the single best is still protected
-    when the metric is reported; that one extra checkpoint is not counted.)
+    never more than were saved. Exactly what retention holds: with ``keep_best=0`` no
+    best checkpoint is protected.
     """
     if keep_last is None:
         return saves

@@ -2,8 +2,10 @@
 
 Rules combine by union (a checkpoint is kept if any rule keeps it), then the byte
 budget trims the oldest checkpoints that no protection covers. Protected always: the
-newest valid checkpoint and the best one. Only valid checkpoints are ever candidates
-for deletion, and the plan never leaves zero valid checkpoints.
+newest valid checkpoint, and the best one when the policy asks for best
+(``keep_best >= 1``): with ``keep_best=0``, ``keep_last=N`` holds exactly N, which is
+what the disk pre-flight counts. Only valid checkpoints are ever candidates for
+deletion, and the plan never leaves zero valid checkpoints.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ class RetentionPolicy:
     keep_last: int | None = None
     """Keep the newest N checkpoints; None keeps all."""
     keep_best: int = 0
-    """Keep the best K by ``metric``; the single best is always kept when it is known."""
+    """Keep the best K by ``metric`` (the best one is then protected even from the byte
+    budget); 0 ranks nothing: no checkpoint is kept, nor called best, for its metric."""
     metric: str = "eval_loss"
     """The metric that ranks checkpoints (a key of the metrics saved with each one)."""
     mode: Literal["min", "max"] = "min"
@@ -81,7 +84,7 @@ def plan(candidates: Sequence[Candidate], policy: RetentionPolicy) -> RetentionP
         return RetentionPlan({}, ())
     reasons: dict[int, list[str]] = {c.step: [] for c in by_step}
     reasons[by_step[-1].step].append("latest")
-    ranked = best_steps(by_step, policy)
+    ranked = best_steps(by_step, policy) if policy.keep_best else []
     if ranked:
         reasons[ranked[0]].append("best")
         for step in ranked[1 : policy.keep_best]:
@@ -124,13 +127,14 @@ def free_before_commit(
     """Steps that may be deleted *before* ``incoming`` is committed, to make room for it.
 
     What the policy would delete once ``incoming`` is committed, except the newest and
-    the best of ``candidates``: the save may still fail, and then they are what resume
-    needs. Never all of ``candidates``.
+    (with ``keep_best``) the best of ``candidates``: the save may still fail, and then
+    they are what resume needs. Never all of ``candidates``.
     """
     if not candidates:
         return ()
     decision = plan([*candidates, incoming], policy)
-    protected = {max(c.step for c in candidates), *best_steps(candidates, policy)[:1]}
+    best = best_steps(candidates, policy)[:1] if policy.keep_best else []
+    protected = {max(c.step for c in candidates), *best}
     return tuple(s for s in decision.delete if s not in protected and s != incoming.step)
 
 

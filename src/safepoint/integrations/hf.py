@@ -135,7 +135,8 @@ class SafepointCallback(TrainerCallback):
         self.last_commit_seconds: float | None = None
         self._pending: str | None = None
         self._rng: dict[str, Any] | None = None
-        self._eval: dict[str, float] = {}
+        self._eval: tuple[int, dict[str, float]] = (-1, {})  # (step measured at, metrics)
+        self._stop_at: int | None = None  # a stop signal waits for this step's log
 
     # ------------------------------------------------------------------ wiring
 
@@ -308,14 +309,22 @@ class SafepointCallback(TrainerCallback):
             max_overhead=ckpt.schedule.max_overhead,
         )
         ckpt.schedule.start(time.monotonic(), state.global_step)
-        self._eval = {}
+        self._eval = (-1, {})
         self._pending = None
-        # Disk pre-flight before the first step, with the weights this callback adds.
+        self._stop_at = None
+        # Disk pre-flight before the first step, with every file this callback adds and
+        # trainer_state.json as it will be at the end of the run.
         model = kw["model"]
         weights = adapter_files(model, copy_data=False) if is_peft(model) else None
+        typical, total = 1 / 3, state.max_steps  # a float of full precision, like the epoch
         ckpt.preflight(
             {"optimizer": kw["optimizer"], "scheduler": kw["lr_scheduler"]},
-            extra_files=weights or model_files(model, copy_data=False),
+            extra_files={
+                **(weights or model_files(model, copy_data=False)),
+                TRAINER_STATE_NAME: b" " * _trainer_state_bytes(self.trainer, args, state),
+            },
+            progress={"global_step": state.max_steps, "epoch": typical, "max_steps": total},
+            info={**self.info, "epoch": typical},
         )
         info = self.resumed_from
         if info is None:
@@ -342,6 +351,8 @@ class SafepointCallback(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._flush(state)
+        if self._stop_at is not None:  # the log that the stop waited for did not come
+            self._boundary(state)
         # Resumed mid-epoch: the Trainer loads its RNG file after fetching the first
         # batch past the skipped ones, right before this event.
         if self._rng is not None:
@@ -349,9 +360,21 @@ class SafepointCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         control.should_save = False  # safepoint saves this run, never the Trainer too
-        self._require().check()  # a failed background save surfaces at the next step
+        ckpt = self._require()
+        ckpt.check()  # a failed background save surfaces at the next step
         self._maybe_save(state, control, epoch_end=False)
+        if ckpt.stop_requested:
+            # The Trainer logs this step right after this event: force that log so that
+            # the step's loss reaches the run record and the emergency checkpoint's
+            # trainer_state.json; on_log then saves and stops.
+            control.should_log = True
+            self._stop_at = state.global_step
+            return
+        self._boundary(state)
+
+    def _boundary(self, state: Any) -> None:
         # A stop signal: emergency save of this exact step, then TrainingStopped (exit 3).
+        self._stop_at = None
         trainer = self.trainer
         assert trainer is not None
         self._require().at_boundary(
@@ -371,13 +394,20 @@ class SafepointCallback(TrainerCallback):
             self.checkpointer.log_metrics(state.global_step, logs)  # the run record
         if self._pending and not control.should_evaluate:
             self._flush(state)
+        if self._stop_at == state.global_step:  # before this step's evaluation: stop now
+            self._boundary(state)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any):
-        self._eval = {
-            k: float(v)
-            for k, v in (metrics or {}).items()
-            if isinstance(v, (int, float)) and math.isfinite(float(v))
-        }
+        # Stamped with its step: a later save (emergency, or a save step that is not an
+        # eval step) must not carry it, else a checkpoint never evaluated ranks as best.
+        self._eval = (
+            state.global_step,
+            {
+                k: float(v)
+                for k, v in (metrics or {}).items()
+                if isinstance(v, (int, float)) and math.isfinite(float(v))
+            },
+        )
         if self.early_stopping and self._patience_spent(state):
             control.should_training_stop = True
             self._pending = self._pending or "early stopping"
@@ -485,13 +515,15 @@ class SafepointCallback(TrainerCallback):
         return info
 
     def _metrics(self, state: Any) -> dict[str, float]:
-        # The losses and the ranking metric; the Trainer's timings would only clutter `ls`.
+        # The losses and the ranking metric measured at this very step, nothing carried
+        # from an earlier one; the Trainer's timings would only clutter `ls`.
         wanted = {"loss", "eval_loss", self.options.get("metric", "eval_loss")}
         metrics: dict[str, float] = {}
         for entry in state.log_history:
             if entry.get("step") == state.global_step:
                 metrics.update(entry)
-        metrics.update(self._eval)
+        if self._eval[0] == state.global_step:
+            metrics.update(self._eval[1])
         return {
             k: float(v)
             for k, v in metrics.items()
@@ -511,6 +543,50 @@ class SafepointCallback(TrainerCallback):
         rng, self._rng = self._rng, None
         if rng:
             restore_rng(rng)
+
+
+# One log_history entry of each kind as TRL's SFTTrainer writes them (the plain Trainer
+# logs fewer keys): trainer_state.json grows by one per log and per evaluation.
+_LOG_ENTRY = dict.fromkeys(
+    ("entropy", "epoch", "grad_norm", "learning_rate", "loss", "mean_token_accuracy"), 1 / 3
+) | {"num_tokens": 123456.0, "step": 12345}
+_EVAL_ENTRY = {
+    **dict.fromkeys(("epoch", "eval_entropy", "eval_loss", "eval_mean_token_accuracy"), 1 / 3),
+    **dict.fromkeys(("eval_runtime", "eval_samples_per_second", "eval_steps_per_second"), 12.345),
+    **{"eval_num_tokens": 123456.0, "step": 12345},
+}
+
+
+def _entry_bytes(entry: dict[str, Any]) -> int:
+    one, two = ({"log_history": [entry] * n} for n in (1, 2))
+    return len(json.dumps(two, indent=2)) - len(json.dumps(one, indent=2))
+
+
+def _trainer_state_bytes(trainer: Any, args: Any, state: Any) -> int:
+    """``trainer_state.json`` at the end of the run: now, plus one entry per log and per
+    evaluation still to come. The last checkpoints are the largest; sizing every kept one
+    like them is what makes the pre-flight hold to the end of a long run (logging every
+    step adds ~300 bytes a step: 3 MB at step 10,000)."""
+    done, total = state.global_step, state.max_steps
+
+    def count(strategy: Any, every: Any, final: bool) -> int:
+        kind = str(getattr(strategy, "value", strategy))
+        if kind == "epoch":
+            return max(1, math.ceil(float(args.num_train_epochs)))
+        if kind != "steps" or not every:
+            return 0
+        every = int(every)
+        return total // every - done // every + int(final and total % every != 0)
+
+    logs = count(args.logging_strategy, state.logging_steps, False) + int(
+        bool(args.logging_first_step) and done == 0
+    )
+    evals = count(args.eval_strategy, state.eval_steps, True)
+    return (
+        len(trainer_state_json(trainer))
+        + logs * _entry_bytes(_LOG_ENTRY)
+        + evals * _entry_bytes(_EVAL_ENTRY)
+    )
 
 
 _CHECKPOINTER_OPTIONS = set(_inspect.signature(Checkpointer.__init__).parameters) - {
