@@ -58,18 +58,20 @@ def test_dry_run_deletes_nothing(run_dir: Path, capsys: pytest.CaptureFixture[st
     assert main(["prune", str(run_dir), "--keep-last", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert _names(run_dir) == before
-    assert "would delete 2 checkpoint(s)" in out
+    assert "would delete 3 checkpoint(s)" in out
     assert "untouched (foreign" in out and "untouched (incomplete)" in out
 
 
 @pytest.mark.parametrize(
     ("args", "left"),
     [
-        (["--keep-last", "2"], [10, 3, 40, 50, 60, 7]),
+        # keep_best=0: keep_last=N means N, the best (10) is not protected
+        (["--keep-last", "2"], [3, 40, 50, 60, 7]),
+        (["--keep-last", "2", "--keep-best", "1"], [10, 3, 40, 50, 60, 7]),
         (["--keep-last", "1", "--keep-best", "2"], [10, 3, 40, 50, 60, 7]),
         (["--keep-last", "1", "--keep-best", "2", "--mode", "max"], [20, 3, 50, 60, 7]),
-        (["--keep-last", "1", "--keep-every", "20"], [10, 20, 3, 40, 50, 60, 7]),
-        (["--keep-last", "2", "--include-foreign"], [10, 40, 50, 60]),
+        (["--keep-last", "1", "--keep-every", "20"], [20, 3, 40, 50, 60, 7]),
+        (["--keep-last", "2", "--include-foreign"], [40, 50, 60]),
     ],
 )
 def test_prune_table(
@@ -112,7 +114,7 @@ def test_prune_uses_the_recorded_policy(tmp_path: Path) -> None:
 
 
 def test_ls_explains_retention(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["ls", str(run_dir), "--keep-last", "2", "--json"]) == 0
+    assert main(["ls", str(run_dir), "--keep-last", "2", "--keep-best", "1", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["checkpoint-50"]["kept_because"] == "latest, last-2"
     assert rows["checkpoint-10"]["kept_because"] == "best"
@@ -120,7 +122,7 @@ def test_ls_explains_retention(run_dir: Path, capsys: pytest.CaptureFixture[str]
     assert rows["checkpoint-20"]["kept_because"] is None
     assert rows["checkpoint-3"]["kept_because"] is None  # foreign: not ours to judge
     assert [n for n, r in rows.items() if r["next_deletes"]] == ["checkpoint-40"]
-    assert main(["ls", str(run_dir), "--keep-last", "2"]) == 0
+    assert main(["ls", str(run_dir), "--keep-last", "2", "--keep-best", "1"]) == 0
     out = capsys.readouterr().out
     assert "next save would delete: checkpoint-40" in out
     assert "no longer keeps: checkpoint-20, checkpoint-30" in out
