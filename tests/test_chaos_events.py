@@ -1,0 +1,201 @@
+"""``safepoint chaos --file-events``: the hook sees every file event, the harness crashes
+at them in three modes and passes only on runs that resume to identical results."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from safepoint.app.chaos_events import (
+    FileEvent,
+    Runner,
+    count_events,
+    normalized,
+    points_for,
+    read_event_log,
+    sample,
+)
+from safepoint.cli import main
+
+TESTS = Path(__file__).parent
+PY = sys.executable
+
+# A writer without torch: one of each file event, under {out} and outside it.
+WRITER = textwrap.dedent(
+    """
+    import os, shutil, sys
+    out = sys.argv[1]
+    os.makedirs(out, exist_ok=True)
+    os.mkdir(os.path.join(out, "d"))
+    fd = os.open(os.path.join(out, "d", "f"), os.O_WRONLY | os.O_CREAT)
+    os.write(fd, b"0123456789")
+    os.fsync(fd)
+    os.close(fd)
+    with open(os.path.join(out, "d", "g"), "w") as f:
+        f.write("x")
+    open(os.path.join(out, "d", "f")).read()          # a read: not an event
+    os.replace(os.path.join(out, "d"), os.path.join(out, "e"))
+    os.unlink(os.path.join(out, "e", "g"))
+    shutil.rmtree(os.path.join(out, "e"))
+    with open(os.path.join(out, "..", "elsewhere"), "w") as f:  # outside {out}
+        f.write("y")
+    print("done")
+    """
+)
+
+
+def _events(n: int, kinds: str = "write") -> list[FileEvent]:
+    return [FileEvent(i, kinds if i % 2 else "open", "x") for i in range(1, n + 1)]
+
+
+def test_sample_spreads_points_evenly() -> None:
+    events = _events(100)
+    assert [e.number for e in sample(events, 4)] == [13, 38, 63, 88]
+    assert [e.number for e in sample(events, 1)] == [51]
+    assert sample(events, None) == events and sample(events, 500) == events
+
+
+def test_torn_points_are_writes_only_and_only_filters() -> None:
+    points = points_for(_events(10), ["kill", "torn", "term"], None, only={1, 2, 3})
+    assert [(p.mode, p.event.number) for p in points] == [
+        ("kill", 1),
+        ("kill", 2),
+        ("kill", 3),
+        ("torn", 1),
+        ("torn", 3),
+        ("term", 1),
+        ("term", 2),
+        ("term", 3),
+    ]
+
+
+def test_random_folder_names_are_normalized() -> None:
+    assert normalized(".staging-checkpoint-10-d576880f/state.json") == (
+        ".staging-checkpoint-10-*/state.json"
+    )
+    assert normalized("checkpoint-10/state.json") == "checkpoint-10/state.json"
+
+
+def _runner(tmp_path: Path) -> tuple[Runner, Path]:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    return Runner([PY, str(script), "{out}"], tmp_path / "work", timeout=60), script
+
+
+def test_hook_sees_every_file_event_under_the_output_dir(tmp_path: Path) -> None:
+    runner, _ = _runner(tmp_path)
+    out = tmp_path / "work" / "out"
+    ref = count_events(runner, out, timeout=60)
+    assert [(e.kind, e.path) for e in ref.events] == [
+        ("mkdir", "."),
+        ("mkdir", "d"),
+        ("open", "d/f"),
+        ("write", "d/f"),
+        ("fsync", "d/f"),
+        ("open", "d/g"),  # a buffered file object's write is not an os.write
+        ("rename", "d"),
+        ("unlink", "e/g"),
+        ("unlink", "e/f"),  # inside shutil.rmtree, relative to a directory fd
+        ("rmdir", "e"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mode", "at", "rc", "left"),
+    [
+        ("kill", 4, -signal.SIGKILL, b""),  # before the write
+        ("torn", 4, -signal.SIGKILL, b"01234"),  # half of it
+        ("term", 4, -signal.SIGTERM, b""),  # no handler: dies at once
+    ],
+)
+def test_hook_stops_the_run_at_the_kth_event(
+    tmp_path: Path, mode: str, at: int, rc: int, left: bytes
+) -> None:
+    runner, _ = _runner(tmp_path)
+    out, fired = tmp_path / "out", tmp_path / "fired"
+    proc = runner.start(out, tmp_path / "log", f"{mode}:{at}:{out}:{tmp_path / 'ev'}:{fired}")
+    assert proc.wait(60) == rc
+    assert fired.read_text().split("\t")[1:] == ["write", "d/f\n"]
+    assert (out / "d" / "f").read_bytes() == left
+    assert len(read_event_log(tmp_path / "ev")) == at
+
+
+def test_hook_env_does_not_reach_the_commands_children(tmp_path: Path) -> None:
+    runner, _ = _runner(tmp_path)
+    env = runner.env("count:0:/x:/y:/z")
+    code = "import os; print(os.environ.get('SAFEPOINT_CHAOS_HOOK'))"
+    import subprocess
+
+    child = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True)
+    assert child.stdout.strip() == "None" and child.returncode == 0
+    assert str(runner.hook_dir) in env["PYTHONPATH"]
+    assert "SAFEPOINT_CHAOS_HOOK" not in runner.env(None)
+    assert os.environ.get("SAFEPOINT_CHAOS_HOOK") is None
+
+
+def test_bad_modes_are_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["chaos", "--file-events", "--modes", "kill,cut", "--workdir", str(tmp_path)]
+    assert main([*args, "--", PY, "-c", "pass", "{out}"]) == 2
+    assert "--modes kill,cut" in capsys.readouterr().err
+
+
+@pytest.mark.crash
+def test_file_events_fail_a_writer_that_saves_in_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["chaos", "--file-events", "--modes", "kill", "--sample", "1"]
+    args += ["--workdir", str(tmp_path), "--compare", "{out}/final.safetensors", "--"]
+    args += [PY, str(TESTS / "broken_train.py"), "{out}", "--steps", "8"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "chaos: FAIL" in out
+    assert "DIFFERENT" in out or "no point resumed from a checkpoint" in out, out
+
+
+@pytest.mark.crash
+def test_file_events_pass_on_the_toy_loop_in_every_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["chaos", "--file-events", "--modes", "kill,torn,term", "--sample", "2"]
+    args += ["--workdir", str(tmp_path), "--compare", "{out}/final.safetensors", "--"]
+    args += [PY, str(TESTS / "toy_train.py"), "{out}", "--steps", "10", "--save-every", "3"]
+    rc = main(args)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "chaos: 6 of 6 points passed" in out and "chaos: PASS" in out
+    assert "resumed from a checkpoint" in out and ", 0 resumed" not in out
+
+
+@pytest.mark.crash
+def test_file_events_on_a_short_safepoint_train(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CI: SIGTERM at an evenly spread event of a short real run."""
+    args = ["chaos", "--file-events", "--modes", "term", "--sample", "1"]
+    args += ["--workdir", str(tmp_path), "--"]
+    args += [PY, "-m", "safepoint", "train", "--max-steps", "10", "--save-every", "5"]
+    args += ["--seed", "0", "--output-dir", "{out}"]
+    rc = main(args)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "1 of 1 points passed, 1 resumed from a checkpoint" in out
+
+
+@pytest.mark.slow
+@pytest.mark.crash
+@pytest.mark.parametrize("mode", ["kill", "torn", "term"])
+def test_file_events_every_point_of_safepoint_train(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    """Every file event of a 30-step run (hours on 2 cores: ~370 events, 2 runs each)."""
+    args = ["chaos", "--file-events", "--modes", mode, "--workdir", str(tmp_path), "--"]
+    args += [PY, "-m", "safepoint", "train", "--max-steps", "30", "--save-every", "5"]
+    args += ["--seed", "0", "--output-dir", "{out}"]
+    rc = main(args)
+    out = capsys.readouterr().out
+    assert rc == 0, out
