@@ -13,11 +13,9 @@ output directory; a command that keeps none is still killed and compared.
 from __future__ import annotations
 
 import contextlib
-import glob
 import itertools
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -29,6 +27,7 @@ from typing import Any
 
 import click
 
+from safepoint.app.chaos_events import MODES, compare, file_events
 from safepoint.errors import ConfigError
 from safepoint.records import read_events
 from safepoint.store import checkpoint_step, latest_checkpoint
@@ -50,6 +49,8 @@ class Attempt:
     lost: int | None = None
     verdict: str = "ok"
     log: Path | None = None
+    landed: bool = False  # killed after a checkpoint existed and before the end
+    round: int = 1  # which fresh output directory (a run that ends early starts another)
 
     @property
     def failed(self) -> bool:
@@ -218,7 +219,9 @@ def _attempt(
     rc, at = _wait(proc, out, before, kill, timeout)
     if rc is None and at is not None and kill is not None:
         a.kill_at, a.signal = at, kill.sig.name.removeprefix("SIG")
+        a.landed = latest_checkpoint(out, deep=False) is not None
         _deliver(proc, a, kill.sig)
+        a.landed = a.landed and not a.exit.startswith("0")
     elif rc is None:
         _kill(proc, signal.SIGKILL)
         proc.wait()
@@ -246,87 +249,109 @@ def _last_line(log: Path) -> str:
     return lines[-1][:160] if lines else "(no output)"
 
 
-# ----------------------------------------------------------------------- comparing
-
-
-def _natural(path: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path)]
-
-
-def _artifacts(pattern: str | None, out: Path) -> dict[str, Path]:
-    """Relative name -> file of the artifact(s) to compare in one run's output."""
-    if pattern is None:
-        newest = latest_checkpoint(out) if out.is_dir() else None
-        if newest is None:
-            return {}
-        return {p.name: p for p in sorted(newest.glob("*.safetensors"))}
-    matches = sorted(glob.glob(pattern.replace("{out}", str(out))), key=_natural)
-    if not matches:
-        return {}
-    last = Path(matches[-1])
-    files = sorted(p for p in last.rglob("*") if p.is_file()) if last.is_dir() else [last]
-    return {_relative(f, out): f for f in files}
-
-
-def _relative(path: Path, out: Path) -> str:
-    # checkpoint-40/x and checkpoint-40/x of the two runs are the same artifact
-    try:
-        rel = path.relative_to(out)
-    except ValueError:
-        return path.name
-    return str(Path(*rel.parts[1:]) if len(rel.parts) > 1 else rel)
-
-
-def same_file(a: Path, b: Path) -> tuple[bool, str]:
-    """(equal, how): bytes, else tensors for safetensors files."""
-    if a.read_bytes() == b.read_bytes():
-        return True, "identical bytes"
-    if a.suffix == ".safetensors" and b.suffix == ".safetensors":
-        import torch
-        from safetensors.torch import load_file
-
-        try:
-            ta, tb = load_file(str(a)), load_file(str(b))
-        except Exception as e:  # a damaged artifact is a difference, not a crash
-            return False, f"unreadable ({e})"
-        if ta.keys() != tb.keys():
-            return False, "different tensor names"
-        diff = [k for k in ta if not torch.equal(ta[k], tb[k])]
-        if not diff:
-            return True, "identical tensors"
-        return False, f"{len(diff)} of {len(ta)} tensors differ (e.g. {diff[0]})"
-    return False, "bytes differ"
-
-
-def compare(pattern: str | None, ref: Path, run: Path) -> tuple[bool, list[str]]:
-    """Compare the final artifacts of the two runs; (all equal, lines to print)."""
-    want, got = _artifacts(pattern, ref), _artifacts(pattern, run)
-    what = pattern or "the newest checkpoint's *.safetensors"
-    if not want:
-        return False, [f"compare: nothing matches {what} in the uninterrupted run {ref}"]
-    lines, ok = [], True
-    for name, a in want.items():
-        b = got.get(name)
-        if b is None:
-            ok = False
-            lines.append(f"compare {name}: missing in the chaos run")
-            continue
-        equal, how = same_file(a, b)
-        ok = ok and equal
-        lines.append(f"compare {name}: {'same' if equal else 'DIFFERENT'} ({how})")
-    return ok, lines
-
-
 # ------------------------------------------------------------------------- command
 
 
+_MAX_ROUNDS = 3  # fresh output directories tried when a run ends before its kills land
+
+
+@dataclass
+class _Timing:
+    duration: float  # seconds of the uninterrupted run
+    startup: float  # of which before training
+    span: float
+    total: int | None  # steps of the uninterrupted run; None: no run record
+
+
+def _random_kills(
+    *,
+    argv_for: Any,
+    runs: list[Path],
+    logs: Path,
+    ref: Path,
+    kills: int,
+    fractions: list[float],
+    seed: int,
+    use_signals: bool,
+    timing: _Timing,
+    limit: float,
+    pattern: str | None,
+) -> tuple[list[Attempt], bool]:
+    """Kill and rerun until ``kills`` kills landed after a checkpoint and before the end
+    (a run that ends first is compared, then another starts in a fresh directory); then
+    the last one runs to the end. Prints the table; returns (attempts, passed)."""
+    rng = random.Random(seed)
+    attempts: list[Attempt] = []
+    landed, round_, previous = 0, 0, 0.0
+    run, pending = runs[0], list(fractions)
+    ok, compared = True, False
+    for number in range(1, 4 * kills + 2 * _MAX_ROUNDS + 2):
+        kill = None
+        if landed < kills:
+            f = pending.pop(0) if pending else _later(rng, run, timing.total, previous)
+            sig = signal.SIGTERM if use_signals and number % 2 == 0 else signal.SIGKILL
+            gap = max(f - previous, 0.01) * (timing.duration - timing.startup)
+            kill = Kill(f, sig, timing.span, timing.total, after=gap)
+            previous = f
+        a = _attempt(number, argv_for(run), run, logs, kill, limit)
+        a.round = round_ + 1
+        attempts.append(a)
+        landed += a.landed
+        click.echo(f"  attempt {number}: {a.exit or 'done'}{'' if a.landed else ' (not counted)'}")
+        if a.failed:
+            ok = False
+            break
+        if not a.exit.startswith("0"):
+            continue
+        same, lines = compare(pattern, ref, run)  # this directory's run is complete
+        for line in lines:
+            click.echo(f"{line} [{run.name}]")
+        compared, ok = True, ok and same
+        round_ += 1
+        if not same or landed >= kills or round_ >= len(runs):
+            break
+        click.echo(
+            f"chaos: the run ended with {landed} of {kills} kills landed; again in {runs[round_]}"
+        )
+        run, previous = runs[round_], 0.0
+        pending = kill_plan(kills - landed, seed + round_)
+    for r in range(1, round_ + 2):
+        _judge([a for a in attempts if a.round == r])
+    ok = ok and not any(a.failed for a in attempts)
+    for line in _table(attempts):
+        click.echo(line)
+    if not attempts or not attempts[-1].exit.startswith("0"):
+        click.echo(f"chaos: the run did not complete; logs in {logs}")
+        ok = False
+    elif landed < kills:
+        click.echo(
+            f"chaos: only {landed} of {kills} kills landed after a checkpoint and before the "
+            "end; lengthen the run, save more often or ask fewer --kills"
+        )
+        ok = False
+    elif kills and not any(a.resumed_from for a in attempts):
+        click.echo("chaos: no attempt resumed from a checkpoint: no resume was tested")
+        ok = False
+    return attempts, ok and compared
+
+
+def _later(rng: random.Random, run: Path, total: int | None, previous: float) -> float:
+    """A kill instant (fraction of the run) past the newest checkpoint of ``run``."""
+    newest = latest_checkpoint(run, deep=False) if run.is_dir() else None
+    done = (checkpoint_step(newest.name) or 0) / total if newest and total else previous
+    low = min(max(done, previous) + 0.02, 0.95)
+    return rng.uniform(low, max(low, 0.97))
+
+
 def _table(attempts: list[Attempt]) -> list[str]:
-    head = ("#", "kill at", "signal", "exit", "resumed from", "reached", "steps lost", "verdict")
+    head = ("#", "kill at", "signal", "counts", "exit", "resumed from", "reached", "steps lost")
+    head += ("verdict",)
     rows = [
         (
             str(a.number),
             "-" if a.kill_at is None else f"{a.kill_at:.1f} s",
             a.signal or "-",
+            "yes" if a.landed else "-",
             a.exit,
             "?" if a.resumed_from is None else str(a.resumed_from or "start"),
             "?" if a.reached is None else str(a.reached),
@@ -344,11 +369,11 @@ def _table(attempts: list[Attempt]) -> list[str]:
 
 def _judge(attempts: list[Attempt]) -> None:
     """Steps lost per kill, and a verdict on each resume."""
-    for prev, a in itertools.pairwise(attempts):
+    for i, (prev, a) in enumerate(itertools.pairwise(attempts), 1):
         if a.resumed_from is None or prev.reached is None:
             continue
         prev.lost = max(prev.reached - a.resumed_from, 0)
-        earlier = [x.resumed_from for x in attempts[: a.number - 1] if x.resumed_from]
+        earlier = [x.resumed_from for x in attempts[:i] if x.resumed_from]
         if earlier and a.resumed_from < max(earlier) and not a.failed:
             a.verdict = f"FAIL: resumed from step {a.resumed_from}, older than {max(earlier)}"
         if prev.signal == "TERM" and prev.exit == "3" and prev.lost and not prev.failed:
@@ -374,6 +399,30 @@ def _judge(attempts: list[Attempt]) -> None:
     "last match); default: the newest checkpoint's tensor files.",
 )
 @click.option("--signals", "use_signals", is_flag=True, help="Every other kill is a SIGTERM.")
+@click.option(
+    "--file-events",
+    is_flag=True,
+    help="Crash at every file event of the run's saves instead of at random instants.",
+)
+@click.option(
+    "--modes",
+    default="kill,torn,term",
+    show_default=True,
+    help="With --file-events: kill (SIGKILL before the event), torn (half a write, then "
+    "SIGKILL), term (SIGTERM at the event, SIGKILL after --grace).",
+)
+@click.option(
+    "--sample",
+    type=click.IntRange(1, None),
+    help="With --file-events: K points per mode spread evenly over the events (default all).",
+)
+@click.option(
+    "--grace",
+    "grace_text",
+    default="10s",
+    show_default=True,
+    help="With --file-events: SIGKILL this long after a SIGTERM.",
+)
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep both runs here.")
 @click.option("--timeout", "timeout_text", help="Per run (default: 3x the first run + 60s).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -382,6 +431,10 @@ def chaos_cmd(
     seed: int,
     pattern: str | None,
     use_signals: bool,
+    file_events: bool,
+    modes: str,
+    sample: int | None,
+    grace_text: str,
     workdir: str | None,
     timeout_text: str | None,
     command: tuple[str, ...],
@@ -416,6 +469,8 @@ def chaos_cmd(
             f"{where}: cannot create it ({e.strerror}); give a writable --workdir"
         ) from None
 
+    if file_events:
+        return _file_events(command, work, modes, sample, grace_text, limit, pattern, workdir)
     click.echo(f"chaos: uninterrupted run in {ref}")
     rc, duration, startup = _run(
         _substitute(command, ref), logs / "reference.log", ref, timeout=limit or 3600
@@ -432,36 +487,58 @@ def chaos_cmd(
     span = duration - startup if total else duration
     click.echo(f"chaos: {duration:.1f} s (startup {startup:.1f} s); {kills} kills in {run}")
 
-    attempts: list[Attempt] = []
-    argv = _substitute(command, run)
-    for number in range(1, len(fractions) + 2):
-        kill = None
-        if number <= len(fractions):
-            f = fractions[number - 1]
-            sig = signal.SIGTERM if use_signals and number % 2 == 0 else signal.SIGKILL
-            gap = (f - (fractions[number - 2] if number > 1 else 0.0)) * (duration - startup)
-            kill = Kill(f, sig, span, total or None, after=gap)
-        a = _attempt(number, argv, run, logs, kill, limit)
-        attempts.append(a)
-        click.echo(f"  attempt {number}: {a.exit or 'done'}")
-        if a.failed or a.exit.startswith("0"):
-            break
-    _judge(attempts)
-    for line in _table(attempts):
-        click.echo(line)
-    ok = not any(a.failed for a in attempts) and attempts[-1].exit.startswith("0")
-    if ok:
-        same, lines = compare(pattern, ref, run)
-        for line in lines:
-            click.echo(line)
-        ok = same
-    else:
-        click.echo(f"chaos: the run did not complete; logs in {logs}")
+    timing = _Timing(duration, startup, span, total or None)
+    _, ok = _random_kills(
+        argv_for=lambda out: _substitute(command, out),
+        runs=[run, *(work / f"chaos-{n}" for n in range(2, _MAX_ROUNDS + 1))],
+        logs=logs,
+        ref=ref,
+        kills=kills,
+        fractions=fractions,
+        seed=seed,
+        use_signals=use_signals,
+        timing=timing,
+        limit=limit,
+        pattern=pattern,
+    )
     click.echo(f"chaos: {'PASS' if ok else 'FAIL'}")
     if ok and workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     elif not ok:
         click.echo(f"chaos: both runs kept in {work}")
+    return 0 if ok else 1
+
+
+def _file_events(
+    command: tuple[str, ...],
+    work: Path,
+    modes_text: str,
+    sample: int | None,
+    grace_text: str,
+    limit: float | None,
+    pattern: str | None,
+    workdir: str | None,
+) -> int:
+    modes = [m.strip() for m in modes_text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ConfigError(f"--modes {modes_text}: use some of {','.join(MODES)}")
+    grace = parse_duration(grace_text, what="--grace")
+    ok = file_events(
+        command,
+        work,
+        modes=modes,
+        k=sample,
+        grace=grace,
+        timeout=limit,
+        pattern=pattern,
+        echo=click.echo,
+    )
+    click.echo(f"chaos: {'PASS' if ok else 'FAIL'}")
+    if ok and workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    elif not ok:
+        click.echo(f"chaos: runs and logs kept in {work}")
     return 0 if ok else 1
 
 

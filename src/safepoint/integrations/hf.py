@@ -137,6 +137,7 @@ class SafepointCallback(TrainerCallback):
         self._rng: dict[str, Any] | None = None
         self._eval: tuple[int, dict[str, float]] = (-1, {})  # (step measured at, metrics)
         self._stop_at: int | None = None  # a stop signal waits for this step's log
+        self._ended: int | None = None  # the step whose on_step_end ran, until the next
 
     # ------------------------------------------------------------------ wiring
 
@@ -351,6 +352,7 @@ class SafepointCallback(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._flush(state)
+        self._ended = None
         if self._stop_at is not None:  # the log that the stop waited for did not come
             self._boundary(state)
         # Resumed mid-epoch: the Trainer loads its RNG file after fetching the first
@@ -360,13 +362,14 @@ class SafepointCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         control.should_save = False  # safepoint saves this run, never the Trainer too
+        self._ended = state.global_step
         ckpt = self._require()
         ckpt.check()  # a failed background save surfaces at the next step
         self._maybe_save(state, control, epoch_end=False)
         if ckpt.stop_requested:
             # The Trainer logs this step right after this event: force that log so that
             # the step's loss reaches the run record and the emergency checkpoint's
-            # trainer_state.json; on_log then saves and stops.
+            # trainer_state.json; on_log (or on_evaluate) then saves and stops.
             control.should_log = True
             self._stop_at = state.global_step
             return
@@ -394,7 +397,7 @@ class SafepointCallback(TrainerCallback):
             self.checkpointer.log_metrics(state.global_step, logs)  # the run record
         if self._pending and not control.should_evaluate:
             self._flush(state)
-        if self._stop_at == state.global_step:  # before this step's evaluation: stop now
+        if self._stop_here(state) and not control.should_evaluate:
             self._boundary(state)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any):
@@ -412,6 +415,19 @@ class SafepointCallback(TrainerCallback):
             control.should_training_stop = True
             self._pending = self._pending or "early stopping"
         self._flush(state)
+        if self._stop_here(state):
+            self._boundary(state)
+
+    def _stop_here(self, state: Any) -> bool:
+        """Whether a stop signal is to be acted on now, at the end of this step's log (no
+        evaluation follows) or of its evaluation: where the Trainer saves its own
+        checkpoints. Not earlier: evaluating draws from the torch RNG (each DataLoader
+        iterator takes a seed from it), so a checkpoint of this step taken before its
+        evaluation resumes into different weights (issue #12, part 4)."""
+        ckpt = self.checkpointer
+        return self._stop_at == state.global_step or (
+            self._ended == state.global_step and ckpt is not None and bool(ckpt.stop_requested)
+        )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._flush(state)
