@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from safepoint.manifest import MANIFEST_NAME
 from safepoint.records import read_events
 from safepoint.remote import LATEST_NAME, RemoteDir, upload_states
 from safepoint.store import Store
+from tests import s3_server
 from tests.conftest import same_tensors
 
 SCRIPT = Path(__file__).parent / "dist_train.py"
@@ -38,9 +37,7 @@ class S3Server:
     """moto's standalone S3 server on 127.0.0.1, stoppable and restartable on its port."""
 
     def __init__(self, log_dir: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = s3_server.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / "moto.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -52,20 +49,8 @@ class S3Server:
         }
 
     def start(self, bucket: str = "runs") -> None:
-        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1).close()
-                break
-            except OSError as e:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"moto did not start: {self.log.read_text()}") from e
-                time.sleep(0.05)
-        req = urllib.request.Request(f"{self.url}/{bucket}", method="PUT")
-        urllib.request.urlopen(req, timeout=10).close()
+        self.proc = s3_server.start(self.port, self.log)
+        s3_server.make_bucket(self.port, bucket)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -74,8 +59,19 @@ class S3Server:
             self.proc = None
 
 
+@pytest.fixture(scope="session")
+def _moto() -> None:
+    """Build (once per machine) the moto tool venv; see tests/s3_server.py for why."""
+    try:
+        s3_server.moto_python()
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"moto's S3 server is not available here: {e}")
+
+
 @pytest.fixture
-def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _moto: None) -> Iterator[S3Server]:
     pytest.importorskip("s3fs")
     server = S3Server(tmp_path)
     server.start()
