@@ -84,3 +84,35 @@ def test_chaos_on_the_toy_loop_with_many_kills(
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "compare final.safetensors: same (identical bytes)" in out
+
+
+@pytest.mark.crash
+def test_random_kills_never_pass_without_a_kill_after_a_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # no checkpoint before the end: no kill can land after one
+    args = ["chaos", "--kills", "1", "--seed", "0", "--workdir", str(tmp_path)]
+    args += ["--compare", "{out}/final.safetensors", "--"]
+    args += [PY, str(TESTS / "toy_train.py"), "{out}", "--steps", "6", "--save-every", "100"]
+    args += ["--step-sleep", "0.2"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "only 0 of 1 kills landed after a checkpoint" in out, out
+    assert "chaos: FAIL" in out
+
+
+@pytest.mark.slow
+@pytest.mark.crash
+@pytest.mark.parametrize("seed", range(6))
+def test_hunt_sigterm_resumes_on_safepoint_train(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], seed: int
+) -> None:
+    """Hunting loop for #12 part 4 (a SIGTERM at the wrong instant resumed into other
+    weights): SIGKILL and SIGTERM at many seeded instants of a 30-step run."""
+    args = ["chaos", "--kills", "6", "--seed", str(seed), "--signals"]
+    args += ["--workdir", str(tmp_path), "--"]
+    args += [PY, "-m", "safepoint", "train", "--max-steps", "30", "--save-every", "5"]
+    args += ["--seed", str(seed), "--output-dir", "{out}"]
+    rc = main(args)
+    out = capsys.readouterr().out
+    assert rc == 0, out

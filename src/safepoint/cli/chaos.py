@@ -219,7 +219,11 @@ def _attempt(
     rc, at = _wait(proc, out, before, kill, timeout)
     if rc is None and at is not None and kill is not None:
         a.kill_at, a.signal = at, kill.sig.name.removeprefix("SIG")
-        a.landed = latest_checkpoint(out, deep=False) is not None
+        # Counts only between the first checkpoint and the last: a kill before any
+        # checkpoint or after the final one tests no resume.
+        newest = latest_checkpoint(out, deep=False)
+        done = checkpoint_step(newest.name) if newest is not None else None
+        a.landed = done is not None and (kill.total is None or done < kill.total)
         _deliver(proc, a, kill.sig)
         a.landed = a.landed and not a.exit.startswith("0")
     elif rc is None:
@@ -285,9 +289,10 @@ def _random_kills(
     landed, round_, previous = 0, 0, 0.0
     run, pending = runs[0], list(fractions)
     ok, compared = True, False
-    for number in range(1, 4 * kills + 2 * _MAX_ROUNDS + 2):
+    last = 2 * kills + 3  # attempts in all; the last one runs to the end unkilled
+    for number in range(1, last + 1):
         kill = None
-        if landed < kills:
+        if landed < kills and number < last:
             f = pending.pop(0) if pending else _later(rng, run, timing.total, previous)
             sig = signal.SIGTERM if use_signals and number % 2 == 0 else signal.SIGKILL
             gap = max(f - previous, 0.01) * (timing.duration - timing.startup)
