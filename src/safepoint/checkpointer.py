@@ -347,7 +347,7 @@ class Checkpointer:
         ):
             reason = "end of training"
         if self._async is not None:
-            self._async.raise_failure()
+            self._background_failure()
             reason = self._async.due(step, reason, must=reason == "end of training")
         reason = self.ranks.agree_to_save(reason, self._stop)  # same decision on all ranks
         info = None if reason is None else self._scheduled_save(step, state, metrics, reason)
@@ -453,7 +453,7 @@ class Checkpointer:
         if self._async is None:
             return self._commit_now(snapshot, started, mode="sync")
         # Only one thread may touch the store: first let the save in flight finish.
-        self._async.raise_failure()
+        self._background_failure()
         waited = self._async.wait_idle(snapshot.step)
         if self._stop.saving:  # emergency saves are synchronous, and go ahead regardless
             try:
@@ -461,7 +461,7 @@ class Checkpointer:
             except SaveFailedError as e:
                 log.error("%s", e)
             return self._commit_now(snapshot, started, mode="sync")
-        self._async.raise_failure()
+        self._background_failure()
         if not self._async.fits(snapshot):
             return self._commit_now(snapshot, started, mode="inline")
         t_copy = time.perf_counter()
@@ -559,7 +559,8 @@ class Checkpointer:
         deleted = []
         for info in valid:
             if info.step in decision.delete:
-                self.store.delete(info)
+                if not policy_hooks.delete(self, info):
+                    continue
                 self.record.event(
                     "delete",
                     step=info.step,
@@ -601,9 +602,15 @@ class Checkpointer:
 
     def check(self) -> None:
         """Raise ``SaveFailedError`` now if a background save failed; never waits.
-        Integrations call it at every step so that a failure surfaces at once."""
+        Integrations call it at every step so that a failure surfaces at once. With
+        ``on_save_error="continue"`` a failed scheduled save is logged instead."""
+        self._background_failure()
+
+    def _background_failure(self) -> None:
         if self._async is not None:
-            self._async.raise_failure()
+            failure = self._async.take_failure()
+            if failure is not None:
+                self.save_failed(failure[0], failure[1], reason=failure[2])
 
     def flush(self) -> None:
         """Wait for the background save in flight, if any; raise ``SaveFailedError`` if it

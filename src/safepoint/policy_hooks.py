@@ -7,6 +7,7 @@ that the engine file stays a thin orchestrator. Each takes the checkpointer firs
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -189,6 +190,15 @@ def save_failed(self: Checkpointer, step: int, error: SaveFailedError, *, reason
     """
     if self.on_save_error == "stop":
         raise error
+    if reason == "end of training" or (self.total_steps and step >= self.total_steps):
+        # Going on would end the run with exit 0 and no final checkpoint.
+        newest = next((i for i in reversed(self.store.scan()) if i.valid), None)
+        self.record.event("save_skipped", step=step, reason=reason, error=str(error))
+        raise SaveFailedError(
+            f"the final save (step {step}) failed, so the run ends WITHOUT its final "
+            f"checkpoint; {'the newest is ' + newest.name if newest else 'no checkpoint'} "
+            f"(rerun the same command to resume and save again): {error}"
+        ) from error
     self.schedule.failed(time.monotonic())
     log.error(
         "SAVE FAILED at step %d, training goes on WITHOUT a new checkpoint "
@@ -197,6 +207,29 @@ def save_failed(self: Checkpointer, step: int, error: SaveFailedError, *, reason
         error,
     )
     self.record.event("save_skipped", step=step, reason=reason, error=str(error))
+
+
+def delete(self: Checkpointer, info: CheckpointInfo) -> bool:
+    """Retention's deletion of ``info``; True if it is gone. Never raises ``OSError``:
+    the new checkpoint is committed, so a folder that will not go (an NFS ``.nfsXXXX``
+    file, an immutable file, EIO) is a warning, in every ``on_save_error`` mode."""
+    try:
+        self.store.delete(info)
+        return True
+    except OSError as e:
+        where = getattr(e, "filename", None) or info.path
+        if os.path.lexists(info.path):
+            state = f"{info.name} is kept"
+        else:  # renamed out of sight, then not fully removed: the next start sweeps it
+            state = f"{info.name} is out of the run, but files of it remain"
+        note = (
+            f"retention could not delete {info.name} ({e.strerror or e}: {where}); {state}; "
+            "the new checkpoint is committed and training goes on; remove it by hand if "
+            "the disk is short"
+        )
+        log.warning("%s", note)
+        self.record.event("warning", message=note)
+        return not os.path.lexists(info.path)
 
 
 def store_commit(self: Checkpointer, snapshot: Snapshot, **kwargs: Any) -> CheckpointInfo:
@@ -253,7 +286,8 @@ def _free_for(self: Checkpointer, snapshot: Snapshot) -> int:
     freed = 0
     for info in valid:
         if info.step in steps:
-            self.store.delete(info)
+            if not delete(self, info):
+                continue
             freed += info.size
             self.record.event(
                 "delete",

@@ -205,14 +205,25 @@ class AsyncSaver:
         self.writer = BackgroundWriter()
         self.buffers = StagingBuffers()
         self.deferred: str | None = None
+        self.reasons: dict[int, str] = {}
         self._short_of_memory = False
 
     def raise_failure(self) -> None:
         """Raise the failure of the last background save, if it failed (once)."""
+        failure = self.take_failure()
+        if failure is not None:
+            raise failure[1]
+
+    def take_failure(self) -> tuple[int, SaveFailedError, str] | None:
+        """(step, error, reason) of the last background save if it failed (once)."""
         pending = self.writer.take_failure()
         if pending is None or isinstance(pending.error, SaveAbandoned):
-            return
-        raise as_save_failed(pending, self.directory)
+            return None
+        return (
+            pending.step,
+            as_save_failed(pending, self.directory),
+            self.reasons.get(pending.step, "scheduled"),
+        )
 
     def due(self, step: int, reason: str | None, *, must: bool) -> str | None:
         """Apply ``on_busy`` to a due save: the reason to save now, or None (skipped)."""
@@ -269,6 +280,7 @@ class AsyncSaver:
         The caller must have waited for the previous save (``wait_idle``).
         """
         staged = self.buffers.stage(snapshot)
+        self.reasons = {snapshot.step: snapshot.reason}  # for on_save_error, if it fails
 
         def run() -> Any:
             self.buffers.ready()

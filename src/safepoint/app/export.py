@@ -9,14 +9,27 @@ import secrets
 import shutil
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from safepoint.app.tiny import TINY_MODEL
 from safepoint.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
+from safepoint.format import loads_json, read_regular
 from safepoint.retention import Candidate, RetentionPolicy, best_steps
 from safepoint.store import CheckpointInfo, inspect, scan
 
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 _MODEL_FILES = ("model.safetensors", "config.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
+_MAX_TOKENIZER_BYTES = 256 << 20
 
 
 def pick(directory: Path, which: str, *, metric: str = "eval_loss") -> CheckpointInfo:
@@ -53,34 +66,94 @@ def pick(directory: Path, which: str, *, metric: str = "eval_loss") -> Checkpoin
     return deep
 
 
-def export(info: CheckpointInfo, out: Path, *, merge: bool) -> Path:
+@dataclass(frozen=True)
+class Base:
+    """The base model an adapter export uses, and who named it."""
+
+    path: str
+    """A local folder, or a hub name the run's config gave."""
+    source: str
+    """Where it comes from, for the user: ``--base`` or the run's config."""
+
+
+def is_adapter(info: CheckpointInfo) -> bool:
+    """Whether the manifest of ``info`` lists a LoRA adapter (only listed files count)."""
+    files = info.manifest.files if info.manifest else {}
+    return all(name in files for name in _ADAPTER_FILES)
+
+
+def listed_files(info: CheckpointInfo) -> tuple[str, ...]:
+    """The files an export of ``info`` copies; ``ConfigError`` if the manifest lacks them
+    (e.g. a plain-loop checkpoint: its weights are no Hugging Face model folder)."""
+    names = _ADAPTER_FILES if is_adapter(info) else _MODEL_FILES
+    files = info.manifest.files if info.manifest else {}
+    if missing := [n for n in names if n not in files]:
+        raise ConfigError(
+            f"{info.path}: no {', '.join(missing)} in its manifest; export takes the "
+            "checkpoints of `safepoint train` or of the Trainer callback (a Hugging Face "
+            "model folder), not those of a plain training loop"
+        )
+    return names
+
+
+def base_model(info: CheckpointInfo, given: str | None) -> Base | None:
+    """The base model of an adapter export: ``given`` (``--base``), else the model the
+    run's own config names (``safepoint train`` stores it in each manifest), else None.
+
+    Never the ``base_model_name_or_path`` of the checkpoint's ``adapter_config.json``:
+    a checkpoint must not choose a folder for export to read or load.
+    """
+    if given is not None:
+        path = Path(given).expanduser()
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--base {given}: no config.json there; give the base model folder")
+        return Base(str(path), "--base")
+    config = info.manifest.info.get("config") if info.manifest else None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, str) or not model:
+        return None
+    if model == TINY_MODEL:
+        from safepoint.app.tiny import tiny_model_path
+
+        return Base(str(tiny_model_path()), "the run's config: the built-in tiny model")
+    return Base(model, "the run's config")
+
+
+def export(info: CheckpointInfo, out: Path, *, merge: bool, base: Base | None = None) -> Path:
     """Write a loadable model folder to ``out`` (must not exist or be empty).
 
-    LoRA checkpoints give the adapter (``PeftModel.from_pretrained``) or, with ``merge``,
-    the base model with the adapter merged in (``AutoModelForCausalLM.from_pretrained``).
-    The base model's tokenizer is copied along when it is a local folder.
+    Copies only the files the manifest lists, each read from an ``O_NOFOLLOW`` fd and
+    checked against its size and checksum. LoRA checkpoints give the adapter
+    (``PeftModel.from_pretrained``) or, with ``merge``, ``base`` with the adapter merged in
+    (``AutoModelForCausalLM.from_pretrained``; weights from safetensors only). The base
+    model's tokenizer is copied along when ``base`` is a local folder. Raises
+    ``ConfigError`` (no base to merge onto) or ``CorruptCheckpointError``.
     """
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
-    src = info.path
-    is_adapter = (src / "adapter_config.json").is_file()
+    names = listed_files(info)
+    adapter = is_adapter(info)
+    if adapter and merge and base is None:
+        raise ConfigError(_no_base(info, "merge"))
+    content = {name: _read_listed(info, name) for name in names}
+    if adapter:
+        content["adapter_config.json"] = _adapter_config(info, content, base)
+    else:
+        _json_object(content["config.json"], info.path / "config.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its private 0700 would survive the rename and lock out the
     # account that serves the model. mkdir's 0o777 goes through the umask, as for any folder.
     tmp = out.parent / f".{out.name}-{secrets.token_hex(4)}"
     os.mkdir(tmp, 0o777)
     try:
-        base = None
-        if is_adapter:
-            base = json.loads((src / "adapter_config.json").read_text()).get(
-                "base_model_name_or_path"
-            )
-        if is_adapter and merge:
-            _merge(src, base, tmp)
+        if adapter and merge:
+            assert base is not None
+            _merge(info.path, content, base, tmp)
         else:
-            for name in _ADAPTER_FILES if is_adapter else _MODEL_FILES:
-                shutil.copyfile(src / name, tmp / name)
-        _copy_tokenizer(Path(base) if base else None, tmp)
+            for name, data in content.items():
+                (tmp / name).write_bytes(data)
+        if base is not None and Path(base.path).is_dir():
+            _copy_tokenizer(Path(base.path), tmp)
         _default_modes(tmp)
         if out.exists():
             out.rmdir()
@@ -88,6 +161,52 @@ def export(info: CheckpointInfo, out: Path, *, merge: bool) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _no_base(info: CheckpointInfo, what: str) -> str:
+    named = _named_base(info)
+    hint = f"; the adapter names {named}: pass --base {named} if that is it" if named else ""
+    return (
+        f"{info.path}: the run's config names no base model to {what} onto{hint}; "
+        "give the base model folder with --base PATH"
+    )
+
+
+def _named_base(info: CheckpointInfo) -> str | None:
+    """What the adapter config claims as base, for hints only (never read or loaded)."""
+    try:
+        doc = _json_object(_read_listed(info, "adapter_config.json"), info.path)
+    except (CorruptCheckpointError, ConfigError):
+        return None
+    named = doc.get("base_model_name_or_path")
+    return named if isinstance(named, str) and len(named) < 4096 else None
+
+
+def _read_listed(info: CheckpointInfo, name: str) -> bytes:
+    assert info.manifest is not None
+    entry = info.manifest.files[name]
+    return bytes(read_regular(info.path / name, size=entry.size, checksum=entry.checksum))
+
+
+def _json_object(data: bytes, where: Path) -> dict[str, Any]:
+    doc = loads_json(data, where=str(where))
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"{where}: not a JSON object; the checkpoint is damaged")
+    return doc
+
+
+def _adapter_config(info: CheckpointInfo, content: dict[str, bytes], base: Base | None) -> bytes:
+    """The checkpoint's adapter config, checked, with the base the export trusts (or the
+    one it named, kept as text and never used, when no base is known)."""
+    where = info.path / "adapter_config.json"
+    doc = _json_object(content["adapter_config.json"], where)
+    if doc.get("peft_type", "LORA") != "LORA":
+        raise CorruptCheckpointError(
+            f"{where}: peft_type {doc.get('peft_type')!r}; export takes LoRA adapters"
+        )
+    if base is not None:
+        doc["base_model_name_or_path"] = base.path
+    return json.dumps(doc, indent=2, sort_keys=True).encode()
 
 
 def _default_modes(folder: Path) -> None:
@@ -131,31 +250,46 @@ def _quiet_libraries() -> Iterator[None]:
             hub.enable_progress_bars()
 
 
-def _merge(src: Path, base: str | None, dest: Path) -> None:
-    if not base:
-        raise ConfigError(f"{src}: adapter_config.json names no base model; cannot --merge")
+def _merge(src: Path, content: dict[str, bytes], base: Base, dest: Path) -> None:
     with _quiet_libraries():
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(base)
-        except OSError as e:
-            raise ConfigError(f"{src}: cannot load the base model {base} ({e})") from None
-        merged = PeftModel.from_pretrained(model, str(src)).merge_and_unload()
+            # safetensors only: a base folder's pickled weights are never unpickled
+            model = AutoModelForCausalLM.from_pretrained(base.path, use_safetensors=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"cannot load the base model {base.path} from {base.source} "
+                f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                "give a base model folder with safetensors weights (--base PATH)"
+            ) from None
+        # PEFT reads the checked bytes from a private folder, not the checkpoint itself.
+        adapter = dest / ".adapter"
+        os.mkdir(adapter, 0o700)
+        for name, data in content.items():
+            (adapter / name).write_bytes(data)
+        try:
+            merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        except Exception as e:  # PEFT's config and shape checks raise many types
+            raise CorruptCheckpointError(
+                f"{src}: its adapter does not load onto {base.path} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); export another checkpoint "
+                "or give the right --base"
+            ) from None
+        finally:
+            shutil.rmtree(adapter, ignore_errors=True)
         merged.save_pretrained(dest)
 
 
-def _copy_tokenizer(base: Path | None, dest: Path) -> None:
-    if base is None or not base.is_dir():
-        return
-    for name in (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "chat_template.jinja",
-        "vocab.json",
-        "merges.txt",
-    ):
-        if (base / name).is_file() and not (dest / name).exists():
-            shutil.copyfile(base / name, dest / name)
+def _copy_tokenizer(base: Path, dest: Path) -> None:
+    # Regular files only, never through a link: the base folder is the user's, but a
+    # link in it still must not make export read something else.
+    for name in _TOKENIZER_FILES:
+        if (dest / name).exists():
+            continue
+        try:
+            data = read_regular(base / name, max_size=_MAX_TOKENIZER_BYTES)
+        except CorruptCheckpointError:
+            continue  # absent, a link or special file, or absurdly large: not copied
+        (dest / name).write_bytes(data)

@@ -21,23 +21,31 @@ from safepoint.units import format_size
 @click.option("--out", required=True, type=click.Path(), help="New folder for the model.")
 @click.option("--merge", is_flag=True, help="Merge the LoRA adapter into the base model.")
 @click.option("--metric", default="eval_loss", show_default=True, help="Metric for 'best'.")
-def export_cmd(directory: str, which: str, out: str, merge: bool, metric: str) -> None:
-    """Export a checkpoint of DIRECTORY as a model folder that from_pretrained loads."""
-    from safepoint.app.export import export, pick
+@click.option(
+    "--base",
+    type=click.Path(file_okay=False),
+    help="Base model folder for an adapter (default: the model the run's config names).",
+)
+def export_cmd(
+    directory: str, which: str, out: str, merge: bool, metric: str, base: str | None
+) -> None:
+    """Export a checkpoint of DIRECTORY as a model folder that from_pretrained loads.
+
+    Only the files the checkpoint's manifest lists are read. The base model of a LoRA
+    adapter is --base, or the model the run's own config names; never a folder the
+    checkpoint's adapter_config.json points to.
+    """
+    from safepoint.app.export import base_model, export, is_adapter, listed_files, pick
 
     info = pick(Path(directory), which, metric=metric)
     _check_writable(Path(out))
-    names = ("adapter_model.safetensors", "adapter_config.json")
-    if not (info.path / names[0]).is_file():
-        names = ("model.safetensors", "config.json")
-    if missing := [n for n in names if not (info.path / n).is_file()]:
-        raise ConfigError(
-            f"{info.path}: no {', '.join(missing)}; export takes the checkpoints of "
-            "`safepoint train` or of the Trainer callback (a Hugging Face model folder)"
-        )
-    _check_space(Path(out), sum((info.path / n).stat().st_size for n in names))
+    names = listed_files(info)
+    adapter = is_adapter(info)
+    trusted = base_model(info, base) if adapter else None
+    assert info.manifest is not None
+    _check_space(Path(out), sum(info.manifest.files[n].size for n in names))
     try:
-        path = export(info, Path(out), merge=merge)
+        path = export(info, Path(out), merge=merge, base=trusted)
     except OSError as e:
         # A full or read-only disk fails on writing, but the error names the source file.
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
@@ -46,9 +54,15 @@ def export_cmd(directory: str, which: str, out: str, merge: bool, metric: str) -
             f"--out {out}: cannot write the model there ({e.strerror}); nothing was "
             "exported; free space or choose another folder"
         ) from None
-    is_adapter = (info.path / "adapter_config.json").is_file()
-    kind = "merged model" if merge and is_adapter else "adapter" if is_adapter else "model"
+    kind = "merged model" if merge and adapter else "adapter" if adapter else "model"
     click.echo(f"exported {info.path} ({kind}) to {path}")
+    if trusted is not None:
+        click.echo(f"base model: {trusted.path} ({trusted.source})")
+    elif adapter:
+        click.echo(
+            "base model: none named by the run's config; no tokenizer copied (give --base "
+            "PATH to copy the base model's tokenizer, or to --merge)"
+        )
 
 
 def _existing(out: Path) -> Path:

@@ -42,6 +42,7 @@ from safepoint.checkpointer import Checkpointer
 from safepoint.errors import (
     CheckpointNotFoundError,
     ConfigError,
+    CorruptCheckpointError,
     IncompatibleCheckpointError,
     SaveFailedError,
 )
@@ -52,6 +53,7 @@ from safepoint.integrations.hf_layout import (
     model_files,
     trainer_state_json,
 )
+from safepoint.integrations.hf_view import make_view, remove_view
 from safepoint.retention import RetentionPolicy
 from safepoint.rng import restore_rng
 from safepoint.schedule import Schedule, parse_save_every
@@ -129,6 +131,8 @@ class SafepointCallback(TrainerCallback):
         self.checkpointer: Checkpointer | None = None
         self.trainer: Trainer | None = None
         self.resumed_from: CheckpointInfo | None = None
+        self._view: Path | None = None  # the verified view the Trainer resumes from
+        self._saved_state: dict[str, Any] = {}  # its checked trainer_state.json
         self.already_finished: CheckpointInfo | None = None
         """Set when a rerun found the run already complete and trained nothing."""
         self.last_commit: CheckpointInfo | None = None
@@ -176,6 +180,8 @@ class SafepointCallback(TrainerCallback):
                 raise
             finally:
                 self._end()
+                remove_view(self._view)
+                self._view = None
 
         trainer.train = train  # type: ignore[method-assign]
 
@@ -184,7 +190,7 @@ class SafepointCallback(TrainerCallback):
         info = self.resumed_from
         if info is None:
             return None
-        saved = json.loads((info.path / TRAINER_STATE_NAME).read_bytes())
+        saved = self._saved_state  # checked by make_view, never read again from the folder
         same_length = (
             args.max_steps == saved.get("max_steps")
             if args.max_steps > 0
@@ -231,7 +237,8 @@ class SafepointCallback(TrainerCallback):
         except BaseException:
             self._end()
             raise
-        return None if self.resumed_from is None else str(self.resumed_from.path)
+        # The Trainer resumes from the verified view, never from the checkpoint folder.
+        return None if self._view is None else str(self._view)
 
     def _pick(self, resume: Any) -> CheckpointInfo | None:
         ckpt = self.checkpointer
@@ -248,9 +255,20 @@ class SafepointCallback(TrainerCallback):
             if resume is None:
                 return None
         if resume is None or resume is True:
+            misfit: IncompatibleCheckpointError | None = None
             for info in newest_first(ckpt.directory, deep=ckpt.verify_on_resume):
                 self._check_ours(info)
-                return info
+                try:
+                    return self._open_view(info)
+                except (CorruptCheckpointError, IncompatibleCheckpointError) as e:
+                    # Damaged, tampered with, or not this model's: an older one may do. If
+                    # none fits the model, the first misfit is raised: training from
+                    # scratch would hide a changed model.
+                    log.warning("skipping %s: %s; trying the next older checkpoint", info.path, e)
+                    if isinstance(e, IncompatibleCheckpointError):
+                        misfit = misfit or e
+            if misfit is not None:
+                raise misfit
             if resume is True:
                 log.warning("no valid checkpoint in %s; starting from scratch", ckpt.directory)
             return None
@@ -275,6 +293,15 @@ class SafepointCallback(TrainerCallback):
                 "checkpoint or run `safepoint verify` for details"
             )
         self._check_ours(info)
+        return self._open_view(info)
+
+    def _open_view(self, info: CheckpointInfo) -> CheckpointInfo:
+        assert self.checkpointer is not None
+        if self.trainer is None:  # not attached: there is no Trainer to resume
+            return info
+        self._view, self._saved_state = make_view(
+            info, self.trainer.model, self.checkpointer.directory
+        )
         return info
 
     def _check_ours(self, info: CheckpointInfo) -> None:
