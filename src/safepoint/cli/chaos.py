@@ -419,7 +419,8 @@ def _judge(attempts: list[Attempt]) -> None:
 @click.option(
     "--sample",
     type=click.IntRange(1, None),
-    help="With --file-events: K points per mode spread evenly over the events (default all).",
+    help="With --file-events: K points per mode spread evenly over the events (default all); "
+    "with --power-cut: K cut points.",
 )
 @click.option(
     "--grace",
@@ -427,6 +428,20 @@ def _judge(attempts: list[Attempt]) -> None:
     default="10s",
     show_default=True,
     help="With --file-events: SIGKILL this long after a SIGTERM.",
+)
+@click.option(
+    "--power-cut",
+    is_flag=True,
+    help="Cut the power (a FUSE file system that forgets what was not fsync'ed) before "
+    "every file event of the run (--sample K of them) and at --kills random instants; "
+    "needs fuse3 and safepoint[chaos].",
+)
+@click.option(
+    "--samples",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0, 100),
+    help="With --power-cut: reordered samples per cut, besides the strict one.",
 )
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep both runs here.")
 @click.option("--timeout", "timeout_text", help="Per run (default: 3x the first run + 60s).")
@@ -440,6 +455,8 @@ def chaos_cmd(
     modes: str,
     sample: int | None,
     grace_text: str,
+    power_cut: bool,
+    samples: int,
     workdir: str | None,
     timeout_text: str | None,
     command: tuple[str, ...],
@@ -474,6 +491,8 @@ def chaos_cmd(
             f"{where}: cannot create it ({e.strerror}); give a writable --workdir"
         ) from None
 
+    if power_cut:
+        return _power_cut(command, work, sample, samples, kills, seed, limit, pattern, workdir)
     if file_events:
         return _file_events(command, work, modes, sample, grace_text, limit, pattern, workdir)
     click.echo(f"chaos: uninterrupted run in {ref}")
@@ -544,6 +563,38 @@ def _file_events(
         shutil.rmtree(work, ignore_errors=True)
     elif not ok:
         click.echo(f"chaos: runs and logs kept in {work}")
+    return 0 if ok else 1
+
+
+def _power_cut(
+    command: tuple[str, ...],
+    work: Path,
+    sample: int | None,
+    samples: int,
+    kills: int,
+    seed: int,
+    limit: float | None,
+    pattern: str | None,
+    workdir: str | None,
+) -> int:
+    from safepoint.app.chaos_powercut import power_cut
+
+    ok = power_cut(
+        command,
+        work,
+        k=sample,
+        samples=samples,
+        kills=kills,
+        seed=seed,
+        timeout=limit,
+        pattern=pattern,
+        echo=click.echo,
+    )
+    click.echo(f"chaos: {'PASS' if ok else 'FAIL'}")
+    if ok and workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    elif not ok:
+        click.echo(f"chaos: runs, surviving states and logs kept in {work}")
     return 0 if ok else 1
 
 
