@@ -39,7 +39,21 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import table, write_results
 
-VARIANTS = ("none", "stock", "sync", "async")
+VARIANTS = ("none", "stock", "sync", "async-cache", "async-nice", "async")
+# environment of a variant's child process (read by safepoint at import)
+VARIANT_ENV = {
+    "async-cache": {"SAFEPOINT_DIRECT_IO": "0"},  # the write path before issue #14
+    "async-nice": {"SAFEPOINT_WRITER_NICE": "10"},
+}
+VARIANT_NAMES = {
+    "none": "no saving",
+    "stock": "stock Trainer",
+    "sync": "safepoint sync",
+    "async-cache": "safepoint async, page cache",
+    "async-nice": "safepoint async, writer nice 10",
+    "async": "safepoint async (O_DIRECT)",
+}
+SAFEPOINT_VARIANTS = ("sync", "async-cache", "async-nice", "async")
 ALL_PARTS = ("full", "lora", "writer", "busy")
 RESULT_TAG = "RESULT "
 
@@ -71,7 +85,7 @@ class _StepClock:
 
 
 def _callbacks(variant: str, save_every: int, out: Path) -> list[Any]:
-    if variant in ("sync", "async"):
+    if variant in SAFEPOINT_VARIANTS:
         from safepoint import SafepointCallback
 
         return [
@@ -79,7 +93,7 @@ def _callbacks(variant: str, save_every: int, out: Path) -> list[Any]:
                 output_dir=out,
                 save_every=str(save_every),
                 keep_last=2,
-                async_save=variant == "async",
+                async_save=variant.startswith("async"),
                 resume=False,
             )
         ]
@@ -114,7 +128,7 @@ def _run_trainer(trainer: Any, variant: str, out: Path) -> dict[str, Any]:
         "peak_rss": _peak_rss(),
         "stalls": stock,
     }
-    if variant in ("sync", "async"):
+    if variant in SAFEPOINT_VARIANTS:
         from safepoint.records import read_events
 
         saves = [e for e in read_events(out) if e["event"] == "save" and "stall_s" in e]
@@ -143,12 +157,14 @@ def _memcpy_floor(model: Any, optimizer: Any) -> float:
     return time.perf_counter() - t0
 
 
-def child_full(variant: str, out: Path, steps: int, save_every: int, quick: bool) -> dict:
+def child_full(
+    variant: str, out: Path, steps: int, save_every: int, quick: bool, layers: int | None = None
+) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     torch.manual_seed(0)
-    layers = 2 if quick else 12
+    layers = layers or (2 if quick else 12)
     config = GPT2Config(vocab_size=1024, n_positions=128, n_embd=768, n_layer=layers, n_head=12)
     model = GPT2LMHeadModel(config)
     g = torch.Generator().manual_seed(0)
@@ -209,34 +225,62 @@ def child_lora(variant: str, out: Path, steps: int, save_every: int, quick: bool
 # ------------------------------------------------------------ child: thread vs process
 
 
+WRITE_PATHS = {
+    # name: (direct, hash after, nice, in a process)
+    "thread, page cache, hash in pass": (False, False, 0, False),
+    "thread, page cache, hash after": (False, True, 0, False),
+    "thread, O_DIRECT, hash in pass": (True, False, 0, False),
+    "thread nice 10, O_DIRECT": (True, False, 10, False),
+    "process, O_DIRECT": (True, False, 0, True),
+}
+
+
+def _write_once(tensors: dict, path: Path, direct: bool, hash_after: bool) -> None:
+    """One tensor file written and fsync'd the way a save does, by ``direct``/``hash_after``."""
+    from safepoint.format import hash_file, write_all, write_safetensors
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        if hash_after:  # the old two-pass way: write, then read the file back to hash it
+            for t in tensors.values():
+                write_all(fd, memoryview(t.numpy()).cast("B"))
+        else:
+            write_safetensors(fd, tensors, direct=direct)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if hash_after:
+        hash_file(path)
+    path.unlink()
+
+
 def _write_loop(
-    tensors: dict, directory: str, active: Any, quit_: Any, done: Any, nice: int = 0
+    tensors: dict, directory: str, mode: str, active: Any, quit_: Any, done: Any
 ) -> None:
-    """Commit ``tensors`` as a checkpoint over and over while ``active`` is set."""
+    """Write ``tensors`` to a file over and over while ``active`` is set; CPU time used."""
     import threading
 
-    from safepoint.snapshot import Snapshot, TensorFile
-    from safepoint.store import Store
-
+    direct, hash_after, nice, _ = WRITE_PATHS[mode]
     if nice:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    store = Store(directory)
-    n, busy = 0, 0.0
+    n, busy, cpu = 0, 0.0, 0.0
     while not quit_.is_set():
         if not active.wait(0.01):
             continue
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         n += 1
-        info = store.commit(Snapshot(step=n, files={"model.safetensors": TensorFile(tensors)}))
-        shutil.rmtree(info.path)
+        _write_once(tensors, Path(directory) / f"{n}.bin", direct, hash_after)
         busy += time.perf_counter() - t0
-    done.put((n, busy))
+        cpu += time.thread_time() - c0
+    done.put((n, busy, cpu))
 
 
 def child_writer(out: Path, steps: int, quick: bool) -> dict:
-    """Median step time of a training loop: idle, with a writer thread, with a process.
-
-    Conditions alternate over 3 rounds so that a change of machine load hits all alike.
+    """Median step time of a training loop: idle, and while each write path writes 1 GB
+    over and over in the background (thread or process, page cache or O_DIRECT, hash in
+    the write pass or after it). Writer CPU seconds per GB from the writer thread's own
+    clock (kernel writeback threads are not in it). Conditions alternate over 3 rounds
+    so that a change of machine load hits all alike.
     """
     import queue
     import threading
@@ -249,7 +293,7 @@ def child_writer(out: Path, steps: int, quick: bool) -> dict:
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(8)])
     opt = torch.optim.AdamW(model.parameters())
     gb = 0.1 if quick else 1.0
-    blob = {"x": torch.zeros(int(gb * (1 << 30)) // 4)}
+    blob = {"x": torch.ones(int(gb * (1 << 30)) // 4)}
 
     def step_times() -> list[float]:
         times = []
@@ -262,29 +306,25 @@ def child_writer(out: Path, steps: int, quick: bool) -> dict:
             times.append(time.perf_counter() - t0)
         return times
 
-    (out / "process").mkdir(parents=True)
     t_quit = threading.Event()
-    threads = {}
-    for name, nice in (("thread", 0), ("thread nice 10", 10)):
-        (out / str(nice)).mkdir(exist_ok=True)
-        active, done = threading.Event(), queue.Queue()
-        th = threading.Thread(
-            target=_write_loop, args=(blob, str(out / str(nice)), active, t_quit, done, nice)
-        )
-        th.start()
-        threads[name] = (th, active, done)
-    # process: the staged tensors in shared memory, written by a spawned process
     ctx = mp.get_context("spawn")
     blob["x"].share_memory_()
-    p_active, p_quit, p_done = ctx.Event(), ctx.Event(), ctx.Queue()
-    proc = ctx.Process(
-        target=_write_loop, args=(blob, str(out / "process"), p_active, p_quit, p_done)
-    )
-    proc.start()
-    time.sleep(5.0)  # the child imports torch
+    writers, stops, procs = {}, [], []
+    for name, (_, _, _, in_process) in WRITE_PATHS.items():
+        d = out / name.replace(" ", "_").replace(",", "")
+        d.mkdir(parents=True)
+        if in_process:  # the staged tensors in shared memory, written by a spawned process
+            active, quit_, done = ctx.Event(), ctx.Event(), ctx.Queue()
+            w = ctx.Process(target=_write_loop, args=(blob, str(d), name, active, quit_, done))
+            procs.append(w)
+        else:
+            active, quit_, done = threading.Event(), t_quit, queue.Queue()
+            w = threading.Thread(target=_write_loop, args=(blob, str(d), name, active, quit_, done))
+        w.start()
+        stops.append((w, quit_))
+        writers[name] = (active, done)
+    time.sleep(5.0)  # a child process imports torch
     step_times()  # warm-up
-    writers = {name: (active, done) for name, (_, active, done) in threads.items()}
-    writers["process"] = (p_active, p_done)
     times: dict[str, list[float]] = {"idle": [], **{name: [] for name in writers}}
     for _ in range(3):
         times["idle"] += step_times()
@@ -293,18 +333,17 @@ def child_writer(out: Path, steps: int, quick: bool) -> dict:
             time.sleep(0.2)
             times[name] += step_times()
             active.clear()
-    t_quit.set()
-    p_quit.set()
-    for th, _, _ in threads.values():
-        th.join()
+    for _, quit_ in stops:
+        quit_.set()
     rows = []
     idle = statistics.median(times["idle"])
-    rows.append(["idle", idle, 1.0, None])
+    rows.append(["idle", idle, 1.0, None, None])
     for name, (_, done) in writers.items():
-        n, busy = done.get()
+        n, busy, cpu = done.get()
         step = statistics.median(times[name])
-        rows.append([name, step, step / idle, n * gb / busy if busy else None])
-    proc.join()
+        rows.append([name, step, step / idle, n * gb / busy if busy else None, cpu / (n * gb)])
+    for w, _ in stops:
+        w.join()
     return {"rows": rows, "gb": gb, "peak_rss": _peak_rss()}
 
 
@@ -348,8 +387,10 @@ def _child(kind: str, variant: str, base: Path, args: argparse.Namespace) -> dic
     cmd = [sys.executable, __file__, "--child", kind, "--variant", variant, "--out", str(out)]
     cmd += ["--steps", str(args.steps[kind]), "--save-every", str(args.save_every[kind])]
     cmd += ["--quick"] if args.quick else []
+    cmd += ["--layers", str(args.layers)] if args.layers else []
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, **VARIANT_ENV.get(variant, {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{kind}/{variant} failed:\n{proc.stderr[-4000:]}")
     line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith(RESULT_TAG))
@@ -373,6 +414,13 @@ def _dd(base: Path, nbytes: int) -> float:
     return secs
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run of median total time (the lower middle one of an even count)."""
+    total = statistics.median_low(r["total_s"] for r in runs)
+    run = next(r for r in runs if r["total_s"] == total)
+    return {**run, "all_total_s": [r["total_s"] for r in runs]}
+
+
 def _med(xs: list[float] | None) -> float | None:
     xs = [x for x in xs or [] if x is not None]
     return statistics.median(xs) if xs else None
@@ -389,7 +437,7 @@ def _trainer_table(res: dict[str, dict], dd_gb_s: float, steps: int) -> tuple[st
         overhead = r["total_s"] - base["total_s"]
         extra_rss = r["peak_rss"] - base["peak_rss"]
         row = {
-            "variant": {"none": "no saving", "stock": "stock Trainer"}.get(v, f"safepoint {v}"),
+            "variant": VARIANT_NAMES[v],
             "saves": len(stalls),
             "stall_med_s": _med(stalls),
             "stall_max_s": max(stalls) if stalls else None,
@@ -399,7 +447,7 @@ def _trainer_table(res: dict[str, dict], dd_gb_s: float, steps: int) -> tuple[st
             "in_run_overhead_s": r["total_s"] - steps * r["step_s"] if r.get("step_s") else None,
             "commit_s": _med(r.get("commit_s")),
             "write_gb_s": nbytes / write / 1e9 if nbytes and write else None,
-            "dd_gb_s": dd_gb_s if v in ("sync", "async") else None,
+            "dd_gb_s": dd_gb_s if v in SAFEPOINT_VARIANTS else None,
             "peak_rss_gb": r["peak_rss"] / 1e9,
             "extra_rss_x_ckpt": extra_rss / nbytes if nbytes and v != "none" else None,
             "ckpt_gb": nbytes / 1e9 if nbytes else None,
@@ -440,9 +488,15 @@ def parent(args: argparse.Namespace) -> None:
             if kind not in args.only:
                 continue
             print(f"{kind}:", flush=True)
-            res = {v: _child(kind, v, base, args) for v in VARIANTS}
-            nbytes = int(_med(res["async"].get("bytes")) or (1 << 30))
-            dd_s = _dd(base, nbytes)
+            runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+            dds = []
+            for _ in range(args.repeat):  # rounds interleave variants: load drifts hit all
+                for v in VARIANTS:
+                    runs[v].append(_child(kind, v, base, args))
+                nbytes = int(_med(runs["async"][-1].get("bytes")) or (1 << 30))
+                dds.append(_dd(base, nbytes))
+            res = {v: _median_run(rs) for v, rs in runs.items()}
+            dd_s = statistics.median(dds)
             text, summary = _trainer_table(res, nbytes / dd_s / 1e9, args.steps[kind])
             title = {
                 "full": f"(a) full fine-tune, GPT-2 style {res['none'].get('params', 0) / 1e6:.0f}M"
@@ -457,9 +511,14 @@ def parent(args: argparse.Namespace) -> None:
             r = _child("writer", "-", base, args)
             rows = r["rows"]
             body.append(
-                "## (c) background writer: thread or process\n\nstep time of a training loop "
-                f"while {r['gb']} GB is committed over and over in the background (3 alternating "
-                "rounds)\n\n" + table(["writer", "step median s", "x idle", "write GB/s"], rows)
+                "## (c) background write path: page cache or O_DIRECT, hash in pass or after, "
+                "thread or process\n\nstep time of a training loop "
+                f"while {r['gb']} GB is written and fsync'd over and over in the background "
+                "(3 alternating rounds)\n\n"
+                + table(
+                    ["writer", "step median s", "x idle", "write GB/s", "writer CPU s/GB"],
+                    rows,
+                )
             )
             data["writer"] = r
         if "busy" in args.only:
@@ -489,6 +548,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="steps of (a) and (b)")
     p.add_argument("--save-every", type=int, default=None)
     p.add_argument("--dir", type=Path, default=None, help="where checkpoints go (temp)")
+    p.add_argument("--layers", type=int, default=None, help="layers of (a)'s model (12: 86M)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of (a)/(b); median run kept")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -498,8 +559,12 @@ def main() -> None:
         if kind in ("writer", "busy"):
             res = (child_writer if kind == "writer" else child_busy)(out, args.steps, args.quick)
         else:
-            fn = child_full if kind == "full" else child_lora
-            res = fn(args.variant, out, args.steps, args.save_every, args.quick)
+            if kind == "full":
+                res = child_full(
+                    args.variant, out, args.steps, args.save_every, args.quick, args.layers
+                )
+            else:
+                res = child_lora(args.variant, out, args.steps, args.save_every, args.quick)
         print(RESULT_TAG + json.dumps(res), flush=True)
         return
     args.only = set(args.only.split(","))
