@@ -1,5 +1,6 @@
-"""Bounded checks of the JSON documents inside a checkpoint: ``state.json`` and the RNG
-states it holds (the manifest's own fields are checked in ``manifest.py``).
+"""Bounded checks of the JSON documents inside a checkpoint: ``state.json``, the RNG
+states it holds, and the Trainer's ``trainer_state.json`` (the manifest's own fields are
+checked in ``manifest.py``).
 
 Every value read from a checkpoint may come from an untrusted machine. ``loads_json``
 already bounds nesting and numbers; these checks bound every field a reader then uses,
@@ -20,6 +21,9 @@ from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from safepoint.format import loads_json
 
 STATE_NAME = "state.json"
+TRAINER_STATE_NAME = "trainer_state.json"
+MAX_TRAINER_STATE_BYTES = 256 << 20  # trainer_state.json of a very long run is a few MB
+_BIG = 2**63
 STATE_VERSION = 1
 ENTRY_KINDS = ("stateful", "value")
 
@@ -174,3 +178,66 @@ def _check_b64(value: object, field: str, size: int | None) -> None:
         require(len(raw) == size, field, f"{len(raw)} bytes", f"{size} bytes")
     else:
         require(0 < len(raw) <= 4096, field, f"{len(raw)} bytes", "a CUDA generator state")
+
+
+def parse_trainer_state(data: bytes, *, step: int, where: str) -> dict[str, Any]:
+    """Parse and check the bytes of a ``trainer_state.json`` (see ``check_trainer_state_doc``)."""
+    return check_trainer_state_doc(loads_json(data, where=where), step=step, where=where)
+
+
+def check_trainer_state_doc(doc: Any, *, step: int, where: str) -> dict[str, Any]:
+    """Check every field of a Trainer's ``trainer_state.json`` that a reader uses, with
+    bounds; ``step`` is the manifest's. Raises ``CorruptCheckpointError``.
+
+    Structural only (no transformers here, so ``ls`` and ``verify`` run it): the Trainer
+    integration also checks the field names against the live ``TrainerState``."""
+    try:
+        require(isinstance(doc, dict), "the document", type(doc).__name__, "an object")
+        require(doc.get("global_step") == step, "global_step", doc.get("global_step"), f"{step}")
+        for name in ("max_steps", "num_input_tokens_seen"):
+            require(is_int(doc.get(name, 0), 0, _BIG), name, doc.get(name), "an int >= 0")
+        for name in ("epoch", "total_flos", "logging_steps", "eval_steps", "save_steps"):
+            require(is_number(doc.get(name, 0), 0, 1e300), name, doc.get(name), "a number >= 0")
+        require(is_number(doc.get("num_train_epochs", 0), 0, 1e12), "num_train_epochs",
+                doc.get("num_train_epochs"), "a number >= 0")  # fmt: skip
+        for name, ok in (
+            ("train_batch_size", lambda v: is_int(v, 1, _BIG)),
+            ("best_global_step", lambda v: is_int(v, 0, _BIG)),
+            ("best_metric", lambda v: is_number(v, -1e300, 1e300)),
+            ("trial_name", lambda v: isinstance(v, str)),
+            ("trial_params", _flat_object),
+            ("best_model_checkpoint", lambda v: isinstance(v, str)),
+        ):
+            value = doc.get(name)
+            require(value is None or ok(value), name, value, "null or a valid value")
+        for name in ("is_local_process_zero", "is_world_process_zero", "is_hyper_param_search"):
+            require(isinstance(doc.get(name, False), bool), name, doc.get(name), "a bool")
+        history = doc.get("log_history", [])
+        require(isinstance(history, list), "log_history", history, "a list")
+        for i, entry in enumerate(history):
+            require(_flat_object(entry), f"log_history[{i}]", entry, "an object of numbers")
+        _check_callbacks(doc.get("stateful_callbacks"))
+    except SchemaError as e:
+        raise CorruptCheckpointError(f"{where}: {e}") from None
+    return doc
+
+
+def _flat_object(value: Any) -> bool:
+    """An object of JSON scalars (log entries, trial params)."""
+    return isinstance(value, dict) and all(
+        isinstance(v, (int, float, str, bool)) or v is None for v in value.values()
+    )
+
+
+def _check_callbacks(value: Any) -> None:
+    # The Trainer may rebuild callbacks from these (restore_callback_states_from_checkpoint):
+    # ``type(cb)(**args)`` and ``setattr`` of each attribute. Only flat scalars pass.
+    require(value is None or isinstance(value, dict), "stateful_callbacks", value, "an object")
+    for name, data in (value or {}).items():
+        for i, one in enumerate(data if isinstance(data, list) else [data]):
+            field = f"stateful_callbacks.{name}[{i}]"
+            require(isinstance(one, dict) and set(one) <= {"args", "attributes"}, field, one,
+                    "an object of args and attributes")  # fmt: skip
+            for part in ("args", "attributes"):
+                got = one.get(part, {})
+                require(_flat_object(got), f"{field}.{part}", got, "an object of scalars")

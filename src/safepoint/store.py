@@ -216,6 +216,33 @@ def _check_state(path: Path, manifest: Manifest, *, deep: bool) -> list[str]:
         parse_state(bytes(data), files=manifest.files, where=STATE_NAME)
     except (CorruptCheckpointError, IncompatibleCheckpointError) as e:
         return [str(e)]
+    return _check_trainer_state(path, manifest, deep=deep)
+
+
+def _check_trainer_state(path: Path, manifest: Manifest, *, deep: bool) -> list[str]:
+    """Problems of a listed ``trainer_state.json`` (Trainer runs): the Trainer's resume
+    would build its state from it, so one that fails its schema makes the checkpoint
+    ``corrupt`` here, where every reader (ls, verify, resume, retention) sees it."""
+    from safepoint.schema import (
+        MAX_TRAINER_STATE_BYTES,
+        TRAINER_STATE_NAME,
+        parse_trainer_state,
+    )
+
+    entry = manifest.files.get(TRAINER_STATE_NAME)
+    if entry is None:
+        return []
+    if entry.size > MAX_TRAINER_STATE_BYTES:
+        return [f"{TRAINER_STATE_NAME}: {entry.size} bytes, more than a trainer state has"]
+    try:
+        data = read_regular(
+            path / TRAINER_STATE_NAME,
+            size=entry.size,
+            checksum=entry.checksum if deep else None,
+        )
+        parse_trainer_state(bytes(data), step=manifest.step, where=TRAINER_STATE_NAME)
+    except CorruptCheckpointError as e:
+        return [str(e)]
     return []
 
 

@@ -28,90 +28,42 @@ from pathlib import Path
 from typing import Any
 
 from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
-from safepoint.format import loads_json, read_regular, read_safetensors
+from safepoint.format import read_regular, read_safetensors
 from safepoint.integrations.hf_layout import (
     TRAINER_STATE_NAME,
     adapter_files,
     is_peft,
     model_files,
 )
-from safepoint.schema import SchemaError, is_int, is_number, require
+from safepoint.schema import MAX_TRAINER_STATE_BYTES, parse_trainer_state
 from safepoint.snapshot import TensorFile
 from safepoint.store import TRASH_PREFIX, CheckpointInfo
 
 # A crash leaves the view behind; the trash prefix makes the next run's sweep remove it.
 VIEW_PREFIX = f"{TRASH_PREFIX}resume-view-"
-_MAX_STATE_BYTES = 256 << 20  # trainer_state.json of a very long run is a few MB
-_BIG = 2**63
 
 
 def check_trainer_state(data: bytes, *, step: int, where: str) -> dict[str, Any]:
-    """Parse ``trainer_state.json`` (bounded JSON) and check every field the Trainer
-    uses; return a document ``TrainerState(**doc)`` accepts. ``step`` is the manifest's.
+    """Parse ``trainer_state.json`` (bounded JSON, every field checked by
+    ``schema.check_trainer_state_doc``), refuse fields ``TrainerState`` does not have,
+    and return a document ``TrainerState(**doc)`` accepts. ``step`` is the manifest's.
 
     ``best_model_checkpoint`` is dropped: it is a path the Trainer would stat, and
     SafepointCallback never loads a best model from it. Raises ``CorruptCheckpointError``.
     """
     from transformers.trainer_callback import TrainerState
 
-    doc = loads_json(data, where=where)
+    doc = parse_trainer_state(data, step=step, where=where)
     known = {f.name for f in dataclasses.fields(TrainerState)}
-    try:
-        require(isinstance(doc, dict), "the document", type(doc).__name__, "an object")
-        unknown = sorted(set(doc) - known)
-        require(not unknown, "the document", unknown, "only TrainerState fields")
-        require(doc.get("global_step") == step, "global_step", doc.get("global_step"), f"{step}")
-        for name in ("max_steps", "num_input_tokens_seen"):
-            require(is_int(doc.get(name, 0), 0, _BIG), name, doc.get(name), "an int >= 0")
-        for name in ("epoch", "total_flos", "logging_steps", "eval_steps", "save_steps"):
-            require(is_number(doc.get(name, 0), 0, 1e300), name, doc.get(name), "a number >= 0")
-        require(is_number(doc.get("num_train_epochs", 0), 0, 1e12), "num_train_epochs",
-                doc.get("num_train_epochs"), "a number >= 0")  # fmt: skip
-        for name, ok in (
-            ("train_batch_size", lambda v: is_int(v, 1, _BIG)),
-            ("best_global_step", lambda v: is_int(v, 0, _BIG)),
-            ("best_metric", lambda v: is_number(v, -1e300, 1e300)),
-            ("trial_name", lambda v: isinstance(v, str)),
-            ("trial_params", _flat_object),
-        ):
-            value = doc.get(name)
-            require(value is None or ok(value), name, value, "null or a valid value")
-        for name in ("is_local_process_zero", "is_world_process_zero", "is_hyper_param_search"):
-            require(isinstance(doc.get(name, False), bool), name, doc.get(name), "a bool")
-        history = doc.get("log_history", [])
-        require(isinstance(history, list), "log_history", history, "a list")
-        for i, entry in enumerate(history):
-            require(_flat_object(entry), f"log_history[{i}]", entry, "an object of numbers")
-        _check_callbacks(doc.get("stateful_callbacks"))
-    except SchemaError as e:
-        raise CorruptCheckpointError(f"{where}: {e}") from None
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise CorruptCheckpointError(f"{where}: fields {unknown} are not TrainerState fields")
     doc = {**doc, "best_model_checkpoint": None}
     try:
         TrainerState(**doc)
     except Exception as e:  # the dataclass's own checks, whatever they raise
         raise CorruptCheckpointError(f"{where}: not a TrainerState ({e})") from None
     return doc
-
-
-def _flat_object(value: Any) -> bool:
-    """An object of JSON scalars (log entries, trial params)."""
-    return isinstance(value, dict) and all(
-        isinstance(v, (int, float, str, bool)) or v is None for v in value.values()
-    )
-
-
-def _check_callbacks(value: Any) -> None:
-    # The Trainer may rebuild callbacks from these (restore_callback_states_from_checkpoint):
-    # ``type(cb)(**args)`` and ``setattr`` of each attribute. Only flat scalars pass.
-    require(value is None or isinstance(value, dict), "stateful_callbacks", value, "an object")
-    for name, data in (value or {}).items():
-        for i, one in enumerate(data if isinstance(data, list) else [data]):
-            field = f"stateful_callbacks.{name}[{i}]"
-            require(isinstance(one, dict) and set(one) <= {"args", "attributes"}, field, one,
-                    "an object of args and attributes")  # fmt: skip
-            for part in ("args", "attributes"):
-                got = one.get(part, {})
-                require(_flat_object(got), f"{field}.{part}", got, "an object of scalars")
 
 
 def _live_weights(model: Any) -> tuple[str, dict[str, Any], bytes]:
@@ -160,7 +112,7 @@ def make_view(info: CheckpointInfo, model: Any, directory: Path) -> tuple[Path, 
                 f"{info.path}: the manifest lists no {name}; this model needs it to resume"
             )
     state_entry = manifest.files[TRAINER_STATE_NAME]
-    if state_entry.size > _MAX_STATE_BYTES:
+    if state_entry.size > MAX_TRAINER_STATE_BYTES:
         raise CorruptCheckpointError(f"{info.path / TRAINER_STATE_NAME}: too large")
     state_bytes = read_regular(
         info.path / TRAINER_STATE_NAME, size=state_entry.size, checksum=state_entry.checksum
