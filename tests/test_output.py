@@ -116,9 +116,10 @@ def test_export_prints_only_its_own_line(finished: Path, tmp_path: Path) -> None
     export = safepoint_cmd("export", str(finished), "--checkpoint")
     merged = run([*export, "latest", "--out", str(tmp_path / "m"), "--merge"])
     assert merged.stderr == ""
-    assert merged.stdout.splitlines() == [
-        f"exported {finished / 'checkpoint-6'} (merged model) to {tmp_path / 'm'}"
-    ]
+    lines = merged.stdout.splitlines()
+    assert lines[0] == f"exported {finished / 'checkpoint-6'} (merged model) to {tmp_path / 'm'}"
+    # and where the base model came from: safepoint's own line, nothing of the libraries'
+    assert len(lines) == 2 and lines[1].startswith("base model: ")
     adapter = run([*export, "6", "--out", str(tmp_path / "a")])
     assert adapter.stderr == ""
     assert "(adapter)" in adapter.stdout and (tmp_path / "a/adapter_model.safetensors").is_file()

@@ -102,7 +102,8 @@ def test_signal_saves_the_exact_step_exits_3_and_resumes_bit_identical(
 def test_second_signal_during_the_emergency_save_aborts_it_cleanly(tmp_path: Path) -> None:
     out = tmp_path / "run"
     # A wide model (~200 MB of state) so that the emergency save takes a while.
-    args = ("--steps", "1000", "--save-every", "3", "--step-sleep", "1.0", "--width", "800000")
+    args = ("--steps", "1000", "--save-every", "3", "--keep-last", "2", "--step-sleep", "1.0")
+    args += ("--width", "800000")
     proc = subprocess.Popen(
         toy_cmd(out, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

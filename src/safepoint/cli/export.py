@@ -38,12 +38,13 @@ def export_cmd(
     from safepoint.app.export import base_model, export, is_adapter, listed_files, pick
 
     info = pick(Path(directory), which, metric=metric)
+    assert info.manifest is not None
+    # The user's --out first (nothing read yet), then what the checkpoint holds.
     _check_writable(Path(out))
-    names = listed_files(info)
+    _check_space(Path(out), info.manifest.total_bytes)
+    listed_files(info)  # refuses a checkpoint that is not a model folder
     adapter = is_adapter(info)
     trusted = base_model(info, base) if adapter else None
-    assert info.manifest is not None
-    _check_space(Path(out), sum(info.manifest.files[n].size for n in names))
     try:
         path = export(info, Path(out), merge=merge, base=trusted)
     except OSError as e:
@@ -84,7 +85,7 @@ def _check_space(out: Path, needed: int) -> None:
 
 def _check_writable(out: Path) -> None:
     existing = _existing(out)
-    if existing != out and not existing.is_dir():
+    if not existing.is_dir():
         raise ConfigError(f"--out {out}: {existing} is a file; give a new folder")
     if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK | os.X_OK):
         raise ConfigError(
