@@ -262,9 +262,15 @@ def store_commit(self: Checkpointer, snapshot: Snapshot, **kwargs: Any) -> Check
 
 
 def _check_metric(self: Checkpointer, snapshot: Snapshot) -> None:
-    """Warn once when keep_best ranks by a metric that the saves do not carry."""
+    """Warn once when keep_best ranks by a metric that the scheduled saves do not carry.
+
+    An emergency save (a stop signal, an exception) happens between evaluations: it has
+    no metric by design and is never ranked best, so it is no sign of a misconfiguration.
+    """
     policy = self.policy
     if not policy.keep_best or policy.metric in snapshot.metrics or self._warned_metric:
+        return
+    if snapshot.reason == "emergency" or snapshot.reason.startswith("exception"):
         return
     self._warned_metric = True
     have = ", ".join(sorted(snapshot.metrics)) or "none"
