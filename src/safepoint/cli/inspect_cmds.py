@@ -120,7 +120,7 @@ def ls_cmd(directory: str, as_json: bool, wide: bool, **policy: Any) -> None:
     if not infos:
         click.echo(f"{directory}: no checkpoints yet")
         return
-    columns = _ls_columns(infos, timings, why, uploads)
+    columns = _ls_columns(infos, timings, why, uploads, ranked=policy.get("metric"))
     width = None if wide else _terminal_width()
     shown, console = _fit(columns, width)
     click.echo(str(directory))
@@ -152,9 +152,13 @@ def _ls_columns(
     timings: dict[int, dict[str, Any]],
     why: dict[str, str],
     uploads: dict[str, str],
+    *,
+    ranked: str | None = None,
 ) -> list[_Column]:
-    """Every column of the ``ls`` table, in display order."""
-    metric_names = sorted({k for i in infos for k in i.metrics})
+    """Every column of the ``ls`` table, in display order. The metric checkpoints are
+    ranked by (``ranked``, else the one the run recorded) comes first and stays longest."""
+    ranked = ranked or _recorded_metric(infos)
+    metric_names = sorted({k for i in infos for k in i.metrics}, key=lambda k: (k != ranked, k))
     times = [_timing(i, timings) for i in infos]
 
     def dur(key: str) -> list[str]:
@@ -190,6 +194,15 @@ def _ls_columns(
             give_way=4,
         ),
     ]
+
+
+def _recorded_metric(infos: list[CheckpointInfo]) -> str | None:
+    """The metric of the retention policy the newest checkpoint recorded, if any."""
+    for info in reversed(infos):
+        policy = info.manifest.info.get("policy") if info.manifest else None
+        if isinstance(policy, dict) and isinstance(policy.get("metric"), str):
+            return policy["metric"]
+    return None
 
 
 def _table(columns: list[_Column]) -> Table:
