@@ -1,15 +1,16 @@
 """Training time lost to checkpointing: no saving vs stock Trainer vs safepoint sync / async.
 
 usage: python benchmarks/save_overhead.py [--quick] [--only full,lora,writer,busy]
-       [--steps N] [--save-every N] [--dir DIR]
+       [--steps N] [--save-every N] [--dir DIR] [--layers N] [--repeat N]
 
 (a) full fine-tune of a GPT-2-style model built from config (n_embd 768, 12 layers,
     vocabulary 1024: ~86M parameters, ~1 GB of weights + AdamW state), saving every 5
     steps, under the plain ``transformers.Trainer``;
 (b) the default LoRA run of ``safepoint train`` (TRL SFTTrainer + PEFT, built-in model
     and data), saving every 10 steps;
-(c) writer: a thread or a process for the background write? Step time of a plain
-    training loop while 1 GB is written over and over in a thread / a process.
+(c) writer: the background write path. Step time of a plain training loop while 1 GB
+    is written and fsync'd over and over: page cache or O_DIRECT, hash in the write
+    pass or after it (read back), a thread (nice 0 / 10) or a process.
 (d) on_busy: a plain loop saving every step, faster than the disk can write, with
     ``on_busy="wait"`` vs ``"skip"``: total time, saves done, stall.
 
