@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from safepoint.format import dumps_json, loads_json
+from safepoint.format import dumps_json, loads_json, read_regular
 from safepoint.records import RunRecord
 from safepoint.rng import capture_rng, restore_rng
 from safepoint.snapshot import Snapshot
@@ -135,9 +135,8 @@ class Ranks:
     def rank_rng(self, path: Path) -> dict[str, Any] | None:
         """This rank's RNG state saved in the checkpoint ``path``, or None (single process
         checkpoint: its ``state.json`` holds the only RNG state)."""
-        try:
-            doc = loads_json((path / RANKS_NAME).read_bytes(), where=str(path / RANKS_NAME))
-        except FileNotFoundError:
+        doc = _read_ranks(path)
+        if doc is None:
             return None
         states = doc.get("rng") if isinstance(doc, dict) else None
         if not isinstance(states, list) or not states:
@@ -148,9 +147,8 @@ class Ranks:
     def restore_rank_rng(self, path: Path, *, rng: bool = True) -> None:
         """After a checkpoint was loaded: this rank's own RNG state, and a warning when
         the checkpoint was saved by another number of processes."""
-        try:
-            doc = loads_json((path / RANKS_NAME).read_bytes(), where=str(path / RANKS_NAME))
-        except FileNotFoundError:
+        doc = _read_ranks(path)
+        if doc is None:
             doc = {"world_size": 1, "rng": []}
         saved = doc.get("world_size") if isinstance(doc, dict) else None
         states = doc.get("rng") if isinstance(doc, dict) else None
@@ -227,3 +225,15 @@ class FullState:
                 optim_state_dict=state["optimizer"],
                 options=options,
             )
+
+
+_MAX_RANKS_BYTES = 64 << 20  # one RNG state per rank: tens of KB each
+
+
+def _read_ranks(path: Path) -> Any:
+    """The per-rank document of checkpoint ``path``, or None when it has none. Read like
+    every file of a checkpoint: a regular file, no link followed, bounded size and JSON."""
+    if not (path / RANKS_NAME).exists():
+        return None
+    data = read_regular(path / RANKS_NAME, max_size=_MAX_RANKS_BYTES)
+    return loads_json(bytes(data), where=str(path / RANKS_NAME))

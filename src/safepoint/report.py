@@ -10,7 +10,6 @@ with ``trainer_state.json``, no record) gives what it can: loss curves and check
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -18,9 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from safepoint.errors import CheckpointNotFoundError
+from safepoint.errors import CheckpointNotFoundError, CorruptCheckpointError
+from safepoint.format import loads_json, read_regular
 from safepoint.records import read_events
 from safepoint.retention import Candidate, RetentionPolicy, best_steps, plan
+from safepoint.schema import MAX_TRAINER_STATE_BYTES
 from safepoint.store import CheckpointInfo, scan
 
 TRAIN_KEY = "loss"
@@ -352,12 +353,14 @@ def _trainer_state(infos: Iterable[CheckpointInfo], directory: Path) -> dict[str
     best: dict[str, Any] = {}
     for path in paths:
         try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
+            # Another tool's folder is untrusted: a regular file only (no link, no FIFO),
+            # bounded in size and in JSON depth and numbers.
+            data = read_regular(path, max_size=MAX_TRAINER_STATE_BYTES)
+            state = loads_json(bytes(data), where=str(path))
+        except (OSError, CorruptCheckpointError):
             continue
-        if isinstance(state, dict) and int(state.get("global_step") or 0) >= int(
-            best.get("global_step") or -1
-        ):
+        step = state.get("global_step") if isinstance(state, dict) else None
+        if isinstance(step, int) and step >= int(best.get("global_step") or -1):
             best = state
     return best
 

@@ -133,3 +133,30 @@ def test_a_directory_whose_name_is_not_utf8_saves_and_resumes(tmp_path: Path) ->
         train_step(state)
         ckpt.save(10, state)
     assert os.path.isdir(out + b"/checkpoint-10")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "outside-link"])
+def test_report_of_a_stock_trainer_folder_never_follows_its_files(
+    tmp_path: Path, kind: str
+) -> None:
+    # A stock Trainer's folder is another tool's: its trainer_state.json is read as a
+    # regular file only, so a FIFO cannot hang ``report`` and a link cannot leak a file.
+    run = tmp_path / "run"
+    good = run / "checkpoint-2"
+    good.mkdir(parents=True)
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    (good / "trainer_state.json").write_text(f'{{"global_step": 2, "log_history": {history}}}'
+                                             .replace("'", '"'))  # fmt: skip
+    bad = run / "checkpoint-9"
+    bad.mkdir()
+    outside = tmp_path / "secret.json"
+    outside.write_text('{"global_step": 9, "log_history": [{"step": 9, "loss": 123.0}]}')
+    if kind == "fifo":
+        os.mkfifo(bad / "trainer_state.json")
+    else:
+        (bad / "trainer_state.json").symlink_to(outside)
+    proc = cli("report", run, "--out", tmp_path / "r")  # a deadline: a hang fails here
+    text = no_traceback(proc)
+    assert proc.returncode == 0, text
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "123" not in page  # the linked file's loss never reached the report
