@@ -199,3 +199,10 @@ def test_file_events_every_point_of_safepoint_train(
     rc = main(args)
     out = capsys.readouterr().out
     assert rc == 0, out
+
+
+def test_the_hook_normalizes_folder_names_as_the_harness_does() -> None:
+    from safepoint.app import chaos_events
+
+    hook_source = (Path(chaos_events.__file__).parent / "chaos_hook.py").read_text()
+    assert f'r"{chaos_events._RANDOM_SUFFIX.pattern}"' in hook_source

@@ -50,9 +50,20 @@ class FileEvent:
     number: int
     kind: str
     path: str
+    nth: int = 1
+    """Which occurrence of this kind and path it is: the point's target in a crash run.
+
+    A run may write a few events the reference did not (a warning in the run record
+    that depends on measured timing): numbering by (kind, path, nth) is not shifted by
+    them, a global number would be."""
 
     def __str__(self) -> str:
         return f"{self.kind} {self.path}"
+
+    @property
+    def target(self) -> str:
+        """The hook's K: kind, occurrence and path, joined by the unit separator."""
+        return f"{self.kind}\x1f{self.nth}\x1f{self.path}"
 
 
 @dataclass
@@ -83,9 +94,12 @@ def normalized(path: str) -> str:
 
 def read_event_log(path: Path) -> list[FileEvent]:
     events = []
+    seen: dict[tuple[str, str], int] = {}
     for line in path.read_text(errors="replace").splitlines():
         number, kind, rel = line.split("\t", 2)
-        events.append(FileEvent(int(number), kind, normalized(rel)))
+        key = (kind, normalized(rel))
+        seen[key] = seen.get(key, 0) + 1
+        events.append(FileEvent(int(number), kind, key[1], seen[key]))
     return events
 
 
@@ -229,7 +243,7 @@ def run_point(
     fired = runner.work / "points" / f"{name}.fired"
     event_log = runner.work / "points" / f"{name}.events"
     out.parent.mkdir(parents=True, exist_ok=True)
-    spec = f"{point.mode}:{point.event.number}:{out}:{event_log}:{fired}"
+    spec = f"{point.mode}:{point.event.target}:{out}:{event_log}:{fired}"
     log = runner.logs / f"{name}.crash.log"
     t0 = time.monotonic()
     proc = runner.start(out, log, spec)

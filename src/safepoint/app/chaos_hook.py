@@ -24,10 +24,15 @@ SIGTERM and lets the event go on; FIRED is created first. MODE ``count`` only lo
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
 from typing import Any
+
+# The random part of staging and trash folder names (.staging-checkpoint-5-1a2b3c4d): the
+# same pattern as chaos_events._RANDOM_SUFFIX (this file runs standalone, as sitecustomize).
+_RANDOM_SUFFIX = re.compile(r"(/?\.[^/]*?-)[0-9a-f]{8}(?=/|$)")
 
 _SPEC = os.environ.pop("SAFEPOINT_CHAOS_HOOK", None)
 _WRITABLE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -42,7 +47,15 @@ def _fd_path(fd: int) -> str | None:
 
 def _install(spec: str) -> None:
     mode, k, out, log_path, fired = spec.split(":", 4)
-    at = int(k)
+    # K: a global event number, or "kind US nth US path": the nth event of that kind on
+    # that (normalized) path, which events the reference run did not have cannot shift.
+    target: tuple[str, int, str] | None = None
+    if "\x1f" in k:
+        kind_, nth_, path_ = k.split("\x1f", 2)
+        target, at = (kind_, int(nth_), path_), -1
+    else:
+        at = int(k)
+    seen: dict[tuple[str, str], int] = {}
     out = os.path.abspath(out)
     prefix = out + os.sep
     lock = threading.Lock()
@@ -75,7 +88,12 @@ def _install(spec: str) -> None:
             number = count[0]
             rel = os.path.relpath(path, out)
             real_write(log_fd, f"{number}\t{kind}\t{rel}\n".encode(errors="replace"))
-        if number != at or mode == "count":
+            hit = number == at
+            if target is not None:
+                key = (kind, _RANDOM_SUFFIX.sub(r"\1*", rel))
+                seen[key] = seen.get(key, 0) + 1
+                hit = key == target[::2] and seen[key] == target[1]
+        if not hit or mode == "count":
             return
         fd_marker = os.open(fired, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
         real_write(fd_marker, f"{number}\t{kind}\t{rel}\n".encode(errors="replace"))

@@ -525,12 +525,7 @@ def chaos_cmd(
         limit=limit,
         pattern=pattern,
     )
-    click.echo(f"chaos: {'PASS' if ok else 'FAIL'}")
-    if ok and workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
-    elif not ok:
-        click.echo(f"chaos: both runs kept in {work}")
-    return 0 if ok else 1
+    return _verdict(ok, work, workdir, kept="both runs")
 
 
 def _file_events(
@@ -558,12 +553,7 @@ def _file_events(
         pattern=pattern,
         echo=click.echo,
     )
-    click.echo(f"chaos: {'PASS' if ok else 'FAIL'}")
-    if ok and workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
-    elif not ok:
-        click.echo(f"chaos: runs and logs kept in {work}")
-    return 0 if ok else 1
+    return _verdict(ok, work, workdir, kept="runs and logs")
 
 
 def _power_cut(
@@ -590,12 +580,17 @@ def _power_cut(
         pattern=pattern,
         echo=click.echo,
     )
+    return _verdict(ok, work, workdir, kept="runs, surviving states and logs")
+
+
+COMMANDS = [chaos_cmd]
+
+
+def _verdict(ok: bool, work: Path, workdir: str | None, *, kept: str) -> int:
+    """Print PASS/FAIL; a passed run's own temporary folder goes, a failed one's stays."""
     click.echo(f"chaos: {'PASS' if ok else 'FAIL'}")
     if ok and workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     elif not ok:
-        click.echo(f"chaos: runs, surviving states and logs kept in {work}")
+        click.echo(f"chaos: {kept} kept in {work}")
     return 0 if ok else 1
-
-
-COMMANDS = [chaos_cmd]
