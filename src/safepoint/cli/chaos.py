@@ -138,9 +138,9 @@ class Kill:
     """When and how to kill one attempt.
 
     A safepoint run (one with a run record) is killed ``fraction`` of the way through
-    the training: the clock starts when the attempt opens its Checkpointer, and the
-    part already done (the newest checkpoint it resumes from) is subtracted, so kills
-    stay spread over the run however much each restart costs. Any other command is
+    the training, by steps: once the attempt's own record reaches that step, after a
+    random part of a step, so kills stay spread over the run however slow the machine
+    is and however much each restart costs. Any other command is
     killed ``after`` seconds (the gap since the previous instant) from the moment it
     first writes into its output directory.
     """
@@ -151,14 +151,17 @@ class Kill:
     total: int | None  # steps of the uninterrupted run; None: no run record
     after: float = 0.0  # seconds after its first write, for a command without a record
 
-    def delay(self, out: Path) -> float:
-        """Seconds from the attempt's start event to the kill."""
+    @property
+    def step(self) -> int:
+        """The step after which this kill is due (a run with a record)."""
         assert self.total
-        newest = latest_checkpoint(out, deep=False)
-        done = 0 if newest is None else checkpoint_step(newest.name) or 0
-        left = max(self.fraction * self.total - done, 0.0)
-        step_time = self.span / self.total
-        return left * step_time + random.Random(self.fraction).uniform(0, step_time)
+        return max(int(self.fraction * self.total), 1)
+
+    def jitter(self) -> float:
+        """Seconds into the next step: a kill lands anywhere inside a step, not only at
+        its boundary (the reference run's step time; reproducible per kill)."""
+        assert self.total
+        return random.Random(self.fraction).uniform(0, self.span / self.total)
 
 
 def _wait(
@@ -178,8 +181,14 @@ def _wait(
             return None, None
         if kill is None:
             continue
-        if due is None and kill.total and out.is_dir() and len(_starts(out)) > before:
-            due = now + kill.delay(out)  # this process opened its Checkpointer
+        if due is None and kill.total and out.is_dir():
+            # By the attempt's own progress, not the reference run's clock: on a loaded
+            # machine the attempts run slower and timed kills landed before any
+            # checkpoint. Due once this process's record reaches the kill's step.
+            runs = _starts(out)
+            reached = _progress(runs[-1])[1] if len(runs) > before else None
+            if reached is not None and reached >= kill.step:
+                due = now + kill.jitter()
         elif due is None and not kill.total and _wrote_since(out, wall0):
             due = now + kill.after  # this process has begun to write its output
         if due is not None and now >= due:
