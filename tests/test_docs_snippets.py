@@ -100,7 +100,8 @@ def commands(block: Block) -> list[str] | None:
 
 
 def with_max_steps(line: str) -> str:
-    if not re.search(r"\bsafepoint train\b", line):
+    # chaos needs the run as long as written: its kills must land after a checkpoint
+    if not re.search(r"\bsafepoint train\b", line) or line.lstrip().startswith("safepoint chaos"):
         return line
     if "--max-steps" in line:
         return re.sub(r"--max-steps \d+", f"--max-steps {MAX_STEPS}", line)
@@ -271,6 +272,10 @@ def test_every_block_is_run_or_skipped_for_a_reviewed_reason() -> None:
             f"c -- safepoint train --max-steps {MAX_STEPS} --o {{out}}",
         ),
         ("safepoint ls runs/default", "safepoint ls runs/default"),
+        (
+            "safepoint chaos --kills 5 -- safepoint train --max-steps 40 --output-dir {out}",
+            "safepoint chaos --kills 5 -- safepoint train --max-steps 40 --output-dir {out}",
+        ),
     ],
 )
 def test_max_steps_rule(line: str, expected: str) -> None:

@@ -13,7 +13,6 @@ output directory; a command that keeps none is still killed and compared.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import random
 import shutil
@@ -153,9 +152,11 @@ class Kill:
 
     @property
     def step(self) -> int:
-        """The step after which this kill is due (a run with a record)."""
+        """The step after which this kill is due (a run with a record). At most 85% of
+        the run: progress is seen at the record's logging steps, and a kill due later
+        tends to find the run already saving its final checkpoint (it would not count)."""
         assert self.total
-        return max(int(self.fraction * self.total), 1)
+        return max(int(min(self.fraction, 0.85) * self.total), 1)
 
     def jitter(self) -> float:
         """Seconds into the next step: a kill lands anywhere inside a step, not only at
@@ -249,7 +250,9 @@ def _attempt(
     closed = False
     if len(runs) > before:
         a.resumed_from, a.reached = _progress(runs[-1])
-        a.resumed_from = a.resumed_from or 0
+        if a.resumed_from is None and a.reached is not None:
+            a.resumed_from = 0  # it trained without resuming: a fresh start
+        # else it was stopped before it chose where to resume from: unknown, not step 0
         closed = any(e["event"] == "close" for e in runs[-1])
     early_or_late = a.reached == a.resumed_from or closed
     if a.signal == "TERM" and a.exit == str(-signal.SIGTERM) and early_or_late:
@@ -382,13 +385,23 @@ def _table(attempts: list[Attempt]) -> list[str]:
 
 
 def _judge(attempts: list[Attempt]) -> None:
-    """Steps lost per kill, and a verdict on each resume."""
-    for i, (prev, a) in enumerate(itertools.pairwise(attempts), 1):
-        if a.resumed_from is None or prev.reached is None:
+    """Steps lost per kill, and a verdict on each resume.
+
+    An attempt stopped before it chose where to resume from (``resumed_from`` None: in
+    its imports, or before its restore) says nothing about the one before it: each
+    attempt that got somewhere is judged against the next one that resumed."""
+    for i, prev in enumerate(attempts):
+        if prev.reached is None:
             continue
-        prev.lost = max(prev.reached - a.resumed_from, 0)
-        earlier = [x.resumed_from for x in attempts[:i] if x.resumed_from]
-        if earlier and a.resumed_from < max(earlier) and not a.failed:
+        nxt = next(
+            (i + 1 + j for j, x in enumerate(attempts[i + 1 :]) if x.resumed_from is not None), None
+        )
+        if nxt is None:
+            continue
+        a = attempts[nxt]
+        prev.lost = max(prev.reached - a.resumed_from, 0)  # type: ignore[operator]
+        earlier = [x.resumed_from for x in attempts[:nxt] if x.resumed_from]
+        if earlier and a.resumed_from < max(earlier) and not a.failed:  # type: ignore[operator]
             a.verdict = f"FAIL: resumed from step {a.resumed_from}, older than {max(earlier)}"
         if prev.signal == "TERM" and prev.exit == "3" and prev.lost and not prev.failed:
             prev.verdict = f"FAIL: {prev.lost} steps lost after SIGTERM (no emergency save)"
