@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,27 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory):
         return cache[args]
 
     return get
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Mount a real tmpfs of a given size (and options) under tmp_path."""
+    mounted: list[Path] = []
+
+    def mount(size: int, *, options: str = "") -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        opts = f"size={size}" + (f",{options}" if options else "")
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); needs root")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -7,8 +7,7 @@ import errno
 import logging
 import os
 import shutil
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,30 +26,6 @@ from safepoint.retention import RetentionPolicy
 from tests.conftest import run_toy
 
 MB = 1 << 20
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
-    """Mount a real tmpfs of a given size (and options) under tmp_path."""
-    mounted: list[Path] = []
-
-    def mount(size: int, *, options: str = "") -> Path:
-        where = tmp_path / f"disk{len(mounted)}"
-        where.mkdir()
-        opts = f"size={size}" + (f",{options}" if options else "")
-        proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); needs root")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in reversed(mounted):
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def _state(optimizer: str = "adamw", width: int = 512) -> dict[str, object]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,29 +23,6 @@ from safepoint.records import read_events
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SAFEPOINT_HOME shared by the module, so the tiny model is built once."""
     return tmp_path_factory.getbasetemp() / "safepoint-home"
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
-    """Mount real tmpfs disks of a given size under tmp_path; unmounted at teardown."""
-    mounted: list[Path] = []
-
-    def mount(size: int) -> Path:
-        where = tmp_path / f"disk{len(mounted)}"
-        where.mkdir()
-        proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); needs root")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in reversed(mounted):
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def train(home: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -59,3 +59,13 @@ def format_duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def format_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Plain-text table lines: columns padded to their widest cell, two spaces apart (the
+    chaos reports, which go to logs and CI output as well as to terminals)."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [head, *rows]
+    ]

@@ -36,6 +36,7 @@ from typing import Any
 from safepoint.errors import ConfigError
 from safepoint.records import read_events
 from safepoint.store import checkpoint_step, latest_checkpoint
+from safepoint.units import format_table
 
 MODES = ("kill", "torn", "term")
 HOOK_ENV = "SAFEPOINT_CHAOS_HOOK"
@@ -368,11 +369,7 @@ def table(points: Sequence[Point]) -> list[str]:
         )
         for p in points
     ]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return [
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in [head, *rows]
-    ]
+    return format_table(head, rows)
 
 
 def file_events(

@@ -37,6 +37,7 @@ from safepoint.powercut import PowerCutFS, available, tree_digest
 from safepoint.powercut.journal import Journal
 from safepoint.records import read_events
 from safepoint.store import latest_checkpoint
+from safepoint.units import format_table
 
 _RESUMING = re.compile(r"resuming from (\S+) \(step (\d+)\)")
 
@@ -270,8 +271,4 @@ def table(cases: Sequence[Case]) -> list[str]:
         )
         for c in cases
     ]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return [
-        "  ".join(col.ljust(w) for col, w in zip(r, widths, strict=True)).rstrip()
-        for r in [head, *rows]
-    ]
+    return format_table(head, rows)

@@ -30,7 +30,7 @@ from safepoint.app.chaos_events import MODES, compare, file_events
 from safepoint.errors import ConfigError
 from safepoint.records import read_events
 from safepoint.store import checkpoint_step, latest_checkpoint
-from safepoint.units import parse_duration
+from safepoint.units import format_table, parse_duration
 
 _TERM_WAIT = 120.0  # seconds a SIGTERM'ed run may take to save and exit
 
@@ -377,11 +377,7 @@ def _table(attempts: list[Attempt]) -> list[str]:
         )
         for a in attempts
     ]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return [
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in [head, *rows]
-    ]
+    return format_table(head, rows)
 
 
 def _judge(attempts: list[Attempt]) -> None:
