@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import unavailable
+
 # ------------------------------------------------------------------------ setups
 
 
@@ -55,7 +57,7 @@ def _mount(target: Path, *options: str) -> None:
         text=True,
     )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
 
 
 def _ro(tmp: Path) -> None:
@@ -83,7 +85,7 @@ def _ro_run(tmp: Path) -> None:
     ):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            pytest.skip(f"cannot make a read-only bind mount: {proc.stderr.strip()}")
+            unavailable(f"cannot make a read-only bind mount: {proc.stderr.strip()}")
 
 
 _HOLDER = """
