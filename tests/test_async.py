@@ -18,6 +18,7 @@ import safepoint.store
 from safepoint import Checkpointer, SaveFailedError, latest_checkpoint
 from safepoint.format import read_safetensors
 from safepoint.records import read_events
+from safepoint.snapshot import Snapshot, StagingBuffers, TensorFile, capture
 
 DEADLINE = 60.0
 
@@ -65,8 +66,8 @@ def test_snapshot_is_a_true_copy(tmp_path: Path, gate: threading.Event) -> None:
     model = state["model"]
     before = model.weight.detach().clone()
     with Checkpointer(tmp_path, async_save=True) as ckpt:
-        info = ckpt.save(1, state)
-        assert info.status == "staging"  # returned before the write (the gate holds it)
+        pending = ckpt.save(1, state)
+        assert not pending.done  # returned before the write (the gate holds it)
         with torch.no_grad():
             model.weight.add_(1.0)  # training goes on and changes the weights in place
         gate.set()
@@ -74,17 +75,31 @@ def test_snapshot_is_a_true_copy(tmp_path: Path, gate: threading.Event) -> None:
     assert not torch.equal(model.weight, before)
 
 
+def _staged_weight(snapshot: Snapshot) -> torch.Tensor:
+    weights = [
+        t
+        for f in snapshot.files.values()
+        if isinstance(f, TensorFile)
+        for name, t in f.tensors.items()
+        if name.endswith("weight") and t.dim() == 2
+    ]
+    return weights[0]
+
+
 def test_staging_buffers_are_reused(tmp_path: Path) -> None:
     state = _state()
+    buffers = StagingBuffers()
+    first = buffers.stage(capture(state, step=1, copy=False))
+    with torch.no_grad():
+        state["model"].weight.add_(1.0)
+    again = buffers.stage(capture(state, step=2, copy=False))
+    assert buffers.missing_bytes(capture(state, step=3, copy=False)) == 0
+    old, new = (_staged_weight(s) for s in (first, again))
+    assert old.data_ptr() == new.data_ptr()  # the same host buffer, refilled
+    assert torch.equal(new, state["model"].weight.detach())
     with Checkpointer(tmp_path, async_save=True) as ckpt:
         ckpt.save(1, state)
-        ckpt.flush()
-        first = dict(ckpt._async.buffers._buffers)
-        ckpt.save(2, state)
-        ckpt.flush()
-        again = ckpt._async.buffers._buffers
-        assert first.keys() == again.keys()
-        assert all(first[k] is again[k] for k in first)
+        ckpt.save(2, state).wait(DEADLINE)
     assert torch.equal(_weights(tmp_path / "checkpoint-2"), state["model"].weight.detach())
 
 
@@ -106,8 +121,8 @@ def test_injected_writer_exception_surfaces_at_next_step(
     ckpt = Checkpointer(tmp_path, save_every=1, async_save=True)
     ckpt.step(1, state)
     ckpt.flush()
-    ckpt.step(2, state)  # fails in the background
-    ckpt._async.writer.wait(DEADLINE)
+    pending = ckpt.step(2, state)  # fails in the background
+    assert pending is not None and pending.wait_done(DEADLINE)
     with pytest.raises(SaveFailedError, match="checkpoint-2") as e:
         ckpt.step(3, state)
     assert isinstance(e.value.__cause__, RuntimeError)
@@ -159,11 +174,11 @@ def test_skip_defers_the_save_to_the_next_step(tmp_path: Path, gate: threading.E
         ckpt.step(3, state)
         assert ckpt.step(4, state) is None  # busy: skipped
         gate.set()
-        ckpt._async.writer.wait(DEADLINE)
-        info = ckpt.step(5, state)  # the deferred save happens at the next step
-        assert info is not None and info.step == 5
+        ckpt.flush()
+        pending = ckpt.step(5, state)  # the deferred save happens at the next step
+        assert pending is not None and pending.step == 5
         for s in (6, 7, 8):
-            ckpt._async.writer.wait(DEADLINE)  # a quick disk: never busy again
+            ckpt.flush()  # a quick disk: never busy again
             ckpt.step(s, state)
     steps = [e["step"] for e in read_events(tmp_path) if e["event"] == "save"]
     skipped = [e["step"] for e in read_events(tmp_path) if e["event"] == "save_skipped"]
@@ -196,7 +211,7 @@ def test_abandon_leaves_no_staging_and_previous_checkpoint(
         ckpt.save(2, state)
         threading.Timer(0.2, gate.set).start()  # the held write goes on shortly...
         ckpt.abandon()  # ...and stops at its first chunk
-        assert not ckpt._async.writer.busy
+        assert not ckpt.saver.background.writer.busy  # type: ignore[union-attr]
     assert _staging(tmp_path) == []
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
     abandoned = [e for e in read_events(tmp_path) if e["event"] == "save_abandoned"]
@@ -208,11 +223,11 @@ def test_short_of_memory_falls_back_to_inline_once(
 ) -> None:
     state = _state()
     with Checkpointer(tmp_path, async_save=True) as ckpt:
-        ckpt._async.reserve_bytes = 1 << 60  # no machine has this much free RAM
+        ckpt.saver.background.reserve_bytes = 1 << 60  # type: ignore[union-attr]  # no machine has it
         with caplog.at_level(logging.WARNING, logger="safepoint"):
             first = ckpt.save(1, state)
             second = ckpt.save(2, state)
-    assert first.status == "valid" and second.status == "valid"  # committed in-line
+    assert first.done and second.done  # committed in-line
     warnings = [r for r in caplog.records if "not enough free memory" in r.getMessage()]
     assert len(warnings) == 1
     modes = [e["mode"] for e in read_events(tmp_path) if e["event"] == "save"]

@@ -18,9 +18,9 @@ from safepoint.disk import (
     check_free_space,
     estimate_checkpoint_bytes,
     is_recoverable,
-    planned_saves,
     require_fits,
 )
+from safepoint.plan import Saves
 from safepoint.records import read_events
 from safepoint.retention import RetentionPolicy
 from tests.conftest import run_toy
@@ -62,32 +62,37 @@ def test_estimate_within_10_percent(tmp_path: Path, optimizer: str) -> None:
     estimate = estimate_checkpoint_bytes(state)  # before training: no optimizer state yet
     with Checkpointer(tmp_path) as ckpt:
         _train_step(state)
-        info = ckpt.save(1, state)
+        info = ckpt.save(1, state).wait()
     real = _du(info.path)  # every file, the manifest included
     assert abs(estimate - real) / real < 0.10, (estimate, real)
 
 
 def test_check_free_space_numbers(tmp_path: Path) -> None:
     policy = RetentionPolicy(keep_last=3)
-    check = check_free_space(tmp_path, 100, policy, saves=10, free=1000)
+    ten = Saves(count=10)
+    check = check_free_space(tmp_path, 100, policy, saves=ten, free=1000)
     assert (check.kept, check.needed, check.fits) == (3, 400, True)
-    resumed = check_free_space(tmp_path, 100, policy, saves=10, held=300, free=150)
+    resumed = check_free_space(tmp_path, 100, policy, saves=ten, held=300, free=150)
     assert resumed.needed == 100 and resumed.fits  # the kept set is already on disk
-    small = check_free_space(tmp_path, 100, policy, saves=10, free=350)
+    small = check_free_space(tmp_path, 100, policy, saves=ten, free=350)
     with pytest.raises(DiskBudgetError) as e:
         require_fits(small, policy)
     msg = str(e.value)
-    assert "350 B free" in msg and "400 B" in msg and "--keep-last 2" in msg
-    assert "--max-disk" in msg and "--output-dir" in msg
+    # the library names options; only the CLI speaks of --flags
+    assert "350 B free" in msg and "400 B" in msg and "keep_last=2" in msg
+    assert "max_disk=" in msg and "output directory" in msg and "--" not in msg
     with pytest.raises(DiskBudgetError, match="not enough for even one"):
         require_fits(check_free_space(tmp_path, 100, policy, free=50), policy)
     budget = RetentionPolicy(max_bytes=50)
     with pytest.raises(DiskBudgetError, match="smaller than one checkpoint"):
         require_fits(check_free_space(tmp_path, 100, budget, free=10**9), budget)
     assert check_free_space(tmp_path, 100, RetentionPolicy(), free=10**9).unbounded
-    assert planned_saves({"steps"}, 7, 20) == 3
-    assert planned_saves(set(), None, 20) == 1
-    assert planned_saves({"steps", "time"}, 7, 20) is None
+    from safepoint.schedule import Schedule, parse_save_every
+
+    def planned(spec: str | None) -> int | None:
+        return Schedule(parse_save_every(spec), total_steps=20).planned_saves()
+
+    assert (planned("7"), planned(None), planned("7,5m")) == (3, 1, None)
 
 
 def test_preflight_stops_before_training(tmpfs: Callable[..., Path]) -> None:
@@ -100,7 +105,7 @@ def test_preflight_stops_before_training(tmpfs: Callable[..., Path]) -> None:
             ckpt.restore(state)
         assert ckpt.list() == []
     msg = str(e.value)
-    assert str(disk / "run") in msg and "free" in msg and "--keep-last 2" in msg
+    assert str(disk / "run") in msg and "free" in msg and "keep_last=2" in msg
     # a policy that fits passes, and the estimate holds on the real disk
     with Checkpointer(disk / "run", save_every="1", keep_last=2, total_steps=3) as ckpt:
         check = ckpt.restore(state) or ckpt.preflight(state)
@@ -117,7 +122,7 @@ def test_preflight_in_a_real_process(tmpfs: Callable[..., Path]) -> None:
         disk / "run", "--width", "15000", "--keep-last", "5", "--steps", "10", check=False
     )
     assert proc.returncode != 0
-    assert "DiskBudgetError" in proc.stderr and "--keep-last" in proc.stderr
+    assert "DiskBudgetError" in proc.stderr and "keep_last=" in proc.stderr
     assert "step 1" not in proc.stdout  # stopped before training
 
 
@@ -148,7 +153,7 @@ def test_full_disk_frees_by_retention_and_retries(
     _fill(disk, size // 2)  # not enough for the next save until checkpoint-1 goes
     with caplog.at_level(logging.WARNING, logger="safepoint"):
         _train_step(state)
-        info = ckpt.step(3, state)
+        info = ckpt.step(3, state).wait()  # type: ignore[union-attr]
     ckpt.close()
     assert info is not None and info.valid
     assert [i.step for i in verify(disk / "run")] == [2, 3]
@@ -192,7 +197,7 @@ def test_full_disk_continue_keeps_training(
     assert sum("SAVE FAILED" in r.getMessage() for r in caplog.records) == 2
     ballast.unlink()
     _train_step(state)
-    assert ckpt.step(5, state).valid  # type: ignore[union-attr]
+    assert ckpt.step(5, state).wait().valid  # type: ignore[union-attr]
     ckpt.close()
     assert [i.step for i in verify(disk / "run")] == [1, 2, 5]
     skipped = [e["step"] for e in read_events(disk / "run") if e["event"] == "save_skipped"]

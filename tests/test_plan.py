@@ -14,7 +14,6 @@ from safepoint.cli import main
 from safepoint.plan import (
     daly_interval,
     disk_needed,
-    kept_count,
     measured,
     optimal_interval,
     outlook,
@@ -25,6 +24,7 @@ from safepoint.plan import (
     young_interval,
 )
 from safepoint.records import read_events
+from safepoint.retention import RetentionPolicy
 
 
 def test_young_and_daly() -> None:
@@ -56,11 +56,6 @@ def test_small_formulas() -> None:
     assert work_lost_per_failure(600, 12) == 306
     assert steps_for(712.01, 0.8) == 890
     assert steps_for(0.1, 0.8) == 1
-    assert kept_count(20, keep_last=3) == 3
-    assert kept_count(20, keep_last=3, keep_best=2, milestones=4) == 9
-    assert kept_count(2, keep_last=3, keep_best=2) == 2
-    assert kept_count(None, keep_last=None) is None
-    assert kept_count(7, keep_last=None) == 7
     assert disk_needed(10, 3) == 40
     assert disk_needed(10, 3, max_bytes=15) == 30  # latest + best protected: 2, +1 in flight
     assert disk_needed(10, None) is None
@@ -70,7 +65,7 @@ def test_small_formulas() -> None:
 def test_outlook() -> None:
     o = outlook(
         400.0, stall=12, step_time=0.8, total_steps=10000, checkpoint_bytes=2_000_000_000,
-        keep_last=3,
+        policy=RetentionPolicy(keep_last=3),
     )  # fmt: skip
     assert o.steps == 500
     assert o.saves == 20

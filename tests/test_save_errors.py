@@ -62,7 +62,7 @@ def test_an_undeletable_file_in_an_old_checkpoint(
         with Checkpointer(out, keep_last=1, signals=None, on_save_error=mode) as ckpt:  # type: ignore[arg-type]
             ckpt.save(2, state)
             _freeze(immutable, out / "checkpoint-2" / "state.json")
-            info = ckpt.save(4, state)
+            info = ckpt.save(4, state).wait()
             assert info.valid and inspect(out / "checkpoint-4", deep=True).valid
             ckpt.save(6, state)
         said = _messages(caplog)
@@ -89,7 +89,7 @@ def test_a_busy_mount_point_in_an_old_checkpoint(
             pytest.skip("cannot mount a tmpfs here")
         try:
             with caplog.at_level(logging.WARNING, logger="safepoint"):
-                assert ckpt.save(4, state).valid
+                assert ckpt.save(4, state).wait().valid
         finally:
             mounted = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
             for point in mounted:
@@ -110,7 +110,7 @@ def test_a_directory_fsync_the_file_system_refuses(
         Checkpointer(out, signals=None, on_save_error="continue") as ckpt,
     ):
         assert ckpt.step(3, _state()) is None
-        info = ckpt.save(5, _state())
+        info = ckpt.save(5, _state()).wait()
     assert info.valid and inspect(out / "checkpoint-5", deep=True).valid
     said = _messages(caplog)
     assert "SAVE FAILED" not in said and "WITHOUT" not in said
@@ -131,8 +131,8 @@ def test_continue_mode_async_save_failure_goes_on(
         ckpt.step(2, state)
         ckpt.flush()
         _freeze(immutable, out)
-        ckpt.step(4, state)  # fails in the background
-        ckpt._async.writer.wait()  # type: ignore[union-attr]
+        pending = ckpt.step(4, state)  # fails in the background
+        assert pending is not None and pending.wait_done()
         ckpt.step(5, state)  # logged here, not raised
         _chattr("-i", out)
         ckpt.step(6, state)

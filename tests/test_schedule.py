@@ -240,7 +240,7 @@ def test_auto_logs_each_change_with_its_reason(tmp_path: Path) -> None:
     assert len(saves) >= 2 and saves[-1]["step"] == 40
     policy = json.loads((tmp_path / "checkpoint-40" / "safepoint.json").read_text())["info"]
     assert policy["policy"]["save_every"] == "auto"
-    assert policy["policy"]["mtbf_s"] == 1.0
+    assert policy["policy"]["mtbf"] == 1.0
 
 
 def test_time_based_run_saves_every_3_seconds(tmp_path: Path) -> None:

@@ -16,11 +16,12 @@ from safepoint.errors import (
     SafepointError,
     SaveFailedError,
 )
+from safepoint.options import Options
 from safepoint.retention import RetentionPolicy
 from safepoint.store import CheckpointInfo, latest_checkpoint, verify
 
 if TYPE_CHECKING:
-    from safepoint.checkpointer import Checkpointer
+    from safepoint.engine import Checkpointer
     from safepoint.integrations.hf import SafepointCallback
 
 
@@ -28,7 +29,7 @@ def __getattr__(name: str) -> Any:
     # Loaded on first use: the engine imports torch (~1 s) and the Hugging Face
     # integration transformers (~3 s), which `safepoint ls` and `verify` never need.
     if name == "Checkpointer":
-        from safepoint.checkpointer import Checkpointer
+        from safepoint.engine import Checkpointer
 
         return Checkpointer
     if name == "SafepointCallback":
@@ -46,6 +47,7 @@ __all__ = [
     "CorruptCheckpointError",
     "DiskBudgetError",
     "IncompatibleCheckpointError",
+    "Options",
     "RetentionPolicy",
     "RunLockedError",
     "SafepointCallback",

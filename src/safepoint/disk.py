@@ -23,8 +23,8 @@ import torch
 from safepoint.errors import DiskBudgetError
 from safepoint.format import safetensors_layout
 from safepoint.manifest import MANIFEST_NAME, FileEntry, Manifest
-from safepoint.plan import disk_needed, kept_count
-from safepoint.retention import RetentionPolicy
+from safepoint.plan import Saves, disk_needed
+from safepoint.retention import KeepLast, RetentionPolicy
 from safepoint.snapshot import TensorFile, capture
 from safepoint.units import format_size
 
@@ -229,7 +229,8 @@ class DiskCheck:
     held: int
     """Bytes this run's checkpoints already take in ``directory``."""
     unbounded: bool = False
-    milestones: int = 0
+    others: int = 0
+    """Of ``kept``, how many the rules other than keep_last hold (best, milestones...)."""
     files_bytes: int = 0
     """The estimated bytes of one checkpoint's files (what ``ls`` shows as its size);
     ``checkpoint_bytes`` is the space they take on this disk, whole blocks."""
@@ -244,28 +245,28 @@ def check_free_space(
     checkpoint_bytes: int,
     policy: RetentionPolicy,
     *,
-    saves: int | None = None,
-    milestones: int = 0,
+    saves: Saves | None = None,
     held: int = 0,
     free: int | None = None,
 ) -> DiskCheck:
     """Compare the space the retention policy needs with the free space of ``directory``.
 
-    ``saves``: how many saves the run will make, if known; ``held``: bytes of this run's
-    checkpoints already on disk (a resumed run); ``free`` overrides the measured free
-    space (for tests and ``plan``).
+    ``saves``: what the schedule fixes of the run's saves, if anything; ``held``: bytes
+    of this run's checkpoints already on disk (a resumed run); ``free`` overrides the
+    measured free space (for tests and ``plan``).
     """
     if free is None:
         free = shutil.disk_usage(directory).free
-    kept = kept_count(
-        saves, keep_last=policy.keep_last, keep_best=policy.keep_best, milestones=milestones
-    )
+    saves = saves or Saves()
+    kept = policy.kept_count(saves)
     total = disk_needed(checkpoint_bytes, kept, max_bytes=policy.max_bytes)
     unbounded = total is None
     if total is None:  # keeps everything of a run of unknown length: check one save
         total = 2 * checkpoint_bytes
     needed = max(checkpoint_bytes, total - held)
-    return DiskCheck(directory, checkpoint_bytes, kept, needed, free, held, unbounded, milestones)
+    bounds = [r.bound(saves) for r in policy.rules if not isinstance(r, KeepLast)]
+    others = sum(b or 0 for b in bounds)
+    return DiskCheck(directory, checkpoint_bytes, kept, needed, free, held, unbounded, others)
 
 
 def require_fits(check: DiskCheck, policy: RetentionPolicy) -> None:
@@ -274,7 +275,7 @@ def require_fits(check: DiskCheck, policy: RetentionPolicy) -> None:
     if policy.max_bytes is not None and policy.max_bytes < size:
         raise DiskBudgetError(
             f"max_disk={format_size(policy.max_bytes)} is smaller than one checkpoint "
-            f"(~{format_size(size)}); raise --max-disk to at least {format_size(2 * size)}"
+            f"(~{format_size(size)}); raise max_disk to at least {_size(2 * size)}"
         )
     if check.fits:
         return
@@ -283,18 +284,18 @@ def require_fits(check: DiskCheck, policy: RetentionPolicy) -> None:
     if check.free < size:
         raise DiskBudgetError(
             f"{where} has {format_size(check.free)} free, not enough for even one checkpoint "
-            f"(~{format_size(size)}); free {short} more or choose another --output-dir"
+            f"(~{format_size(size)}); free {short} more or choose another output directory"
         )
     slots = (check.free + check.held) // size - 1  # one slot for the save in flight
     options = [f"free {short} more"]
-    keep_last = slots - policy.keep_best - check.milestones
+    keep_last = slots - check.others
     if keep_last >= 1:
-        options.append(f"--keep-last {keep_last}")
-    elif policy.keep_best and slots - check.milestones >= 1:
-        options.append(f"--keep-last {slots - check.milestones} --keep-best 0")
+        options.append(f"keep_last={keep_last}")
+    elif policy.keep_best and slots - check.others + policy.keep_best >= 1:
+        options.append(f"keep_last={slots - check.others + policy.keep_best} keep_best=0")
     if slots >= 2:
-        options.append(f"--max-disk {format_size(slots * size).replace(' ', '')}")
-    options.append("another --output-dir with more space")
+        options.append(f"max_disk={_size(slots * size)}")
+    options.append("another output directory with more space")
     kept = f"{check.kept} kept" if check.kept is not None else "all kept"
     raise DiskBudgetError(
         f"{where} has {format_size(check.free)} free but the checkpoints need "
@@ -305,19 +306,6 @@ def require_fits(check: DiskCheck, policy: RetentionPolicy) -> None:
     )
 
 
-def planned_saves(
-    triggers_kinds: set[str], step_interval: int | None, total_steps: int | None
-) -> int | None:
-    """How many checkpoints a run saves, when its schedule fixes it (steps, fractions)."""
-    if not total_steps:
-        return None
-    if not triggers_kinds:
-        return 1  # only the final checkpoint
-    if triggers_kinds - {"steps", "fraction"} or not step_interval:
-        return None  # time, epoch and auto depend on the run
-    return total_steps // step_interval + (1 if total_steps % step_interval else 0)
-
-
 def preflight_warnings(check: DiskCheck, policy: RetentionPolicy) -> list[str]:
     """Choices that will work but probably hurt, found by the pre-flight check."""
     size = check.checkpoint_bytes
@@ -326,13 +314,17 @@ def preflight_warnings(check: DiskCheck, policy: RetentionPolicy) -> list[str]:
     if check.unbounded and room < 100:
         notes.append(
             f"every checkpoint is kept (no keep_last or max_disk) at ~{format_size(size)} each; "
-            f"{format_size(check.free)} free holds ~{room} of them; consider --keep-last or "
-            "--max-disk"
+            f"{format_size(check.free)} free holds ~{room} of them; consider keep_last or "
+            "max_disk"
         )
     if policy.max_bytes is not None and size <= policy.max_bytes < 2 * size:
         notes.append(
             f"max_disk={format_size(policy.max_bytes)} holds one checkpoint of "
             f"~{format_size(size)}: the newest is always kept, so every save briefly needs "
-            "two; raise --max-disk to at least twice the checkpoint size"
+            "two; raise max_disk to at least twice the checkpoint size"
         )
     return notes
+
+
+def _size(n: int) -> str:
+    return format_size(n).replace(" ", "")

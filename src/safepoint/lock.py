@@ -30,7 +30,7 @@ import socket
 import time
 from pathlib import Path
 
-from safepoint.errors import RunLockedError, UnsafeFileError
+from safepoint.errors import ConfigError, RunLockedError, UnsafeFileError
 from safepoint.format import open_regular
 
 log = logging.getLogger("safepoint")
@@ -120,7 +120,7 @@ class RunLock:
     def _refusal(self) -> str:
         return (
             f"{self.directory}: another run holds the lock ({_holder(self.path)}); wait for "
-            "it to finish or stop it, or use another --output-dir"
+            "it to finish or stop it, or use another output directory"
         )
 
     def check(self) -> None:
@@ -201,3 +201,28 @@ def _describe(fd: int) -> str:
         return f"pid {info['pid']} on {info['host']} since {info['started_utc']}"
     except (ValueError, KeyError, TypeError, OSError):
         return "holder unknown"
+
+
+def prepare_directory(directory: Path) -> None:
+    """Create ``directory`` if needed and prove it writable, or raise ``ConfigError``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(
+            f"{directory} exists and is not a directory; choose another output directory"
+        ) from None
+    except OSError as e:
+        raise ConfigError(
+            f"cannot create the output directory {directory} ({e.strerror}); "
+            "choose another output directory"
+        ) from e
+    probe = directory / f".safepoint-write-test-{os.getpid()}"
+    try:
+        # O_EXCL: never write through a link or file planted under this name
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write in the output directory {directory} ({e.strerror}); "
+            "make it writable or choose another output directory"
+        ) from e

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,3 +215,23 @@ def _self_checksum(body: dict[str, Any]) -> str:
     h = new_hasher()
     h.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
     return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a checkpoint, for its manifest."""
+    import safetensors
+    import torch
+
+    from safepoint import __version__
+
+    versions = {
+        "safepoint": __version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+    for name in ("transformers", "peft", "trl", "accelerate"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "__version__"):
+            versions[name] = str(module.__version__)
+    return versions

@@ -22,7 +22,10 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from safepoint.retention import RetentionPolicy
 
 DEFAULT_MTBF_S = 24 * 3600.0
 """Failure rate assumed when the user gives none: one failure a day (preemptible cloud
@@ -91,23 +94,14 @@ def steps_for(interval: float, step_time: float) -> int:
     return max(1, round(interval / step_time))
 
 
-def kept_count(
-    saves: int | None,
-    *,
-    keep_last: int | None,
-    keep_best: int = 0,
-    milestones: int = 0,
-) -> int | None:
-    """Most checkpoints retention holds at once for ``saves`` saves (None: unbounded).
+@dataclass(frozen=True)
+class Saves:
+    """What the schedule says of a run's future saves, for the pre-flight's worst case."""
 
-    Worst case: the last N, plus the best K when they are older, plus the milestones;
-    never more than were saved. Exactly what retention holds: with ``keep_best=0`` no
-    best checkpoint is protected.
-    """
-    if keep_last is None:
-        return saves
-    bound = keep_last + keep_best + milestones
-    return bound if saves is None else max(1, min(saves, bound))
+    count: int | None = None
+    """How many checkpoints the run saves, when its schedule fixes it."""
+    total_steps: int | None = None
+    step_interval: int | None = None
 
 
 def disk_needed(
@@ -146,21 +140,18 @@ def outlook(
     step_time: float | None = None,
     total_steps: int | None = None,
     checkpoint_bytes: int | None = None,
-    keep_last: int | None = None,
-    keep_best: int = 0,
-    keep_every: int | None = None,
-    max_bytes: int | None = None,
+    policy: RetentionPolicy | None = None,
 ) -> Outlook:
-    """Overhead, expected loss, number of saves and disk use of saving every ``interval`` s."""
+    """Overhead, expected loss, number of saves and disk use of saving every ``interval`` s
+    (what ``policy`` keeps of them; None keeps all)."""
     steps = steps_for(interval, step_time) if step_time else None
     saves = None
     if steps and total_steps:
         # One every `steps`, plus the final checkpoint when the run does not end on one.
         saves = total_steps // steps + (1 if total_steps % steps else 0)
-    milestones = (total_steps // keep_every) if keep_every and total_steps else 0
-    kept = kept_count(saves, keep_last=keep_last, keep_best=keep_best, milestones=milestones)
+    kept = saves if policy is None else policy.kept_count(Saves(saves, total_steps, steps))
     disk = (
-        disk_needed(checkpoint_bytes, kept, max_bytes=max_bytes)
+        disk_needed(checkpoint_bytes, kept, max_bytes=policy and policy.max_bytes)
         if checkpoint_bytes is not None
         else None
     )

@@ -1,53 +1,26 @@
-"""What to keep: a pure function from the committed checkpoints to a keep/delete plan.
+"""What to keep: small rules joined by one planner. Pure: no I/O.
 
-Rules combine by union (a checkpoint is kept if any rule keeps it), then the byte
-budget trims the oldest checkpoints that no protection covers. Protected always: the
-newest valid checkpoint, and the best one when the policy asks for best
-(``keep_best >= 1``): with ``keep_best=0``, ``keep_last=N`` holds exactly N, which is
-what the disk pre-flight counts. Only valid checkpoints are ever candidates for
-deletion, and the plan never leaves zero valid checkpoints.
+Each rule answers, for the committed checkpoints of a run, "which of these do I keep,
+and why" (as Orbax's preservation policies do); a checkpoint is kept if any rule keeps
+it. Then the byte budget trims the oldest checkpoints that no protection covers.
+Protected always: the newest valid checkpoint, and the best one when the policy asks
+for best (``keep_best >= 1``): with ``keep_best=0``, ``keep_last=N`` holds exactly N,
+which is what the disk pre-flight counts. The plan never leaves zero checkpoints.
+
+A new rule is one class here (``keep`` and ``bound``), one field of ``RetentionPolicy``
+that builds it in ``rules``, and one field of ``Options``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 from safepoint.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class RetentionPolicy:
-    """Which checkpoints to keep."""
-
-    keep_last: int | None = None
-    """Keep the newest N checkpoints; None keeps all."""
-    keep_best: int = 0
-    """Keep the best K by ``metric`` (the best one is then protected even from the byte
-    budget); 0 ranks nothing: no checkpoint is kept, nor called best, for its metric."""
-    metric: str = "eval_loss"
-    """The metric that ranks checkpoints (a key of the metrics saved with each one)."""
-    mode: Literal["min", "max"] = "min"
-    """Whether lower (``min``) or higher (``max``) ``metric`` is better."""
-    keep_every: int | None = None
-    """Keep every checkpoint whose step is a multiple of this (milestones)."""
-    max_bytes: int | None = None
-    """Budget for all checkpoints together; the oldest unprotected go first."""
-
-    def __post_init__(self) -> None:
-        if self.keep_last is not None and self.keep_last < 1:
-            raise ConfigError(
-                f"keep_last={self.keep_last}: keep at least 1 checkpoint (None keeps all)"
-            )
-        if self.keep_best < 0:
-            raise ConfigError(f"keep_best={self.keep_best} must be 0 or more")
-        if self.mode not in ("min", "max"):
-            raise ConfigError(f"mode={self.mode!r} must be 'min' or 'max'")
-        if self.keep_every is not None and self.keep_every < 1:
-            raise ConfigError(f"keep_every={self.keep_every} must be a step count >= 1")
-        if self.max_bytes is not None and self.max_bytes <= 0:
-            raise ConfigError(f"max_disk={self.max_bytes} must be larger than zero")
+from safepoint.options import Options
+from safepoint.plan import Saves
 
 
 @dataclass(frozen=True)
@@ -59,22 +32,171 @@ class Candidate:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
+class Rule(Protocol):
+    """One reason to keep checkpoints."""
+
+    def keep(self, by_step: Sequence[Candidate]) -> Iterator[tuple[int, str]]:
+        """(step, label) of each of ``by_step`` (oldest first) this rule keeps."""
+        ...
+
+    def bound(self, saves: Saves) -> int | None:
+        """The most checkpoints this rule alone holds at once (None: unbounded)."""
+        ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class KeepLast:
+    n: int | None  # None: all
+
+    def keep(self, by_step: Sequence[Candidate]) -> Iterator[tuple[int, str]]:
+        label = "all" if self.n is None else f"last-{self.n}"
+        for c in by_step[-(self.n or len(by_step)) :]:
+            yield c.step, label
+
+    def bound(self, saves: Saves) -> int | None:
+        return saves.count if self.n is None else self.n
+
+    def describe(self) -> str:
+        return "keep all" if self.n is None else f"keep_last={self.n}"
+
+
+@dataclass(frozen=True)
+class KeepBest:
+    k: int
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+
+    def ranked(self, candidates: Sequence[Candidate]) -> list[int]:
+        """Steps that have the metric, best first (ties: the newer wins)."""
+        scored = [c for c in candidates if self.metric in c.metrics]
+        sign = 1 if self.mode == "min" else -1
+        scored.sort(key=lambda c: (sign * c.metrics[self.metric], -c.step))
+        return [c.step for c in scored]
+
+    def keep(self, by_step: Sequence[Candidate]) -> Iterator[tuple[int, str]]:
+        for i, step in enumerate(self.ranked(by_step)[: self.k]):
+            yield step, "best" if i == 0 else f"best-{self.k}"
+
+    def bound(self, saves: Saves) -> int | None:
+        return self.k
+
+    def describe(self) -> str:
+        return f"keep_best={self.k} by {self.metric} ({self.mode})"
+
+
+@dataclass(frozen=True)
+class KeepEvery:
+    n: int
+
+    def keep(self, by_step: Sequence[Candidate]) -> Iterator[tuple[int, str]]:
+        yield from ((c.step, "milestone") for c in by_step if c.step % self.n == 0)
+
+    def bound(self, saves: Saves) -> int | None:
+        return None if not saves.total_steps else saves.total_steps // self.n
+
+    def describe(self) -> str:
+        return f"keep_every={self.n}"
+
+
+@dataclass(frozen=True)
+class KeepAfterStep:
+    step: int
+
+    def keep(self, by_step: Sequence[Candidate]) -> Iterator[tuple[int, str]]:
+        yield from ((c.step, f"after-{self.step}") for c in by_step if c.step > self.step)
+
+    def bound(self, saves: Saves) -> int | None:
+        total, every = saves.total_steps, saves.step_interval
+        if total is None or every is None:
+            return None if total is None or total > self.step else 0
+        # the saves at multiples of the interval past ``step``, and the final one
+        later = total // every - self.step // every
+        return max(0, later) + int(total % every != 0 and total > self.step)
+
+    def describe(self) -> str:
+        return f"keep_after_step={self.step}"
+
+
 @dataclass(frozen=True)
 class RetentionPlan:
     keep: dict[int, tuple[str, ...]]
-    """Step -> the reasons it is kept (latest, best, best-K, last-N, milestone)."""
+    """Step -> the reasons it is kept (latest, best, best-K, last-N, milestone...)."""
     delete: tuple[int, ...]
     """Steps to delete, oldest first."""
     over_budget: bool = False
     """True if the protected checkpoints alone exceed ``max_bytes``."""
 
 
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Which checkpoints to keep: the rules, their ranking metric, the byte budget."""
+
+    keep_last: int | None = None
+    """Keep the newest N checkpoints; None keeps all."""
+    keep_best: int = 0
+    """Keep the best K by ``metric``; 0 ranks nothing (no checkpoint is called best)."""
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    keep_every: int | None = None
+    """Keep every checkpoint whose step is a multiple of this (milestones)."""
+    keep_after_step: int | None = None
+    """Keep every checkpoint after this step."""
+    max_bytes: int | None = None
+    """Budget for all checkpoints together; the oldest unprotected go first."""
+
+    def __post_init__(self) -> None:
+        Options(**{k: v for k, v in self._options().items() if v is not None})
+
+    def _options(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["max_disk"] = values.pop("max_bytes")
+        return values
+
+    @classmethod
+    def from_options(cls, options: Options) -> RetentionPolicy:
+        names = {f.name for f in dataclasses.fields(cls)} - {"max_bytes"}
+        return cls(**{n: getattr(options, n) for n in names}, max_bytes=options.max_bytes)
+
+    @property
+    def best(self) -> KeepBest:
+        return KeepBest(self.keep_best, self.metric, self.mode)
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        rules: list[Rule] = [KeepLast(self.keep_last)]
+        if self.keep_best:
+            rules.append(self.best)
+        if self.keep_every:
+            rules.append(KeepEvery(self.keep_every))
+        if self.keep_after_step is not None:
+            rules.append(KeepAfterStep(self.keep_after_step))
+        return tuple(rules)
+
+    def describe(self) -> str:
+        """In words, for a ``delete`` event: ``keep_last=3, keep_best=1 by eval_loss (min)``."""
+        parts = [r.describe() for r in self.rules if r != KeepLast(None)]
+        if self.max_bytes is not None:
+            parts.append(f"max_disk={self.max_bytes}")
+        return ", ".join(parts) or "retention"
+
+    def kept_count(self, saves: Saves) -> int | None:
+        """Most checkpoints retention holds at once (None: unbounded): the rules' worst
+        cases added up, never more than are saved, never fewer than one."""
+        bounds = [r.bound(saves) for r in self.rules]
+        if any(b is None for b in bounds):
+            return saves.count
+        bound = sum(b for b in bounds if b is not None)
+        return max(1, bound if saves.count is None else min(saves.count, bound))
+
+    def to_json(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
 def best_steps(candidates: Sequence[Candidate], policy: RetentionPolicy) -> list[int]:
     """Steps that have ``policy.metric``, best first (ties: the newer wins)."""
-    scored = [c for c in candidates if policy.metric in c.metrics]
-    sign = 1 if policy.mode == "min" else -1
-    scored.sort(key=lambda c: (sign * c.metrics[policy.metric], -c.step))
-    return [c.step for c in scored]
+    return policy.best.ranked(candidates)
 
 
 def plan(candidates: Sequence[Candidate], policy: RetentionPolicy) -> RetentionPlan:
@@ -84,22 +206,12 @@ def plan(candidates: Sequence[Candidate], policy: RetentionPolicy) -> RetentionP
         return RetentionPlan({}, ())
     reasons: dict[int, list[str]] = {c.step: [] for c in by_step}
     reasons[by_step[-1].step].append("latest")
-    ranked = best_steps(by_step, policy) if policy.keep_best else []
-    if ranked:
-        reasons[ranked[0]].append("best")
-        for step in ranked[1 : policy.keep_best]:
-            reasons[step].append(f"best-{policy.keep_best}")
-    keep_last = len(by_step) if policy.keep_last is None else policy.keep_last
-    for c in by_step[-keep_last:]:
-        reasons[c.step].append(f"last-{keep_last}" if policy.keep_last else "all")
-    if policy.keep_every:
-        for c in by_step:
-            if c.step % policy.keep_every == 0:
-                reasons[c.step].append("milestone")
-
+    for rule in policy.rules:
+        for step, label in rule.keep(by_step):
+            reasons[step].append(label)
     over = False
     if policy.max_bytes is not None:
-        protected = {by_step[-1].step, *ranked[:1]}
+        protected = {by_step[-1].step, *best_steps(by_step, policy)[: min(policy.keep_best, 1)]}
         size = {c.step: c.size for c in by_step}
         used = sum(size[s] for s, r in reasons.items() if r)
         for c in by_step:  # oldest first
@@ -140,20 +252,13 @@ def free_before_commit(
 
 def policy_to_json(policy: RetentionPolicy) -> dict[str, object]:
     """The policy as JSON, stored with each checkpoint so that ``ls`` can explain it."""
-    return {
-        "keep_last": policy.keep_last,
-        "keep_best": policy.keep_best,
-        "metric": policy.metric,
-        "mode": policy.mode,
-        "keep_every": policy.keep_every,
-        "max_bytes": policy.max_bytes,
-    }
+    return policy.to_json()
 
 
 def policy_from_json(doc: Mapping[str, object]) -> RetentionPolicy:
-    """Inverse of ``policy_to_json``; unknown keys are ignored, bad values raise ConfigError."""
-    fields = ("keep_last", "keep_best", "metric", "mode", "keep_every", "max_bytes")
+    """The retention part of a stored policy (``Options.to_json`` or the older form of
+    ``policy_to_json``); unknown keys are ignored, bad values raise ``ConfigError``."""
     try:
-        return RetentionPolicy(**{k: doc[k] for k in fields if k in doc})  # type: ignore[arg-type]
+        return RetentionPolicy.from_options(Options.from_json(doc))
     except TypeError as e:
         raise ConfigError(f"unreadable retention policy {dict(doc)!r} ({e})") from e

@@ -166,8 +166,8 @@ class Schedule:
         for t in triggers:
             if t.kind == "fraction" and not total_steps:
                 raise ConfigError(
-                    f"save_every {t.value:g}% needs the run length: pass total_steps "
-                    "(or --max-steps), or save every N steps instead"
+                    f"save_every {t.value:g}% needs the run length: set total_steps, "
+                    "or save every N steps instead"
                 )
 
     def step_interval(self) -> int | None:
@@ -179,6 +179,19 @@ class Schedule:
             if t.kind == "fraction"
         ]
         return min(steps) if steps else None
+
+    def planned_saves(self) -> int | None:
+        """How many checkpoints the run saves, when the schedule fixes it (steps,
+        fractions and a known ``total_steps``); None when time or epochs decide."""
+        total = self.total_steps
+        if not total:
+            return None
+        if not self.triggers:
+            return 1  # only the final checkpoint
+        every = self.step_interval()
+        if {t.kind for t in self.triggers} - {"steps", "fraction"} or not every:
+            return None
+        return total // every + (1 if total % every else 0)
 
     def start(self, now: float, step: int = 0) -> None:
         """Training (re)starts at ``step``: time triggers count from ``now``."""

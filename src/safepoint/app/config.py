@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from safepoint.errors import ConfigError
-from safepoint.retention import RetentionPolicy
-from safepoint.schedule import parse_save_every
-from safepoint.units import parse_duration, parse_size
+from safepoint.options import Options
 
 
 @dataclass
@@ -112,21 +110,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` on any bad value; writes nothing."""
-        parse_save_every(self.save_every)
-        parse_duration(self.mtbf, what="mtbf")
         if self.keep_last is not None and self.keep_last < 0:
             raise ConfigError(
                 f"keep_last={self.keep_last}: give N >= 1 to keep the newest N checkpoints, "
                 "or 0 to keep all"
             )
-        RetentionPolicy(
-            keep_last=self.keep_last or None,
-            keep_best=self.keep_best,
-            metric=self.metric,
-            mode=self.mode,  # type: ignore[arg-type]
-            keep_every=self.keep_every,
-            max_bytes=None if self.max_disk is None else parse_size(self.max_disk),
-        )
+        self.options()  # every checkpointing option, checked where it is defined
         checks = [
             (self.epochs > 0, "epochs must be more than 0"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be at least 1"),
@@ -138,8 +127,6 @@ class TrainConfig:
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (0 <= self.eval_split < 1, "eval_split must be in [0, 1), e.g. 0.1"),
             (self.eval_every is None or self.eval_every >= 1, "eval_every must be at least 1"),
-            (self.on_save_error in ("stop", "continue"), "on_save_error must be stop or continue"),
-            (0 < self.max_overhead < 1, "max_overhead must be a share in (0, 1), e.g. 0.02"),
             (
                 self.early_stopping is None or self.early_stopping >= 1,
                 "early_stopping must be a patience of at least 1 evaluation",
@@ -154,6 +141,13 @@ class TrainConfig:
             )
 
     # ------------------------------------------------------------------ views
+
+    def options(self) -> Options:
+        """The checkpointing options of this run (the fields it shares with ``Options``)."""
+        shared = set(self.keys()) & set(Options.names())
+        values = {k: getattr(self, k) for k in shared}
+        values["keep_last"] = values["keep_last"] or None  # 0 is how a flag says "keep all"
+        return Options(**values, fingerprint=self.fingerprint())
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.keys()}

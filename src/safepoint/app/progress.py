@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from safepoint.app.config import TrainConfig
+from safepoint.engine import PendingSave
 from safepoint.integrations.hf import SafepointCallback
 from safepoint.store import CheckpointInfo
 from safepoint.units import format_size
@@ -180,14 +181,15 @@ class JobCallback(SafepointCallback):
             return f"resumed {self.resumed_from.step}"
         return "-"
 
-    def committed(self, info: CheckpointInfo, seconds: float) -> None:
+    def committed(self, save: PendingSave, seconds: float) -> None:
         self.commits += 1
-        metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(info.metrics.items()))
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(save.metrics.items()))
         # An async save returns once the host copy is made; the write goes on behind.
-        what = "saved" if info.valid else "saving"
-        size = f" ({format_size(info.size)})" if info.valid else ", writing in the background"
+        info = save.wait() if save.done and not save.failed else None
+        what = "saved" if info else "saving"
+        size = f" ({format_size(info.size)})" if info else ", writing in the background"
         click.echo(
-            f"{_CLEAR_LINE if self.tty else ''}{what} {info.path} in {seconds:.2f} s"
+            f"{_CLEAR_LINE if self.tty else ''}{what} {save.path} in {seconds:.2f} s"
             f"{size}{'  ' + metrics if metrics else ''}"
         )
         self.line_open = False

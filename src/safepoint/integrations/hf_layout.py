@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import warnings
 import weakref
 from typing import Any
@@ -110,3 +111,59 @@ def trainer_state_json(trainer: Trainer) -> bytes:
     # encoder took 51 ms for a 2,000-step log history (19 ms without), in the save stall.
     doc = json.dumps(dataclasses.asdict(state), sort_keys=True, separators=(",", ":"))
     return (doc + "\n").encode()
+
+
+# One log_history entry of each kind as TRL's SFTTrainer writes them (the plain Trainer
+# logs fewer keys): trainer_state.json grows by one per log and per evaluation.
+_LOG_ENTRY = dict.fromkeys(
+    ("entropy", "epoch", "grad_norm", "learning_rate", "loss", "mean_token_accuracy"), 1 / 3
+) | {"num_tokens": 123456.0, "step": 12345}
+_EVAL_ENTRY = {
+    **dict.fromkeys(("epoch", "eval_entropy", "eval_loss", "eval_mean_token_accuracy"), 1 / 3),
+    **dict.fromkeys(("eval_runtime", "eval_samples_per_second", "eval_steps_per_second"), 12.345),
+    **{"eval_num_tokens": 123456.0, "step": 12345},
+}
+
+
+def _entry_bytes(entry: dict[str, Any]) -> int:
+    one, two = ({"log_history": [entry] * n} for n in (1, 2))
+    compact = {"sort_keys": True, "separators": (",", ":")}  # as trainer_state_json
+    return len(json.dumps(two, **compact)) - len(json.dumps(one, **compact))
+
+
+def trainer_state_bytes(trainer: Any, args: Any, state: Any) -> int:
+    """``trainer_state.json`` at the end of the run: now, plus one entry per log and per
+    evaluation still to come. The last checkpoints are the largest; sizing every kept one
+    like them is what makes the pre-flight hold to the end of a long run (logging every
+    step adds ~300 bytes a step: 3 MB at step 10,000)."""
+    done, total = state.global_step, state.max_steps
+
+    def count(strategy: Any, every: Any, final: bool) -> int:
+        kind = str(getattr(strategy, "value", strategy))
+        if kind == "epoch":
+            return max(1, math.ceil(float(args.num_train_epochs)))
+        if kind != "steps" or not every:
+            return 0
+        every = int(every)
+        return total // every - done // every + int(final and total % every != 0)
+
+    logs = count(args.logging_strategy, state.logging_steps, False) + int(
+        bool(args.logging_first_step) and done == 0
+    )
+    evals = count(args.eval_strategy, state.eval_steps, True)
+    return (
+        len(trainer_state_json(trainer))
+        + logs * _entry_bytes(_LOG_ENTRY)
+        + evals * _entry_bytes(_EVAL_ENTRY)
+    )
+
+
+def trainer_schedule(args: Any) -> str | None:
+    """The Trainer's own save schedule, in safepoint's terms, for when save_every is unset."""
+    strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    if strategy == "steps":
+        steps = args.save_steps
+        return f"{steps * 100:g}%" if 0 < steps < 1 else str(int(steps))
+    if strategy == "epoch":
+        return "epoch"
+    return None

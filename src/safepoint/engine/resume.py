@@ -1,0 +1,171 @@
+"""Which checkpoint to resume from, and loading it: one implementation for every entry.
+
+The plain loop (``Checkpointer.restore``), the Trainer callback and ``safepoint train``
+all pick through ``Resumer.pick``, so the same damaged or foreign checkpoint gives the
+same error everywhere:
+
+- a path or step that is not there: ``CheckpointNotFoundError``;
+- a folder safepoint did not write, or one of another configuration (fingerprint), or
+  one the live objects do not fit: ``IncompatibleCheckpointError``;
+- a damaged or unfinished one named explicitly: ``CorruptCheckpointError``.
+
+Picking the newest, a damaged or misfitting checkpoint is skipped for the next older
+one with a warning; if none fits the model, the first misfit is raised: training from
+scratch would hide a changed model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+from safepoint.distributed import Ranks
+from safepoint.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+)
+from safepoint.options import Options
+from safepoint.records import RunRecord, last_reached_step
+from safepoint.snapshot import apply
+from safepoint.store import CheckpointInfo, Store, inspect, newest_first
+
+log = logging.getLogger("safepoint")
+
+T = TypeVar("T")
+
+
+class Source(Protocol):
+    """Where checkpoints come from on a machine that has none (``remote.Mirror``)."""
+
+    def fetch_if_empty(self) -> CheckpointInfo | None: ...
+
+
+@dataclass(frozen=True)
+class Resumed(Generic[T]):
+    info: CheckpointInfo
+    loaded: T
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Newer checkpoints passed over, and why."""
+
+
+class Resumer:
+    """Picks and loads the checkpoint a run resumes from."""
+
+    def __init__(self, store: Store, record: RunRecord, options: Options, ranks: Ranks) -> None:
+        self.store = store
+        self.record = record
+        self.options = options
+        self.ranks = ranks
+        self.source: Source | None = None
+        # What the previous process reached gives "steps lost" when this one resumes.
+        self.reached_before = last_reached_step(store.directory)
+
+    def pick(
+        self,
+        checkpoint: str | os.PathLike[str] | int | None,
+        load: Callable[[CheckpointInfo], T],
+    ) -> Resumed[T] | None:
+        """``load`` the checkpoint to resume from: ``checkpoint`` (a path or a step), or
+        the newest one that loads. None when there is nothing to resume from. ``load``
+        raises ``CorruptCheckpointError`` / ``IncompatibleCheckpointError`` to pass."""
+        if checkpoint is None and self.source is not None:
+            self.source.fetch_if_empty()  # a fresh machine: the newest remote one, verified
+        if checkpoint is None and self.ranks.active:
+            # Every rank resumes from the checkpoint rank 0 picks; none of them guesses.
+            checkpoint = self.ranks.agree_on_checkpoint(
+                lambda: next((i.step for i in newest_first(self.store.directory)), None)
+            )
+            if checkpoint is None:
+                return None
+        if checkpoint is not None:
+            info = self.explicit(checkpoint)
+            return self._resumed(info, load(info), {})
+        failed: dict[str, str] = {}
+        misfit: IncompatibleCheckpointError | None = None
+        for info in newest_first(self.store.directory, deep=self.options.verify_on_resume):
+            self.check_ours(info)
+            try:
+                loaded = load(info)
+            except (CorruptCheckpointError, IncompatibleCheckpointError) as e:
+                log.warning("skipping %s: %s; trying the next older checkpoint", info.path, e)
+                failed[info.name] = str(e)
+                if isinstance(e, IncompatibleCheckpointError):
+                    misfit = misfit or e
+                continue
+            return self._resumed(info, loaded, failed)
+        if misfit is not None:
+            raise misfit
+        return None
+
+    def explicit(self, checkpoint: str | os.PathLike[str] | int) -> CheckpointInfo:
+        """The checkpoint named by a path or a step, verified, or the error that says why
+        it cannot be resumed from."""
+        path = self.store.path_for(checkpoint) if isinstance(checkpoint, int) else Path(checkpoint)
+        if not os.path.lexists(path):
+            have = ", ".join(i.name for i in self.store.scan() if i.valid) or "none"
+            raise CheckpointNotFoundError(
+                f"{path}: no such checkpoint; valid checkpoints in {self.store.directory}: {have}"
+            )
+        info = inspect(path, deep=self.options.verify_on_resume)
+        if info.status == "foreign":  # e.g. the stock Trainer's: never resumed from
+            from safepoint.foreign import describe_foreign
+
+            raise IncompatibleCheckpointError(
+                f"{path} was not written by safepoint ({'; '.join(info.problems)}); "
+                f"{describe_foreign(path)}"
+            )
+        if not info.valid:
+            raise CorruptCheckpointError(
+                f"{path} is {info.status}: {'; '.join(info.problems)}; resume from another "
+                "checkpoint or run `safepoint verify` for details"
+            )
+        self.check_ours(info)
+        return info
+
+    def check_ours(self, info: CheckpointInfo) -> None:
+        """Raise ``IncompatibleCheckpointError`` if another configuration wrote ``info``."""
+        mine = self.options.fingerprint
+        theirs = info.manifest.fingerprint if info.manifest else None
+        if mine and theirs and theirs != mine:
+            raise IncompatibleCheckpointError(
+                f"{info.path} was written by another configuration (fingerprint {theirs}, "
+                f"this run {mine}); use the same configuration or another output directory"
+            )
+
+    def load_state(
+        self, info: CheckpointInfo, state: MutableMapping[str, Any], *, rng: bool
+    ) -> dict[str, Any]:
+        """Load ``info`` into ``state`` (and this rank's RNG states when ``rng``)."""
+        progress = apply(info.path, state, rng=rng, manifest=info.manifest)
+        self.ranks.restore_rank_rng(info.path, rng=rng)
+        return progress
+
+    def _resumed(self, info: CheckpointInfo, loaded: T, failed: Mapping[str, str]) -> Resumed[T]:
+        log.info("resumed from %s", info.path)
+        reached = self.reached_before
+        self.record.event(
+            "resume",
+            step=info.step,
+            checkpoint=info.name,
+            reached=reached,
+            steps_lost=None if reached is None else max(reached - info.step, 0),
+            skipped=self._skipped_newer(info.step, failed),
+        )
+        return Resumed(info, loaded, dict(failed))
+
+    def _skipped_newer(self, step: int, failed: Mapping[str, str]) -> list[dict[str, str]]:
+        """Why each folder newer than ``step`` was passed over, for the run record."""
+        skipped = []
+        for i in self.store.scan():
+            if i.step <= step or i.status == "staging":
+                continue
+            problem = failed.get(i.name) or "; ".join(i.problems)
+            if i.valid and not problem:
+                problem = "checksum verification failed"
+            skipped.append({"checkpoint": i.name, "status": i.status, "problem": problem})
+        return skipped

@@ -1,0 +1,377 @@
+"""How a save happens: commit (in line or in the background), retry on a full disk,
+retention, the hand-off to the replica. Returns a ``PendingSave`` for every save.
+
+Only this module's ``Saver`` touches the store for writing, and only one thread at a
+time: a save in flight finishes before the next one, a prune or a close starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from safepoint.disk import is_recoverable
+from safepoint.engine.preflight import Preflight
+from safepoint.errors import SaveFailedError
+from safepoint.lock import RunLock
+from safepoint.manifest import library_versions
+from safepoint.options import Options
+from safepoint.records import RunRecord
+from safepoint.retention import Candidate, RetentionPolicy, free_before_commit, plan
+from safepoint.snapshot import Snapshot
+from safepoint.store import CheckpointInfo, Store
+from safepoint.units import format_size
+from safepoint.writer import AsyncSaver, as_save_failed
+
+log = logging.getLogger("safepoint")
+
+
+class Replica(Protocol):
+    """A second copy of the committed checkpoints (``remote.Mirror``)."""
+
+    def submit(self, info: CheckpointInfo) -> None: ...
+
+    def close(self, timeout: float | None = None) -> bool: ...
+
+
+@dataclass
+class PendingSave:
+    """The handle of one save: ``wait()`` returns its committed checkpoint or raises.
+
+    In-line saves are done when returned. A background save's failure is raised by
+    ``wait()``; if nobody waits for it, the next ``step()`` (or ``close()``) raises it,
+    once, as ``on_save_error`` says.
+    """
+
+    step: int
+    path: Path
+    reason: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    stall_s: float = 0.0
+    """How long training was blocked by this save (the host copy, for a background one)."""
+    _info: CheckpointInfo | None = None
+    _job: Any = None  # writer.PendingSave of a background save
+    _observed: list[bool] = field(default_factory=lambda: [False])
+
+    @property
+    def done(self) -> bool:
+        return self._job is None or self._job.done.is_set()
+
+    @property
+    def failed(self) -> bool:
+        """True once the save has failed (``wait()`` raises why)."""
+        return self._job is not None and self._job.failed
+
+    def wait_done(self, timeout: float | None = None) -> bool:
+        """Block until the save has finished, well or not (True), or ``timeout`` passed;
+        raises nothing: a failure still surfaces through ``wait()`` or the next step."""
+        return self._job is None or self._job.done.wait(timeout)
+
+    def wait(self, timeout: float | None = None) -> CheckpointInfo:
+        """The committed checkpoint; raises ``SaveFailedError`` if the save failed, or
+        ``TimeoutError`` if it is still being written after ``timeout`` seconds."""
+        if self._job is not None:
+            if not self._job.done.wait(timeout):
+                raise TimeoutError(f"checkpoint-{self.step} is still being written")
+            if self._job.error is not None:
+                self._observed[0] = True
+                raise as_save_failed(self._job, self.path.parent)
+            self._info = self._job.result
+        assert self._info is not None
+        return self._info
+
+
+class Saver:
+    """Commits snapshots into ``store`` and applies retention; rank 0 only."""
+
+    def __init__(
+        self,
+        store: Store,
+        record: RunRecord,
+        lock: RunLock,
+        options: Options,
+        preflight: Preflight,
+    ) -> None:
+        self.store = store
+        self.record = record
+        self.lock = lock
+        self.options = options
+        self.policy = RetentionPolicy.from_options(options)
+        self.preflight = preflight
+        self.replica: Replica | None = None
+        self.background = (
+            AsyncSaver(store.directory, record, on_busy=options.on_busy)
+            if (options.async_save)
+            else None
+        )
+        self.metric_hint = "pass it to step() in metrics=, or set metric= to one the saves carry"
+        """How the user gets ``metric`` into the saves, in their terms (integrations adapt it)."""
+        self._warned_metric = False
+        self._last: PendingSave | None = None
+        self.last_commit_s: float | None = None
+        """How long the last commit took, start to end (the emergency grace check)."""
+
+    # ------------------------------------------------------------------ commit
+
+    def commit(self, snapshot: Snapshot, *, started: float, urgent: bool = False) -> PendingSave:
+        """Commit ``snapshot`` (its ``reason``, ``metrics`` set), then prune.
+
+        In line, or in the background with ``async_save`` (``urgent``: always in line,
+        for emergency saves). Raises ``SaveFailedError`` for an in-line save that failed.
+        """
+        path = self.store.path_for(snapshot.step)
+        handle = PendingSave(snapshot.step, path, snapshot.reason, dict(snapshot.metrics))
+        bg = self.background
+        if bg is None:
+            handle._info = self.commit_now(snapshot, started, mode="sync")
+        else:
+            self._raise_unobserved()
+            waited = bg.wait_idle(snapshot.step)  # one thread touches the store at a time
+            if urgent:
+                try:
+                    bg.raise_failure()
+                except SaveFailedError as e:
+                    log.error("%s", e)
+            else:
+                self._raise_unobserved()
+            if urgent or not bg.fits(snapshot):
+                mode = "sync" if urgent else "inline"
+                handle._info = self.commit_now(snapshot, started, mode=mode)
+            else:
+                handle._job = self._start(bg, snapshot, started, waited)
+        handle.stall_s = time.perf_counter() - started
+        self._last = handle
+        return handle
+
+    def _start(self, bg: AsyncSaver, snapshot: Snapshot, started: float, waited: float) -> Any:
+        t_copy = time.perf_counter()
+        timing: dict[str, float] = {"wait_s": round(waited, 6)}
+        staged = threading.Event()  # the timings of the copy are known once start returns
+
+        def job(copy: Snapshot, abort: Callable[[], None]) -> CheckpointInfo:
+            staged.wait()
+            return self.commit_now(copy, started, mode="async", abort=abort, timing=timing)
+
+        bg.start(snapshot, job)
+        now = time.perf_counter()
+        timing |= {"snapshot_s": round(now - t_copy, 6), "stall_s": round(now - started, 6)}
+        staged.set()
+        return bg.writer.pending
+
+    def commit_now(
+        self,
+        snapshot: Snapshot,
+        started: float,
+        *,
+        mode: str,
+        abort: Callable[[], None] | None = None,
+        timing: dict[str, float] | None = None,
+    ) -> CheckpointInfo:
+        """The commit itself, in the training thread or on the writer thread (async);
+        ``timing`` (async) was measured in the training thread when the save started."""
+        try:
+            self.lock.check()  # safepoint.lock deleted under us: still the only writer?
+            info = self._store_commit(
+                snapshot,
+                versions=library_versions(),
+                info={
+                    "bytes": snapshot.nbytes,
+                    "mode": mode,
+                    **(timing or {}),
+                    "policy": self.options.to_json(),
+                },
+                abort=abort,
+            )
+        except Exception as e:
+            self.record.event("save", step=snapshot.step, reason=snapshot.reason, result="failed")
+            self.record.event("error", where="save", step=snapshot.step, error=str(e))
+            raise
+        done = time.perf_counter() - started
+        stall = timing["stall_s"] if timing else done
+        write_s = info.manifest.info.get("write_s") if info.manifest else None
+        log.info("saved %s (%s, %s) in %.2f s", info.path.name, snapshot.reason, mode, done)
+        self.record.event(
+            "save",
+            step=info.step,
+            reason=snapshot.reason,
+            mode=mode,
+            stall_s=round(stall, 6),
+            **{k: v for k, v in (timing or {}).items() if k != "stall_s"},
+            write_s=write_s,
+            commit_s=round(done, 6),
+            bytes=info.size,
+            mb_per_s=round(info.size / write_s / 1e6, 1) if write_s else None,
+            metrics=snapshot.metrics,
+            result="committed",
+        )
+        self.last_commit_s = done
+        self._prune()
+        if self.replica is not None:
+            self.replica.submit(info)
+        return info
+
+    def _store_commit(self, snapshot: Snapshot, **kwargs: Any) -> CheckpointInfo:
+        """``store.commit``; after a full disk or an I/O error, free space and retry once.
+
+        Space is freed by deleting what the retention policy would delete once this save
+        is committed, sparing the newest and the best checkpoints (it may fail again).
+        """
+        self._check_metric(snapshot)
+        try:
+            info = self.store.commit(snapshot, **kwargs)
+            self.preflight.recheck(info)
+            return info
+        except SaveFailedError as e:
+            if not is_recoverable(e):
+                raise
+            first = e
+        freed = self._free_for(snapshot)
+        log.warning(
+            "%s; freed %s by the retention policy, retrying once", first, format_size(freed)
+        )
+        self.record.event("save_retry", step=snapshot.step, error=str(first), freed_bytes=freed)
+        try:
+            return self.store.commit(snapshot, **kwargs)
+        except SaveFailedError as e:
+            newest = self.latest()
+            resume = (
+                f"rerun the same command to resume from {newest.name}"
+                if newest
+                else "no checkpoint"
+            )
+            raise SaveFailedError(
+                f"{e} (retried once after freeing {format_size(freed)} by the retention "
+                f"policy; {resume})"
+            ) from e
+
+    def _check_metric(self, snapshot: Snapshot) -> None:
+        """Warn once when keep_best ranks by a metric that the scheduled saves lack. An
+        emergency save has no metric by design and is never ranked best: no sign."""
+        policy = self.policy
+        if not policy.keep_best or policy.metric in snapshot.metrics or self._warned_metric:
+            return
+        if snapshot.reason == "emergency" or snapshot.reason.startswith("exception"):
+            return
+        self._warned_metric = True
+        have = ", ".join(sorted(snapshot.metrics)) or "none"
+        note = (
+            f"keep_best={policy.keep_best} ranks checkpoints by {policy.metric!r}, but the save "
+            f"of step {snapshot.step} has no such metric (it has: {have}); {self.metric_hint}, "
+            "else only the newest checkpoints are kept"
+        )
+        log.warning("%s", note)
+        self.record.event("warning", message=note)
+
+    # --------------------------------------------------------------- retention
+
+    def ours(self, info: CheckpointInfo) -> bool:
+        """Whether ``info`` belongs to this configuration (retention never touches others)."""
+        mine = self.options.fingerprint
+        theirs = info.manifest.fingerprint if info.manifest else None
+        return mine is None or theirs is None or theirs == mine
+
+    def _valid(self) -> list[CheckpointInfo]:
+        return [i for i in self.store.scan() if i.valid and self.ours(i)]
+
+    def _prune(self) -> list[CheckpointInfo]:
+        valid = self._valid()
+        decision = plan([Candidate(i.step, i.size, i.metrics) for i in valid], self.policy)
+        if decision.over_budget:
+            log.warning(
+                "the checkpoints that must be kept exceed max_disk=%s bytes", self.policy.max_bytes
+            )
+        rule = self.policy.describe()
+        return [i for i in valid if i.step in decision.delete and self._delete(i, rule)]
+
+    def _free_for(self, snapshot: Snapshot) -> int:
+        valid = self._valid()
+        incoming = Candidate(snapshot.step, snapshot.nbytes, dict(snapshot.metrics))
+        steps = free_before_commit(
+            [Candidate(i.step, i.size, i.metrics) for i in valid], self.policy, incoming
+        )
+        gone = [i for i in valid if i.step in steps and self._delete(i, "free space")]
+        return sum(i.size for i in gone)
+
+    def _delete(self, info: CheckpointInfo, rule: str) -> bool:
+        """Delete ``info``; True if it is gone. Never raises ``OSError``: the new checkpoint
+        is committed, so a folder that will not go (an NFS ``.nfsXXXX`` file, an immutable
+        file, EIO) is a warning, whatever ``on_save_error`` says."""
+        try:
+            self.store.delete(info)
+        except OSError as e:
+            where = getattr(e, "filename", None) or info.path
+            if os.path.lexists(info.path):
+                state = f"{info.name} is kept"
+            else:  # renamed out of sight, then not fully removed: the next start sweeps it
+                state = f"{info.name} is out of the run, but files of it remain"
+            note = (
+                f"retention could not delete {info.name} ({e.strerror or e}: {where}); "
+                f"{state}; the new checkpoint is committed and training goes on; remove it "
+                "by hand if the disk is short"
+            )
+            log.warning("%s", note)
+            self.record.event("warning", message=note)
+            if os.path.lexists(info.path):
+                return False
+        self.record.event(
+            "delete", step=info.step, checkpoint=info.name, bytes=info.size, rule=rule
+        )
+        return True
+
+    def prune(self) -> list[CheckpointInfo]:
+        """Apply retention now (after the save in flight); return the deleted."""
+        self.flush()
+        return self._prune()
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest valid checkpoint (shallow check), or None."""
+        return next((i for i in reversed(self.store.scan()) if i.valid), None)
+
+    # ------------------------------------------------------------- background
+
+    def _raise_unobserved(self) -> None:
+        failure = self.take_failure()
+        if failure is not None:
+            raise failure[1]
+
+    def take_failure(self) -> tuple[int, SaveFailedError, str] | None:
+        """(step, error, reason) of a failed background save nobody waited for (once)."""
+        if self.background is None:
+            return None
+        failure = self.background.take_failure()
+        last = self._last
+        if failure is not None and last is not None and last._observed[0]:
+            if last.step == failure[0]:
+                return None  # its wait() raised it already
+        return failure
+
+    def flush(self) -> None:
+        """Wait for the background save in flight; raise ``SaveFailedError`` if it failed."""
+        if self.background is not None:
+            self.background.wait_idle(self._last.step if self._last else 0)
+            self._raise_unobserved()
+
+    def abandon(self) -> None:
+        """Give up the background save in flight: it stops at its next chunk and its
+        staging folder is removed (a save past its last chunk still commits)."""
+        bg = self.background
+        if bg is not None and bg.writer.busy:
+            step = bg.writer.pending.step
+            self.record.event("save_abandoned", step=step, stopped=bg.writer.abandon())
+
+    def close(self) -> SaveFailedError | None:
+        """Finish the save in flight and the replica's upload; the failure, if any."""
+        failure = None
+        if self.background is not None:
+            self.background.close()
+            unobserved = self.take_failure()
+            failure = unobserved[1] if unobserved else None
+        if self.replica is not None:
+            self.replica.close()  # waits for the last upload, at most its timeout
+        return failure
