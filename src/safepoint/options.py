@@ -265,7 +265,7 @@ def _check_ints(options: Options) -> None:
         "keep_every": 1,
         "keep_after_step": 0,
     }
-    hints = {"keep_last": ": keep at least 1 checkpoint (None keeps all)"}
+    hints = {"keep_last": ": keep at least 1 checkpoint (None keeps all)"}  # message tails
     for name, low in bounds.items():
         value = getattr(options, name)
         if value is None:
