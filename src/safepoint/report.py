@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from safepoint.errors import CheckpointNotFoundError, CorruptCheckpointError
-from safepoint.format import loads_json, read_regular
+from safepoint.fileio import loads_json, read_regular
 from safepoint.records import read_events
 from safepoint.retention import Candidate, RetentionPolicy, best_steps, plan
 from safepoint.schema import MAX_TRAINER_STATE_BYTES
-from safepoint.store import CheckpointInfo, scan
+from safepoint.validity import CheckpointInfo, scan
 
 TRAIN_KEY = "loss"
 EVAL_KEY = "eval_loss"
