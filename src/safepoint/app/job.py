@@ -338,7 +338,7 @@ def plan(cfg: TrainConfig) -> Plan:
         if text:
             _data_path(text, what)
     if cfg.remote:
-        from safepoint.remote import RemoteDir
+        from safepoint.remote_dir import RemoteDir
 
         RemoteDir(cfg.remote)  # a bad URL or a missing fsspec backend: ConfigError now
     out, resume = choose_output(cfg)
