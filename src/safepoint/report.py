@@ -3,9 +3,10 @@
 ``extract(directory)`` reads the run record (``safepoint.log.jsonl``) and the checkpoint
 folders and returns a ``ReportData``: the loss points, the checkpoint marks, the resume
 points, the per-save timings, the disk use over time and the kept checkpoints. Drawing
-(``safepoint.report_render``) only turns that into pictures, so tests check the data
-behind every plot. A directory written by the stock Trainer (``checkpoint-N`` folders
-with ``trainer_state.json``, no record) gives what it can: loss curves and checkpoints.
+(``safepoint.report_render``, ``safepoint.report_html``) only turns that into pictures
+and a page, so tests check the data behind every plot. A directory written by the stock
+Trainer (``checkpoint-N`` folders with ``trainer_state.json``, no record) gives what it
+can: loss curves and checkpoints.
 """
 
 from __future__ import annotations
