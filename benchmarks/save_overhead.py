@@ -238,7 +238,8 @@ WRITE_PATHS = {
 
 def _write_once(tensors: dict, path: Path, direct: bool, hash_after: bool) -> None:
     """One tensor file written and fsync'd the way a save does, by ``direct``/``hash_after``."""
-    from safepoint.format import hash_file, write_all, write_safetensors
+    from safepoint.fileio import hash_file, write_all
+    from safepoint.format import write_safetensors
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from safepoint.store import inspect, latest_checkpoint, scan
+from safepoint.validity import inspect, latest_checkpoint, scan
 from tests.conftest import run_toy, same_tensors, toy_cmd
 
 pytestmark = pytest.mark.crash

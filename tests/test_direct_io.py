@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 
 from safepoint import directio
 from safepoint.directio import ALIGN, BUFFER_BYTES, FileStream
-from safepoint.format import hash_file, new_hasher, write_safetensors
+from safepoint.fileio import hash_file, new_hasher
+from safepoint.format import write_safetensors
 from safepoint.snapshot import capture
-from safepoint.store import Store, inspect
+from safepoint.store import Store
+from safepoint.validity import inspect
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from safepoint.distributed import RANKS_NAME
-from safepoint.store import inspect
+from safepoint.validity import inspect
 from tests.conftest import same_tensors
 
 pytestmark = [pytest.mark.distributed, pytest.mark.crash]

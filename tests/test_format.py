@@ -11,14 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from safepoint.errors import ConfigError, CorruptCheckpointError
-from safepoint.format import (
-    decode_tree,
-    encode_tree,
-    hash_file,
-    is_safe_name,
-    read_safetensors,
-    write_safetensors,
-)
+from safepoint.fileio import hash_file, is_safe_name
+from safepoint.format import decode_tree, encode_tree, read_safetensors, write_safetensors
 
 
 def roundtrip(obj):

@@ -27,7 +27,8 @@ from safepoint.format import decode_tree, read_safetensors
 from safepoint.manifest import MANIFEST_NAME, Manifest, _self_checksum
 from safepoint.rng import capture_rng, restore_rng
 from safepoint.snapshot import STATE_NAME, apply, capture, read_state_doc
-from safepoint.store import Store, inspect
+from safepoint.store import Store
+from safepoint.validity import inspect
 
 FUZZ = settings(
     max_examples=150,

@@ -14,9 +14,10 @@ import torch
 
 from safepoint import Checkpointer, CorruptCheckpointError, IncompatibleCheckpointError
 from safepoint.cli import main
-from safepoint.format import hash_file, read_safetensors
+from safepoint.fileio import hash_file
+from safepoint.format import read_safetensors
 from safepoint.manifest import MANIFEST_NAME, FileEntry, Manifest
-from safepoint.store import inspect, scan, verify
+from safepoint.validity import inspect, scan, verify
 
 
 def small_state(seed: int = 0) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from safepoint.powercut import PowerCutFS, available, tree_digest
-from safepoint.store import latest_checkpoint
+from safepoint.validity import latest_checkpoint
 
 _WHY = available()
 if _WHY is not None and os.environ.get("CI") == "true":

@@ -18,7 +18,8 @@ from safepoint.cli import main
 from safepoint.errors import RemoteUnavailableError
 from safepoint.manifest import MANIFEST_NAME
 from safepoint.records import read_events
-from safepoint.remote import LATEST_NAME, RemoteDir, upload_states
+from safepoint.remote import upload_states
+from safepoint.remote_dir import LATEST_NAME, RemoteDir
 from safepoint.store import Store
 from tests import s3_server
 from tests.conftest import same_tensors

@@ -15,7 +15,8 @@ import torch
 from safepoint.errors import CheckpointNotFoundError, SafepointError, SaveFailedError
 from safepoint.manifest import MANIFEST_NAME, FileEntry, Manifest
 from safepoint.snapshot import Snapshot, TensorFile
-from safepoint.store import Store, inspect, latest_checkpoint, scan, verify
+from safepoint.store import Store
+from safepoint.validity import inspect, latest_checkpoint, scan, verify
 
 
 def snapshot(step: int, n: int = 1000) -> Snapshot:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from safepoint.errors import ConfigError, RunLockedError, UnsafeFileError
-from safepoint.format import open_regular
+from safepoint.fileio import open_regular
 
 log = logging.getLogger("safepoint")
 

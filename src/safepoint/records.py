@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from safepoint.errors import CorruptCheckpointError, UnsafeFileError
-from safepoint.format import loads_json, open_regular
+from safepoint.fileio import loads_json, open_regular
 
 log = logging.getLogger("safepoint")
 

@@ -1,11 +1,7 @@
-"""Remote mirrors through fsspec: upload each committed checkpoint, fetch one on resume.
+"""The remote replica: a background thread mirrors each committed checkpoint to a URL.
 
-Object stores have no atomic rename, so a remote checkpoint is committed the way the
-local one is, minus the rename: every data file first, each verified present with its
-recorded size, then ``safepoint.json`` last (a remote folder without it is not a
-checkpoint), then the ``latest`` pointer beside the checkpoints moves to it. Deletion
-goes the other way: the manifest first, so that a half-deleted folder is never taken for
-a checkpoint.
+A remote checkpoint is committed and deleted in the order ``safepoint.remote_dir`` keeps
+(manifest last on upload, first on deletion); this module decides when and what.
 
 Uploads run in one background thread, in commit order. A failed upload is retried with
 exponential backoff and never raises into the training loop; when a newer checkpoint is
@@ -16,228 +12,62 @@ Every step of the mirror is an ``upload`` event in the run record, which is what
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
-import secrets
-import shutil
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from safepoint.errors import (
-    ConfigError,
-    CorruptCheckpointError,
-    IncompatibleCheckpointError,
-    RemoteUnavailableError,
-)
-from safepoint.format import dumps_json, loads_json, new_hasher, write_all
-from safepoint.manifest import MANIFEST_NAME, Manifest
+from safepoint.errors import ConfigError, CorruptCheckpointError, RemoteUnavailableError
 from safepoint.records import RunRecord, read_events
+from safepoint.remote_dir import LATEST_NAME, RemoteCheckpoint, RemoteDir
 from safepoint.retention import Candidate, RetentionPolicy, plan
-from safepoint.store import STAGING_PREFIX, CheckpointInfo, Store, checkpoint_step
+from safepoint.store import Store
+from safepoint.validity import CheckpointInfo
+
+# RemoteDir and its names lived here before ``remote_dir``; still importable from here.
+__all__ = [
+    "LATEST_NAME",
+    "UPLOAD_TIMEOUT_ENV",
+    "Mirror",
+    "RemoteCheckpoint",
+    "RemoteDir",
+    "Replica",
+    "is_empty",
+    "mirror_for",
+    "upload_states",
+]
 
 log = logging.getLogger("safepoint")
 
-LATEST_NAME = "latest"
-"""The remote pointer file: JSON naming the newest fully uploaded checkpoint."""
 UPLOAD_TIMEOUT_ENV = "SAFEPOINT_UPLOAD_TIMEOUT"
 _DEFAULT_CLOSE_TIMEOUT = 600.0
 
 
-def _open(url: str) -> tuple[Any, str]:
-    try:
-        from fsspec.core import url_to_fs
-    except ImportError:
-        raise ConfigError(
-            f"remote={url!r} needs fsspec: pip install 'safepoint[remote]' (and s3fs for s3://)"
-        ) from None
-    try:
-        return url_to_fs(url, skip_instance_cache=True)  # credentials may change per run
-    except (ImportError, ValueError) as e:
-        raise ConfigError(
-            f"cannot open the remote {url!r} ({e}); install the fsspec backend for its "
-            "scheme (s3fs for s3://, gcsfs for gs://) or fix the URL"
-        ) from e
+class Replica(Protocol):
+    """A second copy of an output directory's checkpoints, kept beside the local store.
 
+    The engine holds one through this protocol only: it hands over each committed
+    checkpoint and asks for one back on a fresh machine. ``Mirror`` is the one in use.
+    """
 
-@dataclass(frozen=True)
-class RemoteCheckpoint:
-    """One ``checkpoint-N`` folder of the remote and whether it is complete."""
+    def submit(self, info: CheckpointInfo) -> None:
+        """Queue the committed local checkpoint ``info``; never blocks, never raises."""
 
-    step: int
-    manifest: Manifest | None
-    problems: tuple[str, ...] = ()
+    def resubmit_newest(self) -> None:
+        """Queue the newest valid local checkpoint (a previous process may have died
+        before replicating it)."""
 
-    @property
-    def valid(self) -> bool:
-        return self.manifest is not None and not self.problems
+    def fetch_if_empty(self) -> CheckpointInfo | None:
+        """Bring the newest valid replicated checkpoint into an empty local directory and
+        return it; None when the local directory has one or the replica has none.
+        Raises ``RemoteUnavailableError`` when the replica cannot be read."""
 
-    @property
-    def name(self) -> str:
-        return f"checkpoint-{self.step}"
-
-
-class RemoteDir:
-    """Synchronous operations on one remote run directory (an fsspec URL)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-        self.fs, self.root = _open(self.url)
-        self.root = self.root.rstrip("/")
-
-    def path(self, *parts: str) -> str:
-        return "/".join((self.root, *parts))
-
-    def _refresh(self) -> None:
-        # s3fs caches listings; a stale one would hide or resurrect files.
-        with contextlib.suppress(AttributeError):
-            self.fs.invalidate_cache()
-
-    def steps(self) -> list[int]:
-        """Steps of the ``checkpoint-N`` folders on the remote, ascending."""
-        self._refresh()
-        try:
-            names = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return []
-        steps = {checkpoint_step(str(n).rstrip("/").rsplit("/", 1)[-1]) for n in names}
-        return sorted(s for s in steps if s is not None)
-
-    def _sizes(self, step: int) -> dict[str, int]:
-        entries = self.fs.ls(self.path(f"checkpoint-{step}"), detail=True)
-        return {
-            str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-            for e in entries
-            if e.get("type") == "file"
-        }
-
-    def check(self, step: int) -> RemoteCheckpoint:
-        """Shallow check: the manifest parses and every listed file has its size."""
-        where = f"{self.url}/checkpoint-{step}/{MANIFEST_NAME}"
-        try:
-            sizes = self._sizes(step)
-            if MANIFEST_NAME not in sizes:
-                return RemoteCheckpoint(step, None, ("no safepoint.json: never committed",))
-            manifest = Manifest.from_json(
-                self.fs.cat_file(self.path(f"checkpoint-{step}", MANIFEST_NAME)), where=where
-            )
-        except (CorruptCheckpointError, IncompatibleCheckpointError) as e:
-            return RemoteCheckpoint(step, None, (str(e),))
-        except FileNotFoundError:
-            return RemoteCheckpoint(step, None, ("vanished while being read",))
-        problems = tuple(
-            f"{name}: size expected {entry.size}, found {sizes.get(name, 'missing')}"
-            for name, entry in manifest.files.items()
-            if sizes.get(name) != entry.size
-        )
-        if manifest.step != step:
-            problems += (f"manifest says step {manifest.step}",)
-        return RemoteCheckpoint(step, manifest, problems)
-
-    def newest_first(self) -> Iterator[RemoteCheckpoint]:
-        """Valid remote checkpoints, newest first; logs each newer one skipped."""
-        for step in reversed(self.steps()):
-            rc = self.check(step)
-            if rc.valid:
-                yield rc
-            else:
-                log.warning("remote %s/%s skipped: %s", self.url, rc.name, "; ".join(rc.problems))
-
-    def latest_step(self) -> int | None:
-        """The step the ``latest`` pointer names, or None."""
-        try:
-            doc = loads_json(self.fs.cat_file(self.path(LATEST_NAME)), where=LATEST_NAME)
-        except (FileNotFoundError, CorruptCheckpointError):
-            return None
-        step = doc.get("step") if isinstance(doc, dict) else None
-        return step if isinstance(step, int) else None
-
-    # ---------------------------------------------------------------------- upload
-
-    def upload(self, info: CheckpointInfo, done: set[str]) -> None:
-        """Mirror the local checkpoint ``info``; ``done`` holds files already verified
-        by an earlier attempt of this same upload (they are not sent again)."""
-        assert info.manifest is not None
-        local_manifest = (info.path / MANIFEST_NAME).read_bytes()
-        rdir = self.path(info.name)
-        rmanifest = self.path(info.name, MANIFEST_NAME)
-        if not done:
-            self._refresh()
-            if self.fs.exists(rmanifest):
-                if self.fs.cat_file(rmanifest) == local_manifest and self.check(info.step).valid:
-                    self._point_to(info.step)
-                    return
-                self.fs.rm_file(rmanifest)  # another save of this step: uncommit it first
-        self.fs.makedirs(rdir, exist_ok=True)  # needed by file://, a no-op on object stores
-        for name, entry in sorted(info.manifest.files.items()):
-            if name in done:
-                continue
-            self.fs.put_file(str(info.path / name), f"{rdir}/{name}")
-            self._verify_size(f"{rdir}/{name}", entry.size)
-            done.add(name)
-        self.fs.pipe_file(rmanifest, local_manifest)
-        self._verify_size(rmanifest, len(local_manifest))
-        self._point_to(info.step)
-
-    def _verify_size(self, path: str, size: int) -> None:
-        self._refresh()
-        found = self.fs.info(path).get("size")
-        if found != size:
-            raise OSError(f"{path}: uploaded {found} bytes, expected {size}")
-
-    def _point_to(self, step: int) -> None:
-        body = dumps_json({"checkpoint": f"checkpoint-{step}", "step": step, "t": time.time()})
-        self.fs.pipe_file(self.path(LATEST_NAME), body)
-
-    def delete(self, step: int) -> None:
-        """Remove one remote checkpoint, manifest first."""
-        rdir = self.path(f"checkpoint-{step}")
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(f"{rdir}/{MANIFEST_NAME}")
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(rdir, recursive=True)
-
-    # -------------------------------------------------------------------- download
-
-    def download(self, rc: RemoteCheckpoint, store: Store) -> CheckpointInfo:
-        """Copy the remote checkpoint into ``store`` through a staging folder, checking
-        every file's checksum against the manifest. Raises ``CorruptCheckpointError``."""
-        assert rc.manifest is not None
-        staging = store.directory / f"{STAGING_PREFIX}{rc.name}-{secrets.token_hex(4)}"
-        os.mkdir(staging)
-        try:
-            for name, entry in rc.manifest.files.items():
-                size, digest = self._fetch(self.path(rc.name, name), staging / name)
-                if (size, digest) != (entry.size, entry.checksum):
-                    raise CorruptCheckpointError(
-                        f"{self.url}/{rc.name}/{name}: downloaded {size} bytes with checksum "
-                        f"{digest}, the manifest says {entry.size} bytes, {entry.checksum}"
-                    )
-            self._fetch(self.path(rc.name, MANIFEST_NAME), staging / MANIFEST_NAME)
-            return store.adopt(staging, rc.step)
-        finally:
-            # Our own temporary folder, never a checkpoint: adopt() renamed it on success.
-            shutil.rmtree(staging, ignore_errors=True)
-
-    def _fetch(self, src: str, dest: Path) -> tuple[int, str]:
-        hasher = new_hasher()
-        size = 0
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        try:
-            with self.fs.open(src, "rb") as f:
-                while chunk := f.read(8 << 20):
-                    hasher.update(chunk)
-                    write_all(fd, memoryview(chunk))
-                    size += len(chunk)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return size, hasher.hexdigest()
+    def close(self) -> bool:
+        """Wait, within the replica's own timeout, for queued work; True if all finished.
+        Never raises."""
 
 
 @dataclass

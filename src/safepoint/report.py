@@ -3,9 +3,10 @@
 ``extract(directory)`` reads the run record (``safepoint.log.jsonl``) and the checkpoint
 folders and returns a ``ReportData``: the loss points, the checkpoint marks, the resume
 points, the per-save timings, the disk use over time and the kept checkpoints. Drawing
-(``safepoint.report_render``) only turns that into pictures, so tests check the data
-behind every plot. A directory written by the stock Trainer (``checkpoint-N`` folders
-with ``trainer_state.json``, no record) gives what it can: loss curves and checkpoints.
+(``safepoint.report_render``, ``safepoint.report_html``) only turns that into pictures
+and a page, so tests check the data behind every plot. A directory written by the stock
+Trainer (``checkpoint-N`` folders with ``trainer_state.json``, no record) gives what it
+can: loss curves and checkpoints.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from safepoint.errors import CheckpointNotFoundError, CorruptCheckpointError
-from safepoint.format import loads_json, read_regular
+from safepoint.fileio import loads_json, read_regular
 from safepoint.records import read_events
 from safepoint.retention import Candidate, RetentionPolicy, best_steps, plan
 from safepoint.schema import MAX_TRAINER_STATE_BYTES
-from safepoint.store import CheckpointInfo, scan
+from safepoint.validity import CheckpointInfo, scan
 
 TRAIN_KEY = "loss"
 EVAL_KEY = "eval_loss"

@@ -18,7 +18,7 @@ from collections.abc import Collection
 from typing import Any
 
 from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
-from safepoint.format import loads_json
+from safepoint.fileio import loads_json
 
 STATE_NAME = "state.json"
 TRAINER_STATE_NAME = "trainer_state.json"

@@ -15,14 +15,8 @@ from typing import Any
 import torch
 
 from safepoint.errors import ConfigError, CorruptCheckpointError, IncompatibleCheckpointError
-from safepoint.format import (
-    decode_tree,
-    dumps_json,
-    encode_tree,
-    is_safe_name,
-    read_regular,
-    read_safetensors,
-)
+from safepoint.fileio import dumps_json, is_safe_name, read_regular
+from safepoint.format import decode_tree, encode_tree, read_safetensors
 from safepoint.manifest import MANIFEST_NAME, Manifest
 from safepoint.rng import capture_rng, restore_rng
 from safepoint.schema import STATE_NAME, STATE_VERSION, parse_state

@@ -4,7 +4,8 @@ Commit protocol (DESIGN.md): write every file into ``.staging-checkpoint-<step>-
 beside the target, fsync each, write the manifest last, fsync the folder, rename it to
 ``checkpoint-<step>``, fsync the parent. A crash at any instant leaves either the old
 set of checkpoints or the old set plus the new one; never a folder that resume would
-pick and fail on. ``inspect`` is the one function that decides what a folder is.
+pick and fail on. ``safepoint.validity.inspect`` is the one function that decides what
+a folder is; everything here acts on its answer.
 """
 
 from __future__ import annotations
@@ -13,27 +14,30 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import secrets
 import shutil
-import signal
-import stat
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from safepoint.errors import (
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    IncompatibleCheckpointError,
-    SafepointError,
-    SaveFailedError,
-)
-from safepoint.format import hash_file, new_hasher, read_regular, write_all, write_safetensors
+from safepoint.errors import SafepointError, SaveFailedError
+from safepoint.faults import crash_point, fault_point
+from safepoint.fileio import new_hasher, write_all
+from safepoint.format import write_safetensors
 from safepoint.manifest import MANIFEST_NAME, FileEntry, Manifest
+from safepoint.validity import (
+    CHECKPOINT_RE,
+    STAGING_PREFIX,
+    CheckpointInfo,
+    Status,
+    checkpoint_step,
+    inspect,
+    latest_checkpoint,
+    newest_first,
+    scan,
+    verify,
+)
 
 if TYPE_CHECKING:
     # snapshot imports torch; listing and verifying never need it (`safepoint ls` < 0.5 s)
@@ -41,313 +45,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("safepoint")
 
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d{1,18})")
-STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
-_MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few KB; refuse to parse a huge one
 
-Status = Literal["valid", "incomplete", "corrupt", "foreign", "staging"]
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What is known about one folder of an output directory."""
-
-    path: Path
-    step: int
-    status: Status
-    problems: tuple[str, ...] = ()
-    manifest: Manifest | None = None
-    size: int = 0
-    extra_files: tuple[str, ...] = field(default=())
-
-    @property
-    def valid(self) -> bool:
-        return self.status == "valid"
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        return dict(self.manifest.metrics) if self.manifest else {}
-
-    @property
-    def created(self) -> float | None:
-        return self.manifest.created if self.manifest else None
-
-
-# ----------------------------------------------------------------------------- crashes
-
-_crash_counts: Counter[str] = Counter()
-
-
-def crash_point(name: str) -> None:
-    """Die by SIGKILL here if ``SAFEPOINT_CRASH_AT`` is ``name`` or ``name@N`` (N-th time).
-
-    Only for crash tests: lets a test stop the writer at a named step of the protocol.
-    """
-    want = os.environ.get("SAFEPOINT_CRASH_AT")
-    if not want:
-        return
-    point, _, nth = want.partition("@")
-    if point != name:
-        return
-    _crash_counts[name] += 1
-    if _crash_counts[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def fault_point(name: str) -> None:
-    """Raise ``OSError(ERRNO)`` here if ``SAFEPOINT_FAULT_AT`` is ``name:ERRNO`` (e.g.
-    ``dir_fsync:EINVAL``). Only for tests: file-system faults no local disk produces
-    (a FUSE or CIFS mount that refuses a directory fsync)."""
-    want = os.environ.get("SAFEPOINT_FAULT_AT")
-    if not want:
-        return
-    point, _, code = want.partition(":")
-    if point == name:
-        number = getattr(errno, code or "EIO", errno.EIO)
-        raise OSError(number, os.strerror(number))
-
-
-# ---------------------------------------------------------------------------- inspect
-
-
-def checkpoint_step(name: str) -> int | None:
-    """The step in a ``checkpoint-<step>`` folder name, or None for any other name."""
-    m = CHECKPOINT_RE.fullmatch(name)
-    return int(m.group(1)) if m else None
-
-
-def inspect(path: str | os.PathLike[str], *, deep: bool = False) -> CheckpointInfo:
-    """Decide what the folder ``path`` is: the single source of truth for validity.
-
-    Shallow: the manifest and ``state.json`` parse and pass their schemas, the manifest
-    matches the folder's step, every file it lists is a regular file of the recorded
-    size, and nothing under ``path`` is a symlink or special file. ``deep`` also
-    re-hashes every file. Opens only files the manifest lists (and the manifest), each
-    with ``O_NOFOLLOW`` and checked on the open fd; never follows a link, never blocks.
-    """
-    path = Path(path)
-    step = checkpoint_step(path.name)
-    if step is None and path.name.startswith(STAGING_PREFIX):
-        m = re.match(r"\.staging-checkpoint-(\d+)-", path.name)
-        return CheckpointInfo(
-            path,
-            int(m.group(1)) if m else -1,
-            "staging",
-            ("a save in progress or abandoned by a crash",),
-        )
-    step = -1 if step is None else step
-
-    def bad(status: Status, *problems: str, manifest: Manifest | None = None) -> CheckpointInfo:
-        return CheckpointInfo(path, step, status, problems, manifest, _du(path))
-
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{path}: no such checkpoint") from None
-    if stat.S_ISLNK(st.st_mode):
-        return CheckpointInfo(
-            path,
-            step,
-            "corrupt",
-            (f"is a symlink to {os.readlink(path)}; safepoint only reads real folders",),
-        )
-    if not stat.S_ISDIR(st.st_mode):
-        return CheckpointInfo(path, step, "corrupt", ("is not a folder",))
-    mpath = path / MANIFEST_NAME
-    try:
-        mpath.lstat()
-    except FileNotFoundError:
-        if (path / "trainer_state.json").exists():
-            return bad("foreign", "written by another tool (no safepoint.json)")
-        return bad("incomplete", "no safepoint.json: never committed")
-    try:
-        manifest = Manifest.from_json(
-            bytes(read_regular(mpath, max_size=_MAX_MANIFEST_BYTES)), where=str(mpath)
-        )
-    except IncompatibleCheckpointError as e:
-        return bad("foreign", str(e))
-    except (CorruptCheckpointError, OSError) as e:
-        return bad("corrupt", str(e))
-    if manifest.step != step:
-        return bad(
-            "corrupt", f"manifest says step {manifest.step}, folder says {step}", manifest=manifest
-        )
-    # A link anywhere inside is refused even if unlisted: nothing in a checkpoint may
-    # point out of it, and a tool that copies or exports the folder would follow it.
-    problems = _special_files(path)
-    problems += [
-        p
-        for name, entry in manifest.files.items()
-        if (p := _check_file(path / name, entry, deep=deep))
-    ]
-    if not problems:
-        problems += _check_state(path, manifest, deep=deep)
-    listed = set(manifest.files) | {MANIFEST_NAME}
-    try:
-        extra = tuple(sorted(n for n in os.listdir(path) if n not in listed))
-    except OSError as e:
-        problems.append(f"cannot list folder ({e.strerror})")
-        extra = ()
-    status: Status = "corrupt" if problems else "valid"
-    return CheckpointInfo(
-        path, step, status, tuple(problems), manifest, manifest.total_bytes, extra
-    )
-
-
-def _check_state(path: Path, manifest: Manifest, *, deep: bool) -> list[str]:
-    """Problems of ``state.json``: listed, readable, and valid against its schema, so
-    that a checkpoint resume would fail on is ``corrupt`` in ``ls`` already."""
-    from safepoint.schema import STATE_NAME, parse_state
-
-    entry = manifest.files.get(STATE_NAME)
-    if entry is None:
-        return [f"{STATE_NAME} is not listed in the manifest: nothing to restore from"]
-    if entry.size > _MAX_MANIFEST_BYTES:
-        return [f"{STATE_NAME}: {entry.size} bytes, more than a state file has"]
-    try:
-        data = read_regular(
-            path / STATE_NAME, size=entry.size, checksum=entry.checksum if deep else None
-        )
-        parse_state(bytes(data), files=manifest.files, where=STATE_NAME)
-    except (CorruptCheckpointError, IncompatibleCheckpointError) as e:
-        return [str(e)]
-    return _check_trainer_state(path, manifest, deep=deep)
-
-
-def _check_trainer_state(path: Path, manifest: Manifest, *, deep: bool) -> list[str]:
-    """Problems of a listed ``trainer_state.json`` (Trainer runs): the Trainer's resume
-    would build its state from it, so one that fails its schema makes the checkpoint
-    ``corrupt`` here, where every reader (ls, verify, resume, retention) sees it."""
-    from safepoint.schema import (
-        MAX_TRAINER_STATE_BYTES,
-        TRAINER_STATE_NAME,
-        parse_trainer_state,
-    )
-
-    entry = manifest.files.get(TRAINER_STATE_NAME)
-    if entry is None:
-        return []
-    if entry.size > MAX_TRAINER_STATE_BYTES:
-        return [f"{TRAINER_STATE_NAME}: {entry.size} bytes, more than a trainer state has"]
-    try:
-        data = read_regular(
-            path / TRAINER_STATE_NAME,
-            size=entry.size,
-            checksum=entry.checksum if deep else None,
-        )
-        parse_trainer_state(bytes(data), step=manifest.step, where=TRAINER_STATE_NAME)
-    except CorruptCheckpointError as e:
-        return [str(e)]
-    return []
-
-
-def _special_files(path: Path) -> list[str]:
-    """Every symlink or special file (FIFO, socket, device) anywhere under ``path``."""
-    problems = []
-    stack = [path]
-    while stack and len(problems) < 10:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = list(it)
-        except OSError as e:
-            problems.append(f"cannot list {folder.name} ({e.strerror})")
-            continue
-        for e in entries:
-            rel = os.path.relpath(e.path, path)
-            if e.is_symlink():
-                problems.append(f"{rel} is a symlink; a checkpoint holds only real files")
-            elif e.is_dir(follow_symlinks=False):
-                stack.append(Path(e.path))
-            elif not e.is_file(follow_symlinks=False):
-                problems.append(f"{rel} is not a regular file (FIFO, socket or device)")
-    return problems
-
-
-def _check_file(path: Path, entry: FileEntry, *, deep: bool) -> str | None:
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return f"{path.name}: missing"
-    except OSError as e:
-        return f"{path.name}: cannot stat ({e.strerror})"
-    if not stat.S_ISREG(st.st_mode):
-        return f"{path.name}: not a regular file (symlink or special file)"
-    if st.st_size != entry.size:
-        return f"{path.name}: size expected {entry.size}, found {st.st_size}"
-    if deep:
-        try:
-            _, digest = hash_file(path)
-        except CorruptCheckpointError as e:
-            return str(e)
-        except OSError as e:
-            return f"{path.name}: cannot read ({e.strerror})"
-        if digest != entry.checksum:
-            return f"{path.name}: checksum expected {entry.checksum}, found {digest}"
-    return None
-
-
-def _du(path: Path) -> int:
-    total = 0
-    with contextlib.suppress(OSError):
-        for root, _dirs, files in os.walk(path):  # os.walk does not follow symlinks
-            for name in files:
-                with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(root, name)).st_size
-    return total
-
-
-def scan(directory: str | os.PathLike[str], *, deep: bool = False) -> list[CheckpointInfo]:
-    """Every ``checkpoint-N`` and staging folder of ``directory``, oldest step first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointNotFoundError(f"{directory}: no such directory")
-    infos = [
-        inspect(directory / name, deep=deep)
-        for name in os.listdir(directory)
-        if checkpoint_step(name) is not None or name.startswith(STAGING_PREFIX)
-    ]
-    return sorted(infos, key=lambda i: (i.step, i.status != "staging", i.name))
-
-
-def latest_checkpoint(directory: str | os.PathLike[str], *, deep: bool = True) -> Path | None:
-    """The newest valid checkpoint of ``directory``, or None. Logs each newer one skipped."""
-    for info in newest_first(directory, deep=deep):
-        return info.path
-    return None
-
-
-def newest_first(
-    directory: str | os.PathLike[str], *, deep: bool = True
-) -> Iterator[CheckpointInfo]:
-    """Yield valid checkpoints newest first, logging why each newer folder was skipped."""
-    if not Path(directory).is_dir():
-        return
-    for info in reversed(scan(directory)):
-        if info.status == "staging":
-            continue
-        if info.valid and deep:
-            info = inspect(info.path, deep=True)
-        if info.valid:
-            yield info
-        else:
-            log.warning("skipping %s (%s): %s", info.path, info.status, "; ".join(info.problems))
-
-
-def verify(path: str | os.PathLike[str]) -> list[CheckpointInfo]:
-    """Deep-check one checkpoint folder, or every checkpoint in an output directory."""
-    path = Path(path)
-    if checkpoint_step(path.name) is not None or (path / MANIFEST_NAME).exists():
-        return [inspect(path, deep=True)]
-    return [i for i in scan(path, deep=True) if i.status != "staging"]
-
-
-# ----------------------------------------------------------------------------- writes
+# The read side (what a folder is) lives in ``validity``; its names stay importable from
+# here for the engine, which imports them from the store.
+__all__ = [
+    "CHECKPOINT_RE",
+    "STAGING_PREFIX",
+    "TRASH_PREFIX",
+    "CheckpointInfo",
+    "Status",
+    "Store",
+    "checkpoint_step",
+    "crash_point",
+    "fault_point",
+    "fsync_dir",
+    "inspect",
+    "latest_checkpoint",
+    "newest_first",
+    "scan",
+    "verify",
+]
 
 
 def fsync_dir(path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from safepoint import Checkpointer
-from safepoint.format import hash_file
+from safepoint.fileio import hash_file
 from safepoint.manifest import MANIFEST_NAME, _self_checksum
 
 CLI_TIMEOUT = 120  # seconds: a hang fails the test instead of blocking the suite

@@ -36,8 +36,8 @@ from safepoint.errors import ConfigError
 from safepoint.powercut import PowerCutFS, available, tree_digest
 from safepoint.powercut.journal import Journal
 from safepoint.records import read_events
-from safepoint.store import latest_checkpoint
 from safepoint.units import format_table
+from safepoint.validity import latest_checkpoint
 
 _RESUMING = re.compile(r"resuming from (\S+) \(step (\d+)\)")
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from safepoint.app.tiny import TINY_MODEL
 from safepoint.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
-from safepoint.format import loads_json, read_regular
+from safepoint.fileio import loads_json, read_regular
 from safepoint.retention import Candidate, RetentionPolicy, best_steps
-from safepoint.store import CheckpointInfo, inspect, scan
+from safepoint.validity import CheckpointInfo, inspect, scan
 
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 _MODEL_FILES = ("model.safetensors", "config.json")

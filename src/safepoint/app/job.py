@@ -20,7 +20,7 @@ from safepoint.app.config import TrainConfig
 from safepoint.app.tiny import BUILTIN_DATASET, TINY_MODEL, builtin_dataset_path, tiny_model_path
 from safepoint.errors import CheckpointNotFoundError, ConfigError, IncompatibleCheckpointError
 from safepoint.lock import check_unlocked
-from safepoint.store import CheckpointInfo, newest_first, scan
+from safepoint.validity import CheckpointInfo, newest_first, scan
 
 log = logging.getLogger("safepoint")
 
@@ -292,7 +292,7 @@ def choose_output(cfg: TrainConfig) -> tuple[Path, str | None]:
 def _check_resumable(path: Path, given: str) -> None:
     # The checkpointer refuses these too, but only once the model is loaded and the
     # output directory made; here nothing has been written yet.
-    from safepoint.store import inspect
+    from safepoint.validity import inspect
 
     info = inspect(path)
     if info.status == "foreign":  # e.g. the stock Trainer's: never resumed from
@@ -310,7 +310,7 @@ def _check_resumable(path: Path, given: str) -> None:
 
 
 def _check_identity(checkpoint: Path, cfg: TrainConfig, out: Path) -> None:
-    from safepoint.store import inspect
+    from safepoint.validity import inspect
 
     info = inspect(checkpoint)
     theirs = (info.manifest.info.get("config") if info.manifest else None) or {}
@@ -338,7 +338,7 @@ def plan(cfg: TrainConfig) -> Plan:
         if text:
             _data_path(text, what)
     if cfg.remote:
-        from safepoint.remote import RemoteDir
+        from safepoint.remote_dir import RemoteDir
 
         RemoteDir(cfg.remote)  # a bad URL or a missing fsspec backend: ConfigError now
     out, resume = choose_output(cfg)

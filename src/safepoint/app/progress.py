@@ -13,8 +13,8 @@ import click
 from safepoint.app.config import TrainConfig
 from safepoint.engine import PendingSave
 from safepoint.integrations.hf import SafepointCallback
-from safepoint.store import CheckpointInfo
 from safepoint.units import format_size
+from safepoint.validity import CheckpointInfo
 
 _CLEAR_LINE = "\r\x1b[K"  # back to the start of the live progress line and erase it
 _BAR_MIN, _BAR_MAX = 6, 30  # below _BAR_MIN cells a bar says nothing: drop a field instead

@@ -346,9 +346,8 @@ class Saver:
             return None
         failure = self.background.take_failure()
         last = self._last
-        if failure is not None and last is not None and last._observed[0]:
-            if last.step == failure[0]:
-                return None  # its wait() raised it already
+        if failure and last is not None and last._observed[0] and last.step == failure[0]:
+            return None  # its wait() raised it already
         return failure
 
     def flush(self) -> None:

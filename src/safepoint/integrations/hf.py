@@ -254,7 +254,7 @@ class SafepointCallback(TrainerCallback):
         # Disk pre-flight before the first step, with every file this callback adds and
         # trainer_state.json as it will be at the end of the run.
         model = kw["model"]
-        typical, total = 1 / 3, state.max_steps  # a float of full precision, like the epoch
+        typical = 1 / 3  # a float of full precision, like the epoch
         ckpt.preflight(
             trainables,
             extra_files={

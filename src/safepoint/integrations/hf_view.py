@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
-from safepoint.format import read_regular, read_safetensors
+from safepoint.fileio import read_regular
+from safepoint.format import read_safetensors
 from safepoint.integrations.hf_layout import (
     TRAINER_STATE_NAME,
     adapter_files,
@@ -37,7 +38,8 @@ from safepoint.integrations.hf_layout import (
 )
 from safepoint.schema import MAX_TRAINER_STATE_BYTES, parse_trainer_state
 from safepoint.snapshot import TensorFile
-from safepoint.store import TRASH_PREFIX, CheckpointInfo
+from safepoint.store import TRASH_PREFIX
+from safepoint.validity import CheckpointInfo
 
 # A crash leaves the view behind; the trash prefix makes the next run's sweep remove it.
 VIEW_PREFIX = f"{TRASH_PREFIX}resume-view-"

@@ -1,0 +1,39 @@
+"""Test hooks that kill or fail a save at a named point of the commit protocol."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections import Counter
+
+_crash_counts: Counter[str] = Counter()
+
+
+def crash_point(name: str) -> None:
+    """Die by SIGKILL here if ``SAFEPOINT_CRASH_AT`` is ``name`` or ``name@N`` (N-th time).
+
+    Only for crash tests: lets a test stop the writer at a named step of the protocol.
+    """
+    want = os.environ.get("SAFEPOINT_CRASH_AT")
+    if not want:
+        return
+    point, _, nth = want.partition("@")
+    if point != name:
+        return
+    _crash_counts[name] += 1
+    if _crash_counts[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_point(name: str) -> None:
+    """Raise ``OSError(ERRNO)`` here if ``SAFEPOINT_FAULT_AT`` is ``name:ERRNO`` (e.g.
+    ``dir_fsync:EINVAL``). Only for tests: file-system faults no local disk produces
+    (a FUSE or CIFS mount that refuses a directory fsync)."""
+    want = os.environ.get("SAFEPOINT_FAULT_AT")
+    if not want:
+        return
+    point, _, code = want.partition(":")
+    if point == name:
+        number = getattr(errno, code or "EIO", errno.EIO)
+        raise OSError(number, os.strerror(number))
