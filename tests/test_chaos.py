@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safepoint.app.chaos_events import same_file
+from safepoint.app.chaos import kill_plan
+from safepoint.app.chaos_compare import same_file
 from safepoint.cli import main
-from safepoint.cli.chaos import kill_plan
 
 TESTS = Path(__file__).parent
 PY = sys.executable

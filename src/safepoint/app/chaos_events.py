@@ -15,32 +15,35 @@ start from scratch when there is none, and end with the same final artifacts as 
 fault-free run, bit for bit. A point passes only then; the whole passes only if every
 point passes and at least one resumed from a checkpoint.
 
-Also here, shared with the random-kill mode: ``compare`` and ``same_file``.
+The child processes: ``chaos_process``; comparing the artifacts: ``chaos_compare``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import os
 import re
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from safepoint.app.chaos_compare import compare
+from safepoint.app.chaos_process import (
+    Process,
+    Runner,
+    exit_text,
+    finish,
+    last_line,
+    last_process,
+    progress,
+    resumed_from,
+    watch,
+)
 from safepoint.errors import ConfigError
-from safepoint.records import read_events
-from safepoint.store import checkpoint_step, latest_checkpoint
 from safepoint.units import format_table
+from safepoint.validity import checkpoint_step, latest_checkpoint
 
 MODES = ("kill", "torn", "term")
-HOOK_ENV = "SAFEPOINT_CHAOS_HOOK"
-_RESUMING = re.compile(r"resuming from (\S+) \(step (\d+)\)")
 _RANDOM_SUFFIX = re.compile(r"(/?\.[^/]*?-)[0-9a-f]{8}(?=/|$)")  # .staging-checkpoint-5-1a2b3c4d
 
 
@@ -131,78 +134,6 @@ def points_for(
     return points
 
 
-# --------------------------------------------------------------------- processes
-
-
-class Runner:
-    """Starts the command with or without the hook; one folder of logs and hook files."""
-
-    def __init__(self, command: Sequence[str], work: Path, *, timeout: float) -> None:
-        self.command = list(command)
-        self.work = work
-        self.timeout = timeout
-        self.hook_dir = work / "hook"
-        self.logs = work / "logs"
-        self.hook_dir.mkdir(parents=True, exist_ok=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
-        hook = Path(__file__).with_name("chaos_hook.py")
-        shutil.copyfile(hook, self.hook_dir / "sitecustomize.py")
-
-    def argv(self, out: Path) -> list[str]:
-        return [arg.replace("{out}", str(out)) for arg in self.command]
-
-    def env(self, spec: str | None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != HOOK_ENV}
-        if spec is not None:
-            path = env.get("PYTHONPATH")
-            env["PYTHONPATH"] = str(self.hook_dir) + (os.pathsep + path if path else "")
-            env[HOOK_ENV] = spec
-        return env
-
-    def start(self, out: Path, log: Path, spec: str | None) -> subprocess.Popen[bytes]:
-        with open(log, "wb") as f:
-            try:
-                # A session of its own: a kill reaches every process the command starts.
-                return subprocess.Popen(
-                    self.argv(out),
-                    stdout=f,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    env=self.env(spec),
-                )
-            except OSError as e:
-                raise ConfigError(
-                    f"cannot run {self.command[0]!r} ({e.strerror}); check the command"
-                ) from e
-
-    def finish(self, proc: subprocess.Popen[bytes], deadline: float) -> int | None:
-        """Exit code, or None after killing it at ``deadline`` (monotonic)."""
-        try:
-            return proc.wait(max(deadline - time.monotonic(), 0.0))
-        except subprocess.TimeoutExpired:
-            kill_group(proc, signal.SIGKILL)
-            proc.wait()
-            return None
-
-
-def kill_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-
-
-def last_line(log: Path) -> str:
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    return lines[-1][:160] if lines else "(no output)"
-
-
-def _exit_text(rc: int | None) -> str:
-    if rc is None:
-        return "timeout"
-    if rc < 0:
-        return f"{signal.Signals(-rc).name.removeprefix('SIG')}"
-    return str(rc)
-
-
 # ----------------------------------------------------------------------- the run
 
 
@@ -221,10 +152,10 @@ def count_events(runner: Runner, out: Path, *, timeout: float) -> Reference:
     event_log = runner.work / "reference.events"
     t0 = time.monotonic()
     proc = runner.start(out, log, f"count:0:{out}:{event_log}:{runner.work / 'unused'}")
-    rc = runner.finish(proc, t0 + timeout)
+    rc = finish(proc, t0 + timeout)
     if rc != 0:
         raise ConfigError(
-            f"the fault-free run failed ({_exit_text(rc)}): {last_line(log)}; see {log}"
+            f"the fault-free run failed ({exit_text(rc)}): {last_line(log)}; see {log}"
         )
     events = read_event_log(event_log) if event_log.exists() else []
     if not events:
@@ -248,8 +179,8 @@ def run_point(
     log = runner.logs / f"{name}.crash.log"
     t0 = time.monotonic()
     proc = runner.start(out, log, spec)
-    rc = _crash(runner, proc, fired, point, grace=grace, deadline=t0 + runner.timeout)
-    point.exit = _exit_text(rc)
+    rc = _crash(proc, fired, point, grace=grace, deadline=t0 + runner.timeout)
+    point.exit = exit_text(rc)
     if not fired.exists():
         point.fail(f"event {point.event.number} never came (exit {point.exit}); see {log}")
         return
@@ -265,29 +196,20 @@ def run_point(
 
 
 def _crash(
-    runner: Runner,
-    proc: subprocess.Popen[bytes],
-    fired: Path,
-    point: Point,
-    *,
-    grace: float,
-    deadline: float,
+    proc: Process, fired: Path, point: Point, *, grace: float, deadline: float
 ) -> int | None:
     if point.mode != "term":
-        return runner.finish(proc, deadline)
-    while not fired.exists():
-        try:
-            return proc.wait(0.02)
-        except subprocess.TimeoutExpired:
-            if time.monotonic() > deadline:
-                return runner.finish(proc, deadline)
-    try:
-        return proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        kill_group(proc, signal.SIGKILL)
-        proc.wait()
+        return finish(proc, deadline)
+    rc = watch(proc, deadline, fired.exists, poll=0.02)
+    if rc is not None:
+        return rc
+    if not fired.exists():
+        return finish(proc, deadline)  # the deadline passed: killed
+    rc = finish(proc, time.monotonic() + grace)  # the hook sent SIGTERM at the event
+    if rc is None:
         point.notes.append(f"SIGKILL {grace:g} s after SIGTERM")
         return -signal.SIGKILL
+    return rc
 
 
 def _judge_crash(point: Point, rc: int | None, out: Path, log: Path) -> None:
@@ -295,7 +217,7 @@ def _judge_crash(point: Point, rc: int | None, out: Path, log: Path) -> None:
         if rc not in (-signal.SIGKILL, 0):
             point.fail(f"exit {point.exit} instead of being killed: {last_line(log)}")
         return
-    process = _last_process(out)
+    process = last_process(out)
     trained = any(e["event"] == "metrics" for e in process)
     if rc == -signal.SIGTERM and trained:
         point.fail("SIGTERM ended it mid-training without a handler")
@@ -304,40 +226,20 @@ def _judge_crash(point: Point, rc: int | None, out: Path, log: Path) -> None:
     elif rc not in (0, 3, -signal.SIGTERM):
         point.fail(f"exit {point.exit} after SIGTERM: {last_line(log)}")
     elif rc == 3:
-        reached = max(
-            (
-                e["step"]
-                for e in process
-                if e["event"] in ("metrics", "save", "resume") and isinstance(e.get("step"), int)
-            ),
-            default=0,
-        )
+        reached = progress(process)[1] or 0
         newest = latest_checkpoint(out) if out.is_dir() else None
         saved = checkpoint_step(newest.name) or 0 if newest is not None else 0
         if saved < reached:
             point.fail(f"exit 3 but steps {saved + 1}-{reached} are lost (no emergency save)")
 
 
-def _last_process(out: Path) -> list[dict[str, Any]]:
-    runs: list[list[dict[str, Any]]] = []
-    for event in read_events(out) if out.is_dir() else ():
-        if event["event"] == "start":
-            runs.append([])
-        if runs:
-            runs[-1].append(event)
-    return runs[-1] if runs else []
-
-
 def _rerun(runner: Runner, ref: Reference, point: Point, out: Path, pattern: str | None) -> None:
     name = f"{point.mode}-{point.event.number}"
     log = runner.logs / f"{name}.rerun.log"
-    proc = runner.start(out, log, None)
-    rc = runner.finish(proc, time.monotonic() + runner.timeout)
-    text = log.read_text(errors="replace")
-    found = _RESUMING.search(text)
-    point.resumed = Path(found.group(1)).name if found else _resumed_in_record(out)
+    rc = runner.wait(runner.start(out, log), runner.timeout)
+    point.resumed = resumed_from(log.read_text(errors="replace"), out)
     if rc != 0:
-        point.fail(f"rerun exit {_exit_text(rc)}: {last_line(log)}")
+        point.fail(f"rerun exit {exit_text(rc)}: {last_line(log)}")
     elif point.resumed != point.expected:
         point.fail(f"rerun resumed from {point.resumed}, not {point.expected}")
     else:
@@ -346,13 +248,6 @@ def _rerun(runner: Runner, ref: Reference, point: Point, out: Path, pattern: str
             point.fail("; ".join(line for line in lines if "same" not in line) or "differs")
     if point.failed:
         point.notes.append(f"logs: {runner.logs / name}.*.log")
-
-
-def _resumed_in_record(out: Path) -> str:
-    """For a command that does not print ``resuming from``: the run record's resume."""
-    resume = next((e for e in _last_process(out) if e["event"] == "resume"), None)
-    checkpoint = resume.get("checkpoint") if resume else None
-    return Path(checkpoint).name if isinstance(checkpoint, str) else "start"
 
 
 def table(points: Sequence[Point]) -> list[str]:
@@ -385,7 +280,7 @@ def file_events(
     echo: Callable[[str], None] = print,
 ) -> bool:
     """The whole file-event test of ``command`` in ``work``; True if it passed."""
-    runner = Runner(command, work, timeout=timeout or 3600)
+    runner = Runner(command, work, timeout or 3600)
     echo(f"chaos: fault-free run in {work / 'reference'}, counting file events")
     ref = count_events(runner, work / "reference", timeout=runner.timeout)
     runner.timeout = timeout or 3 * ref.seconds + 60
@@ -419,78 +314,4 @@ def file_events(
     return ok
 
 
-# ---------------------------------------------------------------------- comparing
-
-
-def _natural(path: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path)]
-
-
-def _artifacts(pattern: str | None, out: Path) -> dict[str, Path]:
-    """Relative name -> file of the artifact(s) to compare in one run's output."""
-    if pattern is None:
-        newest = latest_checkpoint(out) if out.is_dir() else None
-        if newest is None:
-            return {}
-        return {p.name: p for p in sorted(newest.glob("*.safetensors"))}
-    matches = sorted(glob.glob(pattern.replace("{out}", str(out))), key=_natural)
-    if not matches:
-        return {}
-    last = Path(matches[-1])
-    files = sorted(p for p in last.rglob("*") if p.is_file()) if last.is_dir() else [last]
-    return {_relative(f, out): f for f in files}
-
-
-def _relative(path: Path, out: Path) -> str:
-    # checkpoint-40/x and checkpoint-40/x of the two runs are the same artifact
-    try:
-        rel = path.relative_to(out)
-    except ValueError:
-        return path.name
-    return str(Path(*rel.parts[1:]) if len(rel.parts) > 1 else rel)
-
-
-def same_file(a: Path, b: Path) -> tuple[bool, str]:
-    """(equal, how): bytes, else tensors for safetensors files."""
-    if a.read_bytes() == b.read_bytes():
-        return True, "identical bytes"
-    if a.suffix == ".safetensors" and b.suffix == ".safetensors":
-        import torch
-        from safetensors.torch import load_file
-
-        try:
-            ta, tb = load_file(str(a)), load_file(str(b))
-        except Exception as e:  # a damaged artifact is a difference, not a crash
-            return False, f"unreadable ({e})"
-        if ta.keys() != tb.keys():
-            return False, "different tensor names"
-        diff = [k for k in ta if not torch.equal(ta[k], tb[k])]
-        if not diff:
-            return True, "identical tensors"
-        worst = max(float((ta[k].double() - tb[k].double()).abs().max()) for k in diff)
-        return False, (
-            f"{len(diff)} of {len(ta)} tensors differ (e.g. {diff[0]}; max abs diff {worst:.3g})"
-        )
-    return False, "bytes differ"
-
-
-def compare(pattern: str | None, ref: Path, run: Path) -> tuple[bool, list[str]]:
-    """Compare the final artifacts of the two runs; (all equal, lines to print)."""
-    want, got = _artifacts(pattern, ref), _artifacts(pattern, run)
-    what = pattern or "the newest checkpoint's *.safetensors"
-    if not want:
-        return False, [f"compare: nothing matches {what} in the uninterrupted run {ref}"]
-    lines, ok = [], True
-    for name, a in want.items():
-        b = got.get(name)
-        if b is None:
-            ok = False
-            lines.append(f"compare {name}: missing in the chaos run")
-            continue
-        equal, how = same_file(a, b)
-        ok = ok and equal
-        lines.append(f"compare {name}: {'same' if equal else 'DIFFERENT'} ({how})")
-    return ok, lines
-
-
-__all__ = ["MODES", "compare", "file_events", "same_file"]
+__all__ = ["MODES", "Runner", "compare", "file_events"]

@@ -19,27 +19,19 @@ already tested (same paths, same bytes) is not rerun: the command is determinist
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
-import re
-import signal
-import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from safepoint.app.chaos_events import compare
+from safepoint.app.chaos_compare import compare
+from safepoint.app.chaos_process import Runner, kill, last_line, resumed_from, watch
 from safepoint.errors import ConfigError
 from safepoint.powercut import PowerCutFS, available, tree_digest
 from safepoint.powercut.journal import Journal
-from safepoint.records import read_events
 from safepoint.units import format_table
 from safepoint.validity import latest_checkpoint
-
-_RESUMING = re.compile(r"resuming from (\S+) \(step (\d+)\)")
 
 
 @dataclass
@@ -59,47 +51,9 @@ class Case:
         return self.verdict != "ok"
 
 
-@dataclass
-class _Run:
-    command: list[str]
-    work: Path
-    timeout: float
-    logs: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.logs = self.work / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-
-    def start(self, out: Path, log: Path) -> subprocess.Popen[bytes]:
-        argv = [arg.replace("{out}", str(out)) for arg in self.command]
-        with open(log, "wb") as f:
-            try:
-                # A session of its own: the kill reaches every process the command starts.
-                return subprocess.Popen(
-                    argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-                )
-            except OSError as e:
-                raise ConfigError(
-                    f"cannot run {argv[0]!r} ({e.strerror}); check the command"
-                ) from None
-
-    def wait(self, proc: subprocess.Popen[bytes], seconds: float) -> int | None:
-        try:
-            return proc.wait(seconds)
-        except subprocess.TimeoutExpired:
-            _kill(proc)
-            return None
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _last_line(log: Path) -> str:
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    return lines[-1][:160] if lines else "(no output)"
+# benchmarks/power_cut.py uses these names
+_Run = Runner
+_last_line = last_line
 
 
 def spread(n: int, k: int | None) -> list[int]:
@@ -112,7 +66,7 @@ def spread(n: int, k: int | None) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
-def record(run: _Run, name: str) -> tuple[Path, Journal, float]:
+def record(run: Runner, name: str) -> tuple[Path, Journal, float]:
     """The fault-free run on the power-cut file system: (its output, journal, seconds)."""
     backing, mnt, journal = run.work / name, run.work / "mnt", run.work / f"{name}.journal"
     log = run.logs / f"{name}.log"
@@ -122,7 +76,7 @@ def record(run: _Run, name: str) -> tuple[Path, Journal, float]:
     if rc != 0:
         raise ConfigError(
             f"the fault-free run failed ({'timeout' if rc is None else f'exit {rc}'}): "
-            f"{_last_line(log)}; see {log}"
+            f"{last_line(log)}; see {log}"
         )
     j = Journal(journal)
     if not j.count:
@@ -130,36 +84,36 @@ def record(run: _Run, name: str) -> tuple[Path, Journal, float]:
     return backing, j, time.monotonic() - t0
 
 
-def live_cut(run: _Run, name: str, after: float) -> tuple[Journal, float]:
+def live_cut(run: Runner, name: str, after: float) -> tuple[Journal, float]:
     """A fresh run, power cut ``after`` seconds after its first file event, SIGKILLed."""
     backing, mnt, journal = run.work / name, run.work / "mnt", run.work / f"{name}.journal"
     with PowerCutFS(backing, mnt, journal=journal) as fs:
         proc = run.start(mnt, run.logs / f"{name}.crash.log")
         t0 = time.monotonic()
-        first: float | None = None
-        while proc.poll() is None and time.monotonic() - t0 < run.timeout:
-            if first is None and fs.events:
-                first = time.monotonic()
-            if first is not None and time.monotonic() - first >= after:
-                break
-            time.sleep(0.02)
+        first: list[float] = []  # when it made its first file event
+
+        def due() -> bool:
+            if not first and fs.events:
+                first.append(time.monotonic())
+            return bool(first) and time.monotonic() - first[0] >= after
+
+        watch(proc, t0 + run.timeout, due, poll=0.02)
         fs.freeze()
-        _kill(proc)
+        kill(proc)
         at = time.monotonic() - t0
     return Journal(journal), at
 
 
-def rerun(run: _Run, case: Case, state: Path, ref: Path, pattern: str | None) -> None:
+def rerun(run: Runner, case: Case, state: Path, ref: Path, pattern: str | None) -> None:
     """Rerun the command on a surviving ``state``; fills in the case's verdict."""
     newest = latest_checkpoint(state)
     case.expected = newest.name if newest is not None else "start"
     log = run.logs / f"{state.name}.rerun.log"
     rc = run.wait(run.start(state, log), run.timeout)
     text = log.read_text(errors="replace")
-    found = _RESUMING.search(text)
-    case.resumed = Path(found.group(1)).name if found else _resumed_in_record(state)
+    case.resumed = resumed_from(text, state)
     if rc != 0:
-        case.verdict = f"FAIL: rerun {'timeout' if rc is None else f'exit {rc}'}: {_last_line(log)}"
+        case.verdict = f"FAIL: rerun {'timeout' if rc is None else f'exit {rc}'}: {last_line(log)}"
     elif "Traceback (most recent call last)" in text:
         case.verdict = f"FAIL: a traceback in {log}"
     elif case.resumed != case.expected:
@@ -170,18 +124,6 @@ def rerun(run: _Run, case: Case, state: Path, ref: Path, pattern: str | None) ->
             case.verdict = "FAIL: " + ("; ".join(x for x in lines if "same" not in x) or "differs")
     if case.failed:
         case.verdict += f" (state kept in {state})"
-
-
-def _resumed_in_record(out: Path) -> str:
-    """For a command that does not print ``resuming from``: its run record's resume."""
-    last: list[dict[str, Any]] = []
-    for event in read_events(out):
-        if event["event"] == "start":
-            last = []
-        last.append(event)
-    resume = next((e for e in last if e["event"] == "resume"), None)
-    checkpoint = resume.get("checkpoint") if resume else None
-    return Path(checkpoint).name if isinstance(checkpoint, str) else "start"
 
 
 def _modes(samples: int, seed: int) -> list[tuple[str, int]]:
@@ -204,7 +146,7 @@ def power_cut(
     why = available()
     if why is not None:
         raise ConfigError(f"--power-cut: {why}")
-    run = _Run(list(command), work, timeout or 3600)
+    run = Runner(command, work, timeout or 3600)
     echo(f"chaos: fault-free run on the power-cut file system, output in {work / 'reference'}")
     ref, journal, seconds = record(run, "reference")
     run.timeout = timeout or 3 * seconds + 60

@@ -192,13 +192,14 @@ class SafepointCallback(TrainerCallback):
         return None if self._view is None else str(self._view)
 
     def _open_view(self, info: CheckpointInfo) -> CheckpointInfo:
-        assert info.manifest is not None and self.trainer is not None
+        assert info.manifest is not None and self.checkpointer is not None
         if TRAINER_STATE_NAME not in info.manifest.files:
             raise IncompatibleCheckpointError(
                 f"{info.path} was not written by SafepointCallback (no {TRAINER_STATE_NAME}); "
                 "resume it with the loop that wrote it, or use another output directory"
             )
-        assert self.checkpointer is not None
+        if self.trainer is None:  # not attached: there is no Trainer to resume
+            return info
         remove_view(self._view)
         self._view, self._saved_state = make_view(
             info, self.trainer.model, self.checkpointer.directory
