@@ -210,7 +210,7 @@ def test_abandon_leaves_no_staging_and_previous_checkpoint(
         gate.clear()
         ckpt.save(2, state)
         threading.Timer(0.2, gate.set).start()  # the held write goes on shortly...
-        ckpt.abandon()  # ...and stops at its first chunk
+        ckpt.saver.abandon()  # ...and stops at its first chunk
         assert not ckpt.saver.background.writer.busy  # type: ignore[union-attr]
     assert _staging(tmp_path) == []
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"

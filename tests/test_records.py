@@ -145,7 +145,7 @@ def test_checkpointer_records_start_metrics_saves_deletions_close(tmp_path: Path
     state = _state()
     with Checkpointer(tmp_path, save_every="2", keep_last=1, max_disk="10MB") as ckpt:
         for step in (1, 2, 3, 4):
-            ckpt.log_metrics(step, {"loss": 1.0 / step})
+            ckpt.record.metrics(step, {"loss": 1.0 / step})
             ckpt.step(step, state, metrics={"loss": 1.0 / step, "eval_loss": 0.5})
     ours = {"start", "metrics", "save", "delete", "close"}  # others add their own kinds
     events = [e for e in read_events(tmp_path) if e["event"] in ours]
@@ -161,7 +161,7 @@ def test_checkpointer_records_start_metrics_saves_deletions_close(tmp_path: Path
     assert start["config"]["keep_last"] == 1
     assert start["config"]["max_disk"] == 10_000_000
     assert start["on_disk"] == [] and start["pid"] == os.getpid()
-    # log_metrics then step() with the same loss: the loss is recorded once per step,
+    # record.metrics then step() with the same loss: the loss is recorded once per step,
     # the eval_loss that only step() had is recorded too.
     assert events[1]["metrics"] == {"loss": 1.0}
     assert events[2]["metrics"] == {"eval_loss": 0.5}

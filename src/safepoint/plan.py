@@ -22,10 +22,7 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from safepoint.retention import RetentionPolicy
+from typing import Any, Protocol
 
 DEFAULT_MTBF_S = 24 * 3600.0
 """Failure rate assumed when the user gives none: one failure a day (preemptible cloud
@@ -104,6 +101,14 @@ class Saves:
     step_interval: int | None = None
 
 
+class Keeps(Protocol):
+    """What ``outlook`` needs of a retention policy (``retention.RetentionPolicy``)."""
+
+    max_bytes: int | None
+
+    def kept_count(self, saves: Saves) -> int | None: ...
+
+
 def disk_needed(
     checkpoint_bytes: int, kept: int | None, *, max_bytes: int | None = None
 ) -> int | None:
@@ -140,7 +145,7 @@ def outlook(
     step_time: float | None = None,
     total_steps: int | None = None,
     checkpoint_bytes: int | None = None,
-    policy: RetentionPolicy | None = None,
+    policy: Keeps | None = None,
 ) -> Outlook:
     """Overhead, expected loss, number of saves and disk use of saving every ``interval`` s
     (what ``policy`` keeps of them; None keeps all)."""

@@ -66,6 +66,19 @@ class RunRecord:
         self.path = Path(directory) / RECORD_NAME
         self._failed = False
         self._tail_checked = False
+        self._metrics: tuple[int, dict[str, Any]] | None = None  # the last step's, sent
+
+    def metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """A ``metrics`` event of what ``step`` reached; values already recorded for the
+        same step are not written twice (a callback may pass them through two paths)."""
+        fresh = dict(metrics)
+        if self._metrics is not None and self._metrics[0] == step:
+            fresh = {k: v for k, v in fresh.items() if self._metrics[1].get(k, object()) != v}
+            self._metrics[1].update(fresh)
+        else:
+            self._metrics = (step, dict(fresh))
+        if fresh:
+            self.event("metrics", step=step, metrics=fresh)
 
     def event(self, kind: str, **fields: Any) -> None:
         """Append one event. A failure to write the record is logged once, never raised:

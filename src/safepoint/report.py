@@ -235,7 +235,7 @@ def _from_record(
     # save began: show the saves of each process in step order.
     data.saves.sort(key=lambda s: (s.attempt, s.step))
     if not data.train_loss and not data.eval_loss:
-        # Nothing logged metrics (an integration that does not call log_metrics): the
+        # Nothing logged metrics (an integration that does not record metrics): the
         # metrics saved with each checkpoint still draw a coarse curve.
         for step, e in sorted(saved.items()):
             _add_points(data, step, _numbers(e.get("metrics")), 0)

@@ -312,9 +312,9 @@ def _fsync_committed(directory: Path, target: Path) -> None:
 def _save_failed_message(target: Path, e: OSError) -> str:
     why = e.strerror or str(e)
     if e.errno == errno.ENOSPC:
-        hint = "free space, lower --keep-last, set --max-disk, or use another --output-dir"
+        hint = "free space, lower keep_last, set max_disk, or use another output directory"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "make the output directory writable or choose another --output-dir"
+        hint = "make the output directory writable or choose another output directory"
     else:
         hint = "check the disk; earlier checkpoints are intact"
     return f"saving {target} failed: {why}; the previous checkpoints are intact; {hint}"

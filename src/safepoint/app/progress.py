@@ -169,7 +169,7 @@ class JobCallback(SafepointCallback):
 
     def _next_save(self, step: int, total: int) -> str:
         assert self.checkpointer is not None
-        interval = self.checkpointer.schedule.step_interval()
+        interval = self.checkpointer.decider.schedule.step_interval()
         if interval:
             return str(min((step // interval + 1) * interval, total))
         return str(self.cfg.save_every)

@@ -47,10 +47,9 @@ class Checkpointer:
         **kwargs: Any,
     ) -> None:
         # Every option is checked before anything is locked or written. ``length_later``:
-        # for integrations that learn total_steps only at train start (``begin``).
+        # integrations that learn total_steps only at train start (``begin``).
         self.options = options.replace(**kwargs) if options else Options.from_kwargs(kwargs)
-        if not length_later:
-            Decider.check(self.options)
+        Decider.check(self.options, length_later=length_later)
         self.directory = Path(directory)
         prepare_directory(self.directory)
         self.ranks = Ranks.current()  # several processes: rank 0 locks, records, commits
@@ -69,8 +68,9 @@ class Checkpointer:
         self.store = Store(self.directory)
         self.record = RunRecord(self.directory) if writer else QuietRecord()
         self.decider = Decider(o, self.ranks, self.record)
-        self._preflight = Preflight(self.store, self.record, o, self.decider, self._ours)
+        self._preflight = Preflight(self.store, self.record, o, self.decider, lambda i: ours(i))
         self.saver = Saver(self.store, self.record, self._lock, o, self._preflight)
+        ours = self.saver.ours  # one rule for "a checkpoint of this configuration"
         self.resumer = Resumer(self.store, self.record, o, self.ranks)
         swept = self.store.sweep() if writer else []
         if o.remote is not None and writer:
@@ -83,19 +83,11 @@ class Checkpointer:
             self.record.event("swept", folders=[p.name for p in swept])
         on_disk = [{"step": i.step, "bytes": i.size} for i in self.store.scan() if i.valid]
         self.record.event("start", pid=os.getpid(), config=o.to_json(), on_disk=on_disk)
-        self._stop = EmergencyStop(
-            self.saver,
-            str(self.directory),
-            signals=o.signals,
-            grace=o.grace,
-            stop_on_nan=o.stop_on_nan,
+        self.emergency = EmergencyStop(
+            self.saver, str(self.directory), options=o, last_saved=lambda: self.decider.last_saved
         )
         self._last_step: int | None = None
-        self._logged: tuple[int, dict[str, Any]] | None = None
-        self._stop.install()
-
-    def _ours(self, info: CheckpointInfo) -> bool:
-        return self.saver.ours(info)
+        self.emergency.install()
 
     # ------------------------------------------------------------------ resume
 
@@ -105,18 +97,11 @@ class Checkpointer:
         *,
         checkpoint: str | os.PathLike[str] | int | None = None,
     ) -> int | None:
-        """Load the newest valid checkpoint (or ``checkpoint``) into ``state``.
-
-        Returns the step restored, or None when there is nothing to resume from. A newer
-        checkpoint that is damaged is skipped with a warning naming the problem. Raises
-        ``IncompatibleCheckpointError`` if it belongs to another configuration or does
-        not fit ``state``. Runs ``preflight`` first: ``DiskBudgetError`` before training.
-        """
+        """Load the newest valid checkpoint (or ``checkpoint``) into ``state``; the step
+        restored, or None (nothing to resume). A damaged newer one is skipped with a
+        warning (``engine/resume.py`` says what raises). Runs ``preflight`` first."""
         self.preflight(state)
-        rng = self.options.save_rng
-        resumed = self.resume(
-            lambda info: self.resumer.load_state(info, state, rng=rng), checkpoint
-        )
+        resumed = self.resume(lambda info: self.load(info, state), checkpoint)
         return None if resumed is None else resumed.info.step
 
     def resume(
@@ -124,9 +109,8 @@ class Checkpointer:
         load: Callable[[CheckpointInfo], T],
         checkpoint: str | os.PathLike[str] | int | None = None,
     ) -> Resumed[T] | None:
-        """For integrations: pick the checkpoint to resume from as ``restore`` does, with
-        their own ``load`` (which raises ``CorruptCheckpointError`` or
-        ``IncompatibleCheckpointError`` to pass to the next older checkpoint)."""
+        """For integrations: ``restore`` with their own ``load`` (which raises
+        ``CorruptCheckpointError`` / ``IncompatibleCheckpointError`` to pass)."""
         resumed = self.resumer.pick(checkpoint, load)
         if resumed is not None:
             self.decider.begin(step=resumed.info.step)
@@ -135,17 +119,11 @@ class Checkpointer:
     def load(
         self, info: CheckpointInfo, state: MutableMapping[str, Any], *, rng: bool = True
     ) -> dict[str, Any]:
-        """For integrations: load ``info`` into ``state`` (and the RNG, if saved and
-        ``rng``); returns the progress stored with it."""
+        """Load ``info`` into ``state`` (and the RNG if ``rng``); the progress stored."""
         return self.resumer.load_state(info, state, rng=rng and self.options.save_rng)
 
-    def begin(self, *, step: int = 0, total_steps: int | None = None) -> None:
-        """For integrations: training starts at ``step``; ``total_steps`` when known now."""
-        self.decider.begin(step=step, total_steps=total_steps)
-
     def preflight(self, state: Mapping[str, Any], **kwargs: Any) -> Any:
-        """Raise ``DiskBudgetError`` before training if the kept checkpoints of ``state``
-        cannot fit (once per run; ``engine/preflight.py``)."""
+        """``DiskBudgetError`` if the kept checkpoints cannot fit (``engine/preflight.py``)."""
         return self._preflight.run(state, **kwargs)
 
     # -------------------------------------------------------------------- save
@@ -159,37 +137,36 @@ class Checkpointer:
         epoch_end: bool = False,
     ) -> PendingSave | None:
         """``step`` completed: save if due (always at ``total_steps``), act on a stop
-        signal. Returns the save's handle, or None when none was due. ``metrics`` go to
-        the run record and, when a save happens, into its manifest for retention."""
+        signal; the save's handle or None. ``metrics`` go to the record and manifest."""
         if metrics:
-            self.check_loss(step, metrics)
-            self.log_metrics(step, metrics)
+            self.emergency.check_loss(step, metrics)
+            self.record.metrics(step, metrics)
         reason = self.decide(step, epoch_end=epoch_end)
         handle = None
         if reason is not None:
             snapshot = capture(state, step=step, copy=False, rng=self.options.save_rng)
             handle = self.commit_or_continue(snapshot, metrics=metrics, reason=reason)
-        if self._stop.requested:  # a stop signal arrived: emergency save, exit 3
-
-            def emergency() -> CheckpointInfo:
-                latest = self.latest()  # the background save of this step, if it landed
-                if latest is not None and latest.step == step:
-                    return latest
-                return self.save(step, state, metrics=metrics, reason="emergency").wait()
-
+        if self.emergency.requested:  # a stop signal arrived: emergency save, exit 3
             done = handle is not None and handle.done
-            self._stop.stop(step, None if done else emergency)
-        self._stop.boundary(step, state, rng=self.options.save_rng)
+            self.emergency.stop(
+                step, None if done else lambda: self._emergency(step, state, metrics)
+            )
+        self.emergency.boundary(step, state, rng=self.options.save_rng)
         return handle
 
+    def _last(self, step: int, state: Mapping[str, Any], metrics: Any) -> CheckpointInfo:
+        latest = self.latest()  # the background save of this very step, if it landed
+        if latest is not None and latest.step == step:
+            return latest
+        return self.save(step, state, metrics=metrics, reason="emergency", urgent=True).wait()
+
     def decide(self, step: int, *, epoch_end: bool = False) -> str | None:
-        """The reason to save now that ``step`` completed, or None; the same on every rank
-        (collective: call it after every step on every rank). Raises the failure of a
-        background save nobody waited for, as ``on_save_error`` says."""
+        """Why to save now that ``step`` completed, or None: the same on every rank
+        (collective). Raises an unwaited background failure, per ``on_save_error``."""
         self._last_step = step
         self.check()
         bg = self.saver.background
-        return self.decider.due(step, epoch_end=epoch_end, background=bg, stop=self._stop)
+        return self.decider.due(step, epoch_end=epoch_end, background=bg, stop=self.emergency)
 
     def save(
         self,
@@ -201,9 +178,7 @@ class Checkpointer:
         progress: Mapping[str, Any] | None = None,
         urgent: bool = False,
     ) -> PendingSave:
-        """Save ``state`` as ``checkpoint-<step>`` now, then prune; ``wait()`` on the
-        handle for the checkpoint (a background save with ``async_save``, unless
-        ``urgent``). ``SaveFailedError`` if writing fails; earlier checkpoints stay."""
+        """``commit`` ``state`` as ``checkpoint-<step>`` now; ``.wait()`` for the result."""
         started = time.perf_counter()
         snap = capture(state, step=step, copy=False, rng=self.options.save_rng, progress=progress)
         return self.commit(snap, metrics=metrics, reason=reason, started=started, urgent=urgent)
@@ -217,105 +192,43 @@ class Checkpointer:
         started: float | None = None,
         urgent: bool = False,
     ) -> PendingSave:
-        """Commit a prepared ``snapshot`` (integrations build their own), then prune.
-
-        With ``async_save`` (and not ``urgent``) it returns once the snapshot is copied to
-        host memory; ``wait()`` on the handle gives the result. Collective on several
-        ranks: every rank commits the same step; rank 0 writes."""
+        """Commit ``snapshot`` (integrations build their own), then prune. In the background
+        with ``async_save`` unless ``urgent``: the handle's ``wait()`` gives the result.
+        ``SaveFailedError`` if an in-line save fails. Collective: rank 0 writes."""
         if self._closed:
             raise ConfigError(f"the Checkpointer of {self.directory} is closed")
         started = time.perf_counter() if started is None else started
-        urgent = urgent or self._stop.saving  # emergency saves go ahead, in line
         self.ranks.gather_rng(snapshot)  # every rank hands over its state before the commit
         snapshot.metrics = dict(metrics or snapshot.metrics)
-        snapshot.reason = reason
-        snapshot.fingerprint = self.options.fingerprint
-        if self.ranks.is_writer:
-            handle = self.saver.commit(snapshot, started=started, urgent=urgent)
-        else:  # rank 0 commits; this rank's handle says what rank 0 will have done
-            path = self.store.path_for(snapshot.step)
-            info = CheckpointInfo(path, snapshot.step, "valid")
-            handle = PendingSave(snapshot.step, path, reason, dict(snapshot.metrics), _info=info)
-        handle.stall_s = time.perf_counter() - started
+        snapshot.reason, snapshot.fingerprint = reason, self.options.fingerprint
+        urgent = urgent or self.emergency.saving  # emergency saves go ahead, in line
+        handle = self.saver.commit(
+            snapshot, started=started, urgent=urgent, writer=self.ranks.is_writer
+        )
         self.decider.saved(snapshot.step, handle.stall_s)
         return handle
 
     def commit_or_continue(self, snapshot: Snapshot, **kwargs: Any) -> PendingSave | None:
-        """``commit`` a scheduled save; on failure apply ``on_save_error`` (None: goes on)."""
+        """``commit`` a scheduled save; a failure as ``on_save_error`` says (None: go on)."""
         try:
             return self.commit(snapshot, **kwargs)
         except SaveFailedError as e:
-            self.save_failed(snapshot.step, e, reason=kwargs.get("reason", "scheduled"))
+            reason = kwargs.get("reason", "scheduled")
+            self.decider.save_failed(snapshot.step, e, reason=reason, newest=self.latest())
             return None
 
-    def save_failed(self, step: int, error: SaveFailedError, *, reason: str) -> None:
-        """Apply ``on_save_error`` to a scheduled save that failed: re-raise ``error``
-        ("stop"), or warn loudly and train on until the next due save ("continue")."""
-        if self.options.on_save_error == "stop":
-            raise error
-        self.record.event("save_skipped", step=step, reason=reason, error=str(error))
-        if self.decider.end_of_run(step) or reason == "end of training":
-            # Going on would end the run with exit 0 and no final checkpoint.
-            newest = self.latest()
-            raise SaveFailedError(
-                f"the final save (step {step}) failed, so the run ends WITHOUT its final "
-                f"checkpoint; {'the newest is ' + newest.name if newest else 'no checkpoint'} "
-                f"(rerun the same command to resume and save again): {error}"
-            ) from error
-        self.decider.failed()
-        log.error(
-            "SAVE FAILED at step %d, training goes on WITHOUT a new checkpoint "
-            "(on_save_error='continue'); the next save tries again: %s",
-            step,
-            error,
-        )
-
     # ------------------------------------------------------------ stops, crashes
-
-    def at_boundary(
-        self, step: int, state: Mapping[str, Any], save: Callable[[], CheckpointInfo]
-    ) -> None:
-        """For integrations that build their own snapshots: ``step`` completed and
-        ``state`` is consistent. After a stop signal: ``save()``, then ``TrainingStopped``."""
-        if self._stop.requested:
-            self._stop.stop(step, None if self.decider.last_saved == step else save)
-        self._stop.boundary(step, state, rng=self.options.save_rng)
-
-    @property
-    def stop_requested(self) -> str | None:
-        """The stop signal received and not yet acted on (``"SIGINT"``...), or None."""
-        return self._stop.requested
-
-    def check_loss(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """With ``stop_on_nan``: raise ``NonFiniteLossError`` if ``metrics["loss"]`` is not
-        finite; nothing of that step is saved. ``step()`` calls it itself."""
-        self._stop.check_loss(step, metrics)
 
     def on_exception(
         self,
         exc: BaseException,
         save: Callable[[int, Mapping[str, Any], str], CheckpointInfo] | None = None,
     ) -> CheckpointInfo | None:
-        """After ``exc`` escaped the training loop: save the last completed step if the
-        state is still that step's (``save(step, state, reason)``), add a hint to ``exc``;
-        the caller re-raises."""
-        self._stop.handled = True
-
-        def default(step: int, state: Mapping[str, Any], reason: str) -> CheckpointInfo:
-            return self.save(step, state, reason=reason, urgent=True).wait()
-
-        return self._stop.on_exception(exc, save or default, last_saved=self.decider.last_saved)
-
-    def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Record ``metrics`` reached at ``step`` in the run record, each value once."""
-        fresh = dict(metrics)
-        if self._logged is not None and self._logged[0] == step:
-            fresh = {k: v for k, v in fresh.items() if self._logged[1].get(k, object()) != v}
-            self._logged[1].update(fresh)
-        else:
-            self._logged = (step, dict(fresh))
-        if fresh:
-            self.record.event("metrics", step=step, metrics=fresh)
+        """After ``exc`` escaped the loop: ``save(step, state, reason)`` the last completed
+        step if the state is still that step's, add a hint to ``exc`` (then re-raise)."""
+        self.emergency.handled = True
+        save = save or (lambda s, st, why: self.save(s, st, reason=why, urgent=True).wait())
+        return self.emergency.on_exception(exc, save, last_saved=self.decider.last_saved)
 
     # -------------------------------------------------------------------- query
 
@@ -331,46 +244,32 @@ class Checkpointer:
         """All checkpoint folders of the directory, oldest first, with their status."""
         return [i for i in self.store.scan() if i.status != "staging"]
 
-    @property
-    def schedule(self) -> Any:
-        """The save schedule (read only: ``decide`` is the one that asks it)."""
-        return self.decider.schedule
-
-    @property
-    def last_saved(self) -> int | None:
-        """The step of the newest save of this run (or the step resumed from)."""
-        return self.decider.last_saved
-
     # -------------------------------------------------------------------- close
 
     def check(self) -> None:
-        """Raise ``SaveFailedError`` now if a background save nobody waited for failed
-        (as ``on_save_error`` says); never waits."""
+        """Raise now the failure of a background save nobody waited for; never waits."""
         failure = self.saver.take_failure()
         if failure is not None:
-            self.save_failed(failure[0], failure[1], reason=failure[2])
+            step, error, reason = failure
+            self.decider.save_failed(step, error, reason=reason, newest=self.latest())
 
     def flush(self) -> None:
         """Wait for the background save in flight; raise ``SaveFailedError`` if it failed."""
         self.saver.flush()
 
-    def abandon(self) -> None:
-        """Give up the background save in flight (its staging folder is removed)."""
-        self.saver.abandon()
-
     def close(self) -> None:
-        """Wait for the save in flight, release the run lock. Idempotent. Raises the
-        failure of the last background save (after releasing), or a late stop."""
+        """Finish the save in flight, release the lock (idempotent); then raise the last
+        background failure or a stop signal that came after the last step."""
         if self._closed:
             return
         self._closed = True
         failure = stopped = None
         try:
-            stopped = self._stop.pending_at_close(self._last_step)  # after the last step
+            stopped = self.emergency.pending_at_close(self._last_step)  # after the last step
             failure = self.saver.close()
             self.record.event("close", step=self._last_step)
         finally:
-            self._stop.close()  # the user's own signal handlers are back
+            self.emergency.close()  # the user's own signal handlers are back
             self._lock.release()
         if failure is not None:
             raise failure
@@ -384,19 +283,17 @@ class Checkpointer:
         if exc_type is None:
             self.close()
             return
-        # The loop failed: still finish the save in flight (its snapshot was taken at a
-        # good step), but let the loop's own exception propagate, not a save failure.
+        # The loop failed: finish the save in flight (a good step's), save the last step
+        # if consistent, and let the loop's own exception propagate, not a save failure.
         if isinstance(exc, BaseException):
-            self.on_exception(exc)  # emergency save if the state is consistent
+            self.on_exception(exc)
         try:
             self.close()
         except SaveFailedError as e:
             log.error("%s", e)
 
     def __del__(self) -> None:
-        lock = getattr(self, "_lock", None)
-        if lock is not None:
-            lock.release()
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.close()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+        if getattr(self, "emergency", None) is not None:
+            self.emergency.close()

@@ -12,10 +12,12 @@ import time
 from typing import Any
 
 from safepoint.distributed import Ranks
+from safepoint.errors import SaveFailedError
 from safepoint.options import Options
 from safepoint.plan import overhead_warning
 from safepoint.records import RunRecord
 from safepoint.schedule import Schedule
+from safepoint.validity import CheckpointInfo
 from safepoint.writer import AsyncSaver
 
 log = logging.getLogger("safepoint")
@@ -36,9 +38,11 @@ class Decider:
         self._warned_overhead = False
 
     @staticmethod
-    def check(options: Options) -> None:
-        """Raise ``ConfigError`` if the schedule cannot be built from ``options`` alone."""
-        Schedule(options.triggers, total_steps=options.total_steps)
+    def check(options: Options, *, length_later: bool = False) -> None:
+        """Raise ``ConfigError`` if the schedule cannot be built from ``options`` (and a
+        ``total_steps`` given later to ``begin``, with ``length_later``)."""
+        if not length_later:
+            Schedule(options.triggers, total_steps=options.total_steps)
 
     @property
     def schedule(self) -> Schedule:
@@ -53,14 +57,11 @@ class Decider:
 
     def begin(self, *, step: int = 0, total_steps: int | None = None) -> None:
         """Training starts (or resumes) at ``step``; ``total_steps`` if known only now."""
-        last = None if self._schedule is None else self._schedule.last_save_step
         if total_steps is not None and total_steps != self.total_steps:
             self.total_steps = total_steps
             self._schedule = None  # rebuilt with the run length, same settings
         self._started = (time.monotonic(), step)
         self.schedule.start(*self._started)
-        if last is not None and self.schedule.last_save_step is None:
-            self.schedule.last_save_step = last
 
     @property
     def last_saved(self) -> int | None:
@@ -118,6 +119,25 @@ class Decider:
             log.warning("%s", note)
             self.record.event("warning", message=note)
 
-    def failed(self) -> None:
-        """A due save failed and training goes on: time triggers wait a full interval."""
-        self.schedule.failed(time.monotonic())
+    def save_failed(
+        self, step: int, error: SaveFailedError, *, reason: str, newest: CheckpointInfo | None
+    ) -> None:
+        """Apply ``on_save_error`` to a scheduled save that failed: re-raise ``error``
+        ("stop"), or warn loudly and train on until the next due save ("continue"), but
+        never past the end of the run without its final checkpoint."""
+        if self.options.on_save_error == "stop":
+            raise error
+        self.record.event("save_skipped", step=step, reason=reason, error=str(error))
+        if self.end_of_run(step) or reason == END_OF_RUN:
+            raise SaveFailedError(
+                f"the final save (step {step}) failed, so the run ends WITHOUT its final "
+                f"checkpoint; {'the newest is ' + newest.name if newest else 'no checkpoint'} "
+                f"(rerun the same command to resume and save again): {error}"
+            ) from error
+        self.schedule.failed(time.monotonic())  # time triggers wait a full interval
+        log.error(
+            "SAVE FAILED at step %d, training goes on WITHOUT a new checkpoint "
+            "(on_save_error='continue'); the next save tries again: %s",
+            step,
+            error,
+        )

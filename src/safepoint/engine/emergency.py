@@ -20,18 +20,17 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import torch
 
 from safepoint.errors import SafepointError
-from safepoint.options import DEFAULT_SIGNALS, parse_signals
+from safepoint.options import Options, parse_signals
 from safepoint.records import RunRecord
 from safepoint.signals import NonFiniteLossError, SaveInterrupted, SignalGuard, TrainingStopped
 from safepoint.store import CheckpointInfo
-from safepoint.units import parse_duration
 
 log = logging.getLogger("safepoint")
 
@@ -78,14 +77,15 @@ class EmergencyStop:
         saver: SaverPort,
         where: str,
         *,
-        signals: str | Iterable[str | int] | None = DEFAULT_SIGNALS,
-        grace: str | float | None = None,
-        stop_on_nan: bool = False,
+        options: Options,
+        last_saved: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.saver = saver
-        self.guard = SignalGuard(parse_signals(signals), where=where)
-        self.grace = None if grace is None else parse_duration(grace, what="grace")
-        self.stop_on_nan = stop_on_nan
+        self.last_saved = last_saved
+        self.guard = SignalGuard(parse_signals(options.signals), where=where)
+        self.grace = options.grace_s
+        self.stop_on_nan = options.stop_on_nan
+        self.rng = options.save_rng
         self.handled = False
         self._state: Mapping[str, Any] | None = None
         self._boundary: int | None = None
@@ -172,6 +172,15 @@ class EmergencyStop:
         )
 
     # ------------------------------------------------------------------- the stop
+
+    def at_boundary(
+        self, step: int, state: Mapping[str, Any], save: Callable[[], CheckpointInfo]
+    ) -> None:
+        """For integrations: ``step`` completed and ``state`` is consistent. After a stop
+        signal: ``save()`` (unless this step is saved), then ``TrainingStopped``."""
+        if self.requested:
+            self.stop(step, None if self.last_saved() == step else save)
+        self.boundary(step, state, rng=self.rng)
 
     def stop(self, step: int, save: Callable[[], CheckpointInfo] | None) -> NoReturn:
         """Act on the pending stop signal at the boundary after ``step``; always raises

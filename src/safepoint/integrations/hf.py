@@ -27,9 +27,7 @@ here, and which Trainer internals it relies on (each pinned by the tests):
 from __future__ import annotations
 
 import functools
-import inspect as _inspect
 import logging
-import math
 import os
 import sys
 import time
@@ -43,11 +41,19 @@ from safepoint.errors import ConfigError, IncompatibleCheckpointError
 from safepoint.integrations.hf_layout import (
     TRAINER_STATE_NAME,
     adapter_files,
-    is_peft,
     model_files,
     trainer_schedule,
     trainer_state_bytes,
     trainer_state_json,
+    weight_files,
+)
+from safepoint.integrations.hf_trainer import (
+    find_trainer,
+    finished_run,
+    finite,
+    metrics_at,
+    patience_spent,
+    shows,
 )
 from safepoint.integrations.hf_view import make_view, remove_view
 from safepoint.options import Options
@@ -56,20 +62,6 @@ from safepoint.snapshot import capture, read_state_doc
 from safepoint.store import CheckpointInfo
 
 log = logging.getLogger("safepoint")
-
-
-def _find_trainer() -> Trainer | None:
-    # on_init_end is called from Trainer.__init__: the Trainer is `self` a few frames up.
-    frame = _inspect.currentframe()
-    try:
-        while frame is not None:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
-                return candidate
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
 
 
 class SafepointCallback(TrainerCallback):
@@ -124,7 +116,7 @@ class SafepointCallback(TrainerCallback):
     # ------------------------------------------------------------------ wiring
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        trainer = _find_trainer()
+        trainer = find_trainer()
         if trainer is None:
             raise ConfigError(
                 "SafepointCallback could not find its Trainer; pass it to "
@@ -208,29 +200,11 @@ class SafepointCallback(TrainerCallback):
 
     def _finished(self, args: Any) -> Any:
         """A ``TrainOutput`` if the checkpoint resumed from already ends this same run."""
-        info, saved = self.resumed_from, self._saved_state  # checked by make_view
-        if info is None:
-            return None
-        same_length = (
-            args.max_steps == saved.get("max_steps")
-            if args.max_steps > 0
-            else float(args.num_train_epochs) == float(saved.get("num_train_epochs", -1))
-        )
-        if not same_length or saved.get("global_step", -1) < saved.get("max_steps", -1):
-            return None
-        from transformers.trainer_utils import TrainOutput
-
-        self.already_finished = info
-        log.warning(
-            "resuming from %s (step %d): it already ends this run (step %d of %d); nothing "
-            "to train; raise max_steps or epochs to train longer",
-            info.path,
-            info.step,
-            saved["global_step"],
-            saved["max_steps"],
-        )
-        losses = [e["loss"] for e in saved.get("log_history", []) if "loss" in e]
-        return TrainOutput(saved["global_step"], losses[-1] if losses else 0.0, {})
+        info = self.resumed_from
+        output = None if info is None else finished_run(info, args, self._saved_state)
+        if output is not None:
+            self.already_finished = info
+        return output
 
     def _end(self) -> None:
         if self.checkpointer is not None:
@@ -249,7 +223,7 @@ class SafepointCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         ckpt = self._require()
-        ckpt.begin(step=state.global_step, total_steps=state.max_steps)  # known only now
+        ckpt.decider.begin(step=state.global_step, total_steps=state.max_steps)  # known only now
         self._eval, self._pending, self._stop_at = (-1, {}), None, None
         trainables = {"optimizer": kw["optimizer"], "scheduler": kw["lr_scheduler"]}
         # Disk pre-flight before the first step, with every file this callback adds and
@@ -259,7 +233,7 @@ class SafepointCallback(TrainerCallback):
         ckpt.preflight(
             trainables,
             extra_files={
-                **self._weights(model, copy_data=False),
+                **weight_files(model, copy_data=False),
                 TRAINER_STATE_NAME: b" " * trainer_state_bytes(self.trainer, args, state),
             },
             progress={
@@ -305,7 +279,7 @@ class SafepointCallback(TrainerCallback):
         self._ended = state.global_step
         ckpt = self._require()
         self._decide(state, control, kw, epoch_end=False)
-        if ckpt.stop_requested:
+        if ckpt.emergency.requested:
             # The Trainer logs this step right after this event: force that log so that
             # the step's loss reaches the run record and the emergency checkpoint's
             # trainer_state.json; on_log (or on_evaluate) then saves and stops.
@@ -320,8 +294,8 @@ class SafepointCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
         if logs and self.checkpointer is not None:  # stop_on_nan: a NaN step is never saved
-            self.checkpointer.check_loss(state.global_step, logs)
-            self.checkpointer.log_metrics(state.global_step, logs)  # the run record
+            self.checkpointer.emergency.check_loss(state.global_step, logs)
+            self.checkpointer.record.metrics(state.global_step, logs)  # the run record
         if self._pending and not control.should_evaluate:
             self._flush(state, kw)
         if self._stop_here(state) and not control.should_evaluate:
@@ -330,8 +304,9 @@ class SafepointCallback(TrainerCallback):
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any):
         # Stamped with its step: a later save (emergency, or a save step that is not an
         # eval step) must not carry it, else a checkpoint never evaluated ranks as best.
-        self._eval = (state.global_step, _finite(metrics or {}))
-        if self.early_stopping and self._patience_spent(state):
+        self._eval = (state.global_step, finite(metrics or {}))
+        o, patience = self.options, self.early_stopping
+        if patience and patience_spent(state, o.metric, o.mode, patience):
             control.should_training_stop = True
             self._pending = self._pending or "early stopping"
         self._flush(state, kw)
@@ -341,7 +316,7 @@ class SafepointCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._flush(state, kw)
         ckpt = self.checkpointer
-        if ckpt is not None and state.global_step > (ckpt.last_saved or 0):
+        if ckpt is not None and state.global_step > (ckpt.decider.last_saved or 0):
             self._save(state, "end of training", kw)  # early stopping, or a shorter run
 
     # ------------------------------------------------------------------ saving
@@ -364,7 +339,7 @@ class SafepointCallback(TrainerCallback):
         evaluation resumes into different weights (issue #12, part 4)."""
         ckpt = self.checkpointer
         return self._stop_at == state.global_step or (
-            self._ended == state.global_step and ckpt is not None and bool(ckpt.stop_requested)
+            self._ended == state.global_step and ckpt is not None and bool(ckpt.emergency.requested)
         )
 
     def _boundary(self, state: Any, kw: dict[str, Any]) -> None:
@@ -373,7 +348,7 @@ class SafepointCallback(TrainerCallback):
         trainer = self.trainer
         assert trainer is not None
         optimizer = kw.get("optimizer") or trainer.optimizer
-        self._require().at_boundary(
+        self._require().emergency.at_boundary(
             state.global_step,
             # accelerate wraps the optimizer; its hooks live on the torch optimizer inside
             {"optimizer": getattr(optimizer, "optimizer", optimizer), "model": trainer.model},
@@ -384,7 +359,7 @@ class SafepointCallback(TrainerCallback):
         if self._pending is not None:
             reason, self._pending = self._pending, None
             ckpt = self.checkpointer
-            if ckpt is not None and ckpt.last_saved != state.global_step:
+            if ckpt is not None and ckpt.decider.last_saved != state.global_step:
                 self._save(state, reason, kw, scheduled=True)
 
     def save_now(self, reason: str = "manual") -> PendingSave | None:
@@ -396,7 +371,7 @@ class SafepointCallback(TrainerCallback):
         if self.trainer is None or self.checkpointer is None:
             return None
         state = self.trainer.state
-        if self.checkpointer.last_saved == state.global_step:
+        if self.checkpointer.decider.last_saved == state.global_step:
             return None
         self._pending = None
         return self._save(state, reason)
@@ -424,7 +399,7 @@ class SafepointCallback(TrainerCallback):
                 "max_steps": state.max_steps,
             },
         )
-        snapshot.files.update(self._weights(kw.get("model") or trainer.model, copy_data=False))
+        snapshot.files.update(weight_files(kw.get("model") or trainer.model, copy_data=False))
         snapshot.files[TRAINER_STATE_NAME] = trainer_state_json(trainer)
         snapshot.info.update(self.info)
         snapshot.info["epoch"] = state.epoch
@@ -436,31 +411,9 @@ class SafepointCallback(TrainerCallback):
             self.committed(handle, self.last_commit_seconds)
         return handle  # type: ignore[return-value]  # None only for scheduled saves
 
-    @staticmethod
-    def _weights(model: Any, *, copy_data: bool) -> dict[str, Any]:
-        weights = adapter_files(model, copy_data=copy_data) if is_peft(model) else None
-        return weights or model_files(model, copy_data=copy_data)
-
     def _metrics(self, state: Any) -> dict[str, float]:
-        # The losses and the ranking metric measured at this very step, nothing carried
-        # from an earlier one; the Trainer's timings would only clutter `ls`.
-        wanted = {"loss", "eval_loss", self.options.metric}
-        metrics: dict[str, float] = {}
-        for entry in state.log_history:
-            if entry.get("step") == state.global_step:
-                metrics.update(entry)
-        if self._eval[0] == state.global_step:
-            metrics.update(self._eval[1])
-        return {k: v for k, v in _finite(metrics).items() if k in wanted}
-
-    def _patience_spent(self, state: Any) -> bool:
-        metric, patience = self.options.metric, self.early_stopping or 0
-        sign = 1.0 if self.options.mode == "min" else -1.0
-        values = [sign * e[metric] for e in state.log_history if metric in e]
-        if len(values) <= patience:
-            return False
-        best_at = min(range(len(values)), key=lambda i: (values[i], i))
-        return len(values) - 1 - best_at >= patience
+        # The Trainer's timings would only clutter `ls`.
+        return metrics_at(state, self._eval, {"loss", "eval_loss", self.options.metric})
 
     def _restore_rng(self) -> None:
         rng, self._rng = self._rng, None
@@ -483,30 +436,8 @@ class SafepointCallback(TrainerCallback):
         """
         message = f"resuming from {info.path} (step {info.step})"
         log.info("%s", message)
-        if not _shows(log, logging.INFO):
+        if not shows(log, logging.INFO):
             print(f"safepoint: {message}", file=sys.stderr, flush=True)
-
-
-def _finite(metrics: Any) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in dict(metrics).items()
-        if isinstance(v, (int, float)) and math.isfinite(float(v))
-    }
-
-
-def _shows(logger: logging.Logger, level: int) -> bool:
-    """Whether a record of ``level`` on ``logger`` reaches a handler that emits it."""
-    if not logger.isEnabledFor(level):
-        return False
-    current: logging.Logger | None = logger
-    while current is not None:
-        if any(level >= h.level for h in current.handlers):
-            return True
-        if not current.propagate:
-            return False
-        current = current.parent
-    return False  # only logging.lastResort, which shows warnings and above
 
 
 __all__ = ["SafepointCallback", "adapter_files", "model_files"]

@@ -101,6 +101,12 @@ def model_files(model: Any, *, copy_data: bool) -> dict[str, TensorFile | bytes]
     return files
 
 
+def weight_files(model: Any, *, copy_data: bool) -> dict[str, TensorFile | bytes]:
+    """The adapter's files for a PEFT model, else the whole model's."""
+    weights = adapter_files(model, copy_data=copy_data) if is_peft(model) else None
+    return weights or model_files(model, copy_data=copy_data)
+
+
 def trainer_state_json(trainer: Trainer) -> bytes:
     """``trainer_state.json`` as ``Trainer._save_checkpoint`` writes it (JSON, no pickle)."""
     state = trainer.state

@@ -1,0 +1,104 @@
+"""What ``SafepointCallback`` reads from a Trainer: the Trainer itself, the metrics of a
+step, early-stopping patience, whether a checkpoint already ends the run. Pure reads."""
+
+from __future__ import annotations
+
+import inspect as _inspect
+import logging
+import math
+from typing import Any
+
+from transformers import Trainer
+
+from safepoint.validity import CheckpointInfo
+
+log = logging.getLogger("safepoint")
+
+
+def find_trainer() -> Trainer | None:
+    """The Trainer whose ``__init__`` is running (``on_init_end`` is called from it: the
+    Trainer is ``self`` a few frames up). The one event with no documented way to reach
+    the Trainer, which the callback needs to wrap ``train`` for resuming."""
+    frame = _inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+def finite(metrics: Any) -> dict[str, float]:
+    """The finite numbers of ``metrics``, as floats."""
+    return {
+        k: float(v)
+        for k, v in dict(metrics).items()
+        if isinstance(v, (int, float)) and math.isfinite(float(v))
+    }
+
+
+def metrics_at(
+    state: Any, evaluated: tuple[int, dict[str, float]], wanted: set[str]
+) -> dict[str, float]:
+    """The ``wanted`` metrics measured at this very step (logs, and ``evaluated`` if it
+    was measured at it), nothing carried from an earlier step: a checkpoint never
+    evaluated must not rank as best."""
+    metrics: dict[str, float] = {}
+    for entry in state.log_history:
+        if entry.get("step") == state.global_step:
+            metrics.update(entry)
+    if evaluated[0] == state.global_step:
+        metrics.update(evaluated[1])
+    return {k: v for k, v in finite(metrics).items() if k in wanted}
+
+
+def patience_spent(state: Any, metric: str, mode: str, patience: int) -> bool:
+    """True after ``patience`` evaluations without a better ``metric``."""
+    sign = 1.0 if mode == "min" else -1.0
+    values = [sign * e[metric] for e in state.log_history if metric in e]
+    if len(values) <= patience:
+        return False
+    best_at = min(range(len(values)), key=lambda i: (values[i], i))
+    return len(values) - 1 - best_at >= patience
+
+
+def finished_run(info: CheckpointInfo, args: Any, saved: dict[str, Any]) -> Any:
+    """The ``TrainOutput`` to return, with a warning, when the checkpoint ``info`` (its
+    checked ``trainer_state.json``: ``saved``) already ends the run ``args`` describe;
+    else None. The Trainer itself would run one more step before checking max_steps."""
+    same_length = (
+        args.max_steps == saved.get("max_steps")
+        if args.max_steps > 0
+        else float(args.num_train_epochs) == float(saved.get("num_train_epochs", -1))
+    )
+    if not same_length or saved.get("global_step", -1) < saved.get("max_steps", -1):
+        return None
+    from transformers.trainer_utils import TrainOutput
+
+    log.warning(
+        "resuming from %s (step %d): it already ends this run (step %d of %d); nothing "
+        "to train; raise max_steps or epochs to train longer",
+        info.path,
+        info.step,
+        saved["global_step"],
+        saved["max_steps"],
+    )
+    losses = [e["loss"] for e in saved.get("log_history", []) if "loss" in e]
+    return TrainOutput(saved["global_step"], losses[-1] if losses else 0.0, {})
+
+
+def shows(logger: logging.Logger, level: int) -> bool:
+    """Whether a record of ``level`` on ``logger`` reaches a handler that emits it."""
+    if not logger.isEnabledFor(level):
+        return False
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(level >= h.level for h in current.handlers):
+            return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False  # only logging.lastResort, which shows warnings and above
