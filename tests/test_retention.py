@@ -51,6 +51,11 @@ TABLE = [
     ({"keep_last": 2, "keep_every": 20, "max_bytes": 400}, [20, 40, 50, 60], {}),
     ({"keep_last": 2, "keep_every": 20, "max_bytes": 300}, [40, 50, 60], {}),
     ({"keep_last": 4, "keep_best": 2, "max_bytes": 300}, [40, 50, 60], {}),
+    # keep_after_step: the rule added as the proof of #13 (one class, one Options field)
+    ({"keep_last": 1, "keep_after_step": 30}, [40, 50, 60], {40: ["after-30"]}),
+    ({"keep_last": 1, "keep_after_step": 60}, [60], {}),
+    ({"keep_last": 1, "keep_after_step": 0}, ALL, {10: ["after-0"]}),
+    ({"keep_last": 1, "keep_after_step": 30, "max_bytes": 200}, [50, 60], {}),
 ]
 
 
@@ -178,3 +183,51 @@ def test_warns_when_keep_best_metric_is_missing(
             ckpt.step(step, state, metrics={"loss": 1.0 / step})
     notes = [r.getMessage() for r in caplog.records if "keep_best=2" in r.getMessage()]
     assert len(notes) == 1 and "'eval_loss'" in notes[0] and "it has: loss" in notes[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "count", "total", "every", "kept"),
+    [
+        ({"keep_last": 3}, 10, 100, 10, 3),
+        ({"keep_last": 3, "keep_best": 2, "keep_every": 25}, 10, 100, 10, 9),
+        ({"keep_last": 3, "keep_best": 2}, 2, 20, 10, 2),  # never more than are saved
+        ({}, None, None, None, None),  # keeps all of a run of unknown length
+        ({}, 7, 70, 10, 7),
+        # the saves after step 55 of a 100-step run every 10: 60..100 = 5, plus keep_last
+        ({"keep_last": 1, "keep_after_step": 55}, 10, 100, 10, 6),
+        ({"keep_last": 1, "keep_after_step": 55}, 11, 105, 10, 7),  # and the final 105
+        ({"keep_last": 2, "keep_after_step": 200}, 10, 100, 10, 2),
+        ({"keep_last": 2, "keep_after_step": 50}, None, None, None, None),  # unknown: all
+    ],
+)
+def test_kept_count_is_the_worst_case_of_the_rules(
+    kwargs: dict, count: int | None, total: int | None, every: int | None, kept: int | None
+) -> None:
+    """What the disk pre-flight budgets for: checked against the planner itself."""
+    from safepoint.plan import Saves
+
+    policy = RetentionPolicy(**kwargs)
+    assert policy.kept_count(Saves(count, total, every)) == kept
+    if count and total and every:  # the planner, run over the whole schedule, never holds more
+        steps = [*range(every, total + 1, every)]
+        steps += [] if total % every == 0 else [total]
+        held = max(
+            len(plan([Candidate(s, 1, {"eval_loss": -s}) for s in steps[:n]], policy).keep)
+            for n in range(1, len(steps) + 1)
+        )
+        assert held <= kept
+
+
+def test_keep_after_step_end_to_end(tmp_path: Path) -> None:
+    """A rule added by one class and one Options field works through the engine: the
+    checkpoints after step 6 of a 10-step run stay, besides the newest one."""
+    model = torch.nn.Linear(2, 2)
+    state = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
+    with Checkpointer(
+        tmp_path, save_every=2, total_steps=10, keep_last=1, keep_after_step=6, signals=None
+    ) as ckpt:
+        for step in range(1, 11):
+            ckpt.step(step, state)
+    assert [i.step for i in ckpt.list()] == [8, 10]
+    with pytest.raises(ConfigError, match="keep_after_step=-1"):
+        Checkpointer(tmp_path, keep_after_step=-1)

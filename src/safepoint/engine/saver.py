@@ -119,16 +119,21 @@ class Saver:
 
     # ------------------------------------------------------------------ commit
 
-    def commit(self, snapshot: Snapshot, *, started: float, urgent: bool = False) -> PendingSave:
+    def commit(
+        self, snapshot: Snapshot, *, started: float, urgent: bool = False, writer: bool = True
+    ) -> PendingSave:
         """Commit ``snapshot`` (its ``reason``, ``metrics`` set), then prune.
 
         In line, or in the background with ``async_save`` (``urgent``: always in line,
         for emergency saves). Raises ``SaveFailedError`` for an in-line save that failed.
+        Not the ``writer`` (a rank other than 0): the handle of what rank 0 commits.
         """
         path = self.store.path_for(snapshot.step)
         handle = PendingSave(snapshot.step, path, snapshot.reason, dict(snapshot.metrics))
         bg = self.background
-        if bg is None:
+        if not writer:
+            handle._info = CheckpointInfo(path, snapshot.step, "valid")
+        elif bg is None:
             handle._info = self.commit_now(snapshot, started, mode="sync")
         else:
             self._raise_unobserved()

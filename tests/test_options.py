@@ -1,0 +1,72 @@
+"""``Options``: every option validated once, one stored form, one error for a typo."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from safepoint import ConfigError, Options
+from safepoint.retention import RetentionPolicy
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"save_every": "5x"}, "cannot read"),
+        ({"keep_last": 0}, "keep at least 1"),
+        ({"keep_best": -1}, "keep_best=-1"),
+        ({"keep_every": 0}, "keep_every=0"),
+        ({"keep_after_step": -5}, "keep_after_step=-5"),
+        ({"keep_last": 2.5}, "whole number"),
+        ({"mode": "best"}, "'min' or 'max'"),
+        ({"on_busy": "later"}, "'wait' or 'skip'"),
+        ({"on_busy": "skip"}, "async_save=True"),
+        ({"on_save_error": "retry"}, "'stop' or 'continue'"),
+        ({"max_disk": "lots"}, "not a size"),
+        ({"max_disk": 0}, "larger than zero"),
+        ({"mtbf": "soon"}, "not a duration"),
+        ({"grace": "-1s"}, "not a duration"),
+        ({"max_overhead": 1.5}, "share in (0, 1)"),
+        ({"signals": "KILL"}, "cannot be caught"),
+        ({"signals": "HUP,NOPE"}, "unknown signal"),
+        ({"metric": ""}, "name of a metric"),
+    ],
+)
+def test_bad_values_say_which_option_and_what_to_write(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Options(**kwargs)
+
+
+def test_a_typo_names_the_option_it_meant() -> None:
+    with pytest.raises(ConfigError, match="keep_lst.*did you mean 'keep_last'"):
+        Options.from_kwargs({"keep_lst": 3})
+
+
+def test_every_option_is_documented() -> None:
+    for name in Options.names():
+        assert len(Options.help(name)) > 20, name
+
+
+def test_the_stored_form_round_trips_and_normalizes_units() -> None:
+    o = Options(save_every="10,15m", max_disk="2GB", mtbf="2h", grace="90s", keep_last=3)
+    doc = o.to_json()
+    assert doc["max_disk"] == 2_000_000_000 and doc["mtbf"] == 7200.0 and doc["grace"] == 90.0
+    assert "remote" not in doc and "fingerprint" not in doc  # credentials, stored apart
+    again = Options.from_json(doc)
+    assert again.to_json() == doc
+    assert RetentionPolicy.from_options(again) == RetentionPolicy(keep_last=3, max_bytes=2 * 10**9)
+
+
+def test_the_policy_of_older_manifests_still_reads() -> None:
+    """Manifests written before Options stored max_bytes, save_every_spec and mtbf_s."""
+    old = {"keep_last": 2, "keep_best": 1, "max_bytes": 1000, "save_every_spec": "10"}
+    o = Options.from_json({**old, "save_every": "every 10 steps", "mtbf_s": 3600.0})
+    assert (o.keep_last, o.max_bytes, o.save_every, o.mtbf_s) == (2, 1000, "10", 3600.0)
+
+
+def test_retention_fields_are_options_fields() -> None:
+    """A retention rule is configured through Options only: every field of the policy
+    (but the parsed byte budget) is an option of the same name."""
+    names = {f.name for f in dataclasses.fields(RetentionPolicy)} - {"max_bytes"}
+    assert names <= set(Options.names())
