@@ -39,7 +39,7 @@ def test_bad_values_say_which_option_and_what_to_write(kwargs: dict, message: st
 
 
 def test_a_typo_names_the_option_it_meant() -> None:
-    with pytest.raises(ConfigError, match="keep_lst.*did you mean 'keep_last'"):
+    with pytest.raises(ConfigError, match=r"keep_lst.*did you mean 'keep_last'"):
         Options.from_kwargs({"keep_lst": 3})
 
 
