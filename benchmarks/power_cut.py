@@ -239,12 +239,13 @@ def _parse(log: Path) -> tuple[int | None, dict[int, float], str | None]:
 
 
 def bench_writer(name: str, work: Path, k: int, samples: int) -> dict[str, Any]:
-    from safepoint.app.chaos_powercut import _last_line, _Run, record, spread
+    from safepoint.app.chaos_powercut import record, spread
+    from safepoint.app.chaos_process import Runner, last_line
     from safepoint.powercut import tree_digest
 
     safe = name.replace(".", "_")
     command = [sys.executable, str(Path(__file__).resolve()), "--writer", name, "{out}"]
-    run = _Run(command, work / safe, 600)
+    run = Runner(command, work / safe, 600)
     _, journal, seconds = record(run, "reference")
     _, saves, ref_final = _parse(run.logs / "reference.log")
     run.timeout = 3 * seconds + 60
@@ -273,7 +274,7 @@ def bench_writer(name: str, work: Path, k: int, samples: int) -> dict[str, Any]:
                 text = log.read_text(errors="replace")
                 if rc != 0 or "Traceback (most recent call last)" in text:
                     why = "timeout" if rc is None else f"exit {rc}"
-                    outcome = f"{why}: {_last_line(log)}"
+                    outcome = f"{why}: {last_line(log)}"
                 elif final != ref_final:
                     outcome = "final weights differ"
                 else:

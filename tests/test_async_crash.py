@@ -18,7 +18,7 @@ import pytest
 
 from safepoint import latest_checkpoint
 from safepoint.records import read_events
-from safepoint.store import inspect
+from safepoint.validity import inspect
 
 from .conftest import run_toy, same_tensors, toy_cmd
 

@@ -21,7 +21,7 @@ from safepoint import (
     RunLockedError,
     latest_checkpoint,
 )
-from safepoint.store import scan
+from safepoint.validity import scan
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy_train import build, train_step

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from safepoint import Checkpointer, SaveFailedError
-from safepoint.store import inspect
+from safepoint.validity import inspect
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -23,7 +23,7 @@ from safepoint.signals import (
     installed_signals,
     parse_signals,
 )
-from safepoint.store import scan
+from safepoint.validity import scan
 from tests.conftest import run_toy, same_tensors, toy_cmd
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -18,7 +18,7 @@ from safepoint.errors import (
 )
 from safepoint.options import Options
 from safepoint.retention import RetentionPolicy
-from safepoint.store import CheckpointInfo, latest_checkpoint, verify
+from safepoint.validity import CheckpointInfo, latest_checkpoint, verify
 
 if TYPE_CHECKING:
     from safepoint.engine import Checkpointer

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from safepoint.format import dumps_json, loads_json, read_regular
+from safepoint.fileio import dumps_json, loads_json, read_regular
 from safepoint.records import RunRecord
 from safepoint.rng import capture_rng, restore_rng
 from safepoint.snapshot import Snapshot

@@ -19,45 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from safepoint.errors import ConfigError, CorruptCheckpointError
 from safepoint.fileio import (
-    CHECKSUM,
     CHUNK_BYTES,
-    MAX_JSON_DEPTH,
-    MAX_JSON_INT,
-    SAFE_NAME,
-    dumps_json,
-    hash_file,
-    is_safe_name,
-    json_depth,
     loads_json,
     new_hasher,
-    open_regular,
     read_regular,
-    write_all,
 )
-
-# The file io below ``fileio`` used to live here; its names stay importable from this
-# module for the engine, which imports them from here. New code imports ``fileio``.
-__all__ = [
-    "CHECKSUM",
-    "MAX_JSON_DEPTH",
-    "MAX_JSON_INT",
-    "SAFE_NAME",
-    "decode_tree",
-    "dumps_json",
-    "encode_tree",
-    "hash_file",
-    "is_safe_name",
-    "json_depth",
-    "loads_json",
-    "new_hasher",
-    "open_regular",
-    "parse_safetensors",
-    "read_regular",
-    "read_safetensors",
-    "safetensors_layout",
-    "write_all",
-    "write_safetensors",
-]
 
 if TYPE_CHECKING:
     import torch

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
-from safepoint.format import CHECKSUM, dumps_json, is_safe_name, loads_json, new_hasher
+from safepoint.fileio import CHECKSUM, dumps_json, is_safe_name, loads_json, new_hasher
 from safepoint.schema import SchemaError, is_int, is_number, require
 
 MANIFEST_NAME = "safepoint.json"

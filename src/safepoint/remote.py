@@ -22,23 +22,10 @@ from typing import Any, Protocol
 
 from safepoint.errors import ConfigError, CorruptCheckpointError, RemoteUnavailableError
 from safepoint.records import RunRecord, read_events
-from safepoint.remote_dir import LATEST_NAME, RemoteCheckpoint, RemoteDir
+from safepoint.remote_dir import RemoteDir
 from safepoint.retention import Candidate, RetentionPolicy, plan
 from safepoint.store import Store
 from safepoint.validity import CheckpointInfo
-
-# RemoteDir and its names lived here before ``remote_dir``; still importable from here.
-__all__ = [
-    "LATEST_NAME",
-    "UPLOAD_TIMEOUT_ENV",
-    "Mirror",
-    "RemoteCheckpoint",
-    "RemoteDir",
-    "Replica",
-    "is_empty",
-    "mirror_for",
-    "upload_states",
-]
 
 log = logging.getLogger("safepoint")
 

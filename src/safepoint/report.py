@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from safepoint.errors import CheckpointNotFoundError, CorruptCheckpointError
+from safepoint.app.runs import best_checkpoint, checkpoints, keep_reasons, run_directory, run_policy
+from safepoint.errors import CorruptCheckpointError
 from safepoint.fileio import loads_json, read_regular
 from safepoint.records import read_events
-from safepoint.retention import Candidate, RetentionPolicy, best_steps, plan
+from safepoint.retention import RetentionPolicy
 from safepoint.schema import MAX_TRAINER_STATE_BYTES
-from safepoint.validity import CheckpointInfo, scan
+from safepoint.validity import CheckpointInfo
 
 TRAIN_KEY = "loss"
 EVAL_KEY = "eval_loss"
@@ -152,11 +153,9 @@ def extract(directory: str | os.PathLike[str]) -> ReportData:
 
     Raises ``CheckpointNotFoundError`` if ``directory`` is not a directory.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointNotFoundError(f"{directory}: no such directory; give the run's output dir")
+    directory = run_directory(directory, "give the run's output dir")
     events = list(read_events(directory))
-    infos = [i for i in scan(directory) if i.status != "staging"]
+    infos = checkpoints(directory)
     if events:
         return _from_record(directory, events, infos)
     if any(i.status == "foreign" for i in infos):
@@ -164,27 +163,10 @@ def extract(directory: str | os.PathLike[str]) -> ReportData:
     return _from_checkpoints(directory, infos)
 
 
-def _policy(events: list[dict[str, Any]]) -> RetentionPolicy:
-    config = next((e.get("config") for e in reversed(events) if e["event"] == "start"), None)
-    if not isinstance(config, dict):
-        return RetentionPolicy()
-    try:
-        return RetentionPolicy(
-            keep_last=config.get("keep_last"),
-            keep_best=int(config.get("keep_best") or 0),
-            metric=str(config.get("metric") or EVAL_KEY),
-            mode="max" if config.get("mode") == "max" else "min",
-            keep_every=config.get("keep_every"),
-            max_bytes=config.get("max_disk"),
-        )
-    except (ValueError, TypeError):
-        return RetentionPolicy()
-
-
 def _from_record(
     directory: Path, events: list[dict[str, Any]], infos: list[CheckpointInfo]
 ) -> ReportData:
-    policy = _policy(events)
+    policy = run_policy(directory, infos, events=events) or RetentionPolicy()
     data = ReportData(str(directory), "record", policy.metric, policy.mode)
     data.budget = policy.max_bytes
     t0 = events[0].get("t", 0.0)
@@ -296,9 +278,9 @@ def _marks(
     policy: RetentionPolicy,
 ) -> None:
     valid = [i for i in infos if i.valid]
-    decision = plan([Candidate(i.step, i.size, i.metrics) for i in valid], policy)
-    ranked = best_steps([Candidate(i.step, i.size, i.metrics) for i in valid], policy)
-    best = ranked[0] if ranked else None
+    keep = keep_reasons(valid, policy)
+    best_info = best_checkpoint(valid, policy)
+    best = best_info.step if best_info else None
     loss_at = _loss_at(data)
     present = {i.step: i for i in valid}
     for step in sorted(set(saved) | set(present)):
@@ -338,7 +320,7 @@ def _marks(
                 info.status,
                 info.created,
                 info.metrics,
-                decision.keep.get(info.step, ()),
+                keep.get(info.step, ()),
                 t.stall_s if t else None,
                 t.write_s if t else None,
             )
@@ -417,12 +399,14 @@ def _mtime(path: Path) -> float | None:
 
 def _from_checkpoints(directory: Path, infos: list[CheckpointInfo]) -> ReportData:
     """No record (deleted, or an old version wrote it): the manifests' metrics only."""
-    data = ReportData(str(directory), "checkpoints" if infos else "empty")
+    policy = run_policy(directory, infos, events=()) or RetentionPolicy()
+    source = "checkpoints" if infos else "empty"
+    data = ReportData(str(directory), source, policy.metric, policy.mode)
     for info in infos:
         if info.valid:
             _add_points(data, info.step, info.metrics, 0)
     data.attempts = 1 if infos else 0
-    _marks(data, {}, {}, infos, RetentionPolicy())
+    _marks(data, {}, {}, infos, policy)
     data.notes.append(
         "no run record (safepoint.log.jsonl) in this directory: only the metrics saved "
         "with each checkpoint are shown"

@@ -27,16 +27,11 @@ from safepoint.fileio import new_hasher, write_all
 from safepoint.format import write_safetensors
 from safepoint.manifest import MANIFEST_NAME, FileEntry, Manifest
 from safepoint.validity import (
-    CHECKPOINT_RE,
     STAGING_PREFIX,
     CheckpointInfo,
-    Status,
     checkpoint_step,
     inspect,
-    latest_checkpoint,
-    newest_first,
     scan,
-    verify,
 )
 
 if TYPE_CHECKING:
@@ -46,26 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("safepoint")
 
 TRASH_PREFIX = ".trash-"
-
-# The read side (what a folder is) lives in ``validity``; its names stay importable from
-# here for the engine, which imports them from the store.
-__all__ = [
-    "CHECKPOINT_RE",
-    "STAGING_PREFIX",
-    "TRASH_PREFIX",
-    "CheckpointInfo",
-    "Status",
-    "Store",
-    "checkpoint_step",
-    "crash_point",
-    "fault_point",
-    "fsync_dir",
-    "inspect",
-    "latest_checkpoint",
-    "newest_first",
-    "scan",
-    "verify",
-]
 
 
 def fsync_dir(path: Path) -> None:

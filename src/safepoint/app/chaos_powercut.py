@@ -51,11 +51,6 @@ class Case:
         return self.verdict != "ok"
 
 
-# benchmarks/power_cut.py uses these names
-_Run = Runner
-_last_line = last_line
-
-
 def spread(n: int, k: int | None) -> list[int]:
     """``k`` of the indices ``0..n-1`` spread evenly, first and last included (all when
     ``k`` is None or not smaller)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -13,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safepoint.app.runs import best_checkpoint, by_metric, run_directory
 from safepoint.app.tiny import TINY_MODEL
 from safepoint.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from safepoint.fileio import loads_json, read_regular
-from safepoint.retention import Candidate, RetentionPolicy, best_steps
+from safepoint.units import format_size
 from safepoint.validity import CheckpointInfo, inspect, scan
 
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -34,22 +36,19 @@ _MAX_TOKENIZER_BYTES = 256 << 20
 
 def pick(directory: Path, which: str, *, metric: str = "eval_loss") -> CheckpointInfo:
     """The checkpoint ``which`` (best, latest or a step) of ``directory``, verified."""
-    if not directory.is_dir():
-        raise CheckpointNotFoundError(f"{directory}: no such directory; give the run's output dir")
-    valid = [i for i in scan(directory) if i.valid]
+    valid = [i for i in scan(run_directory(directory, "give the run's output dir")) if i.valid]
     if not valid:
         raise CheckpointNotFoundError(f"{directory}: no valid checkpoint to export")
     if which == "latest":
         info = valid[-1]
     elif which == "best":
-        policy = RetentionPolicy(keep_best=1, metric=metric)
-        best = best_steps([Candidate(i.step, i.size, i.metrics) for i in valid], policy)
-        if not best:
+        best = best_checkpoint(valid, by_metric(metric))
+        if best is None:
             raise ConfigError(
                 f"{directory}: no checkpoint has the metric {metric!r}; use --checkpoint latest "
                 "or a step"
             )
-        info = next(i for i in valid if i.step == best[0])
+        info = best
     elif which.isdigit():
         match = [i for i in valid if i.step == int(which)]
         if not match:
@@ -161,6 +160,73 @@ def export(info: CheckpointInfo, out: Path, *, merge: bool, base: Base | None = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What ``export_run`` wrote."""
+
+    source: CheckpointInfo
+    path: Path
+    adapter: bool
+    """The checkpoint holds a LoRA adapter."""
+    merged: bool
+    base: Base | None
+
+
+def export_run(
+    directory: Path, which: str, out: str, *, merge: bool, metric: str, base: str | None
+) -> Exported:
+    """``safepoint export``: the checkpoint ``which`` of ``directory`` as a model folder
+    at ``out``. Checks the user's ``out`` first (nothing read yet), then what the
+    checkpoint holds; a full or read-only disk is a ``ConfigError`` (``out`` as given:
+    the messages name it)."""
+    info = pick(directory, which, metric=metric)
+    assert info.manifest is not None
+    _check_writable(Path(out))
+    _check_space(Path(out), info.manifest.total_bytes)
+    listed_files(info)  # refuses a checkpoint that is not a model folder
+    adapter = is_adapter(info)
+    trusted = base_model(info, base) if adapter else None
+    try:
+        path = export(info, Path(out), merge=merge, base=trusted)
+    except OSError as e:
+        # A full or read-only disk fails on writing, but the error names the source file.
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        raise ConfigError(
+            f"--out {out}: cannot write the model there ({e.strerror}); nothing was "
+            "exported; free space or choose another folder"
+        ) from None
+    return Exported(info, path, adapter, merge and adapter, trusted)
+
+
+def _existing(out: Path) -> Path:
+    while not out.exists() and out != out.parent:
+        out = out.parent
+    return out
+
+
+def _check_space(out: Path, needed: int) -> None:
+    # A merged model is about the base model's size, more than this: the write itself
+    # still fails cleanly, but after a temporary folder came and went.
+    free = shutil.disk_usage(_existing(out)).free
+    if free < needed:
+        raise ConfigError(
+            f"--out {out}: {format_size(needed)} to write but {format_size(free)} free on "
+            "that disk; free space or choose another folder"
+        )
+
+
+def _check_writable(out: Path) -> None:
+    existing = _existing(out)
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file; give a new folder")
+    if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--out {out}: {existing} is not writable (read-only file system or no "
+            "permission); choose another folder"
+        )
 
 
 def _no_base(info: CheckpointInfo, what: str) -> str:

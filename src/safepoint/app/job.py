@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from safepoint.app.config import TrainConfig
+from safepoint.app.runs import checkpoints
 from safepoint.app.tiny import BUILTIN_DATASET, TINY_MODEL, builtin_dataset_path, tiny_model_path
 from safepoint.errors import CheckpointNotFoundError, ConfigError, IncompatibleCheckpointError
 from safepoint.lock import check_unlocked
-from safepoint.validity import CheckpointInfo, newest_first, scan
+from safepoint.validity import CheckpointInfo, newest_first
 
 log = logging.getLogger("safepoint")
 
@@ -255,7 +256,7 @@ _MIN_FREE = 64 * 1024
 
 
 def _checkpoints(directory: Path) -> list[CheckpointInfo]:
-    return [i for i in scan(directory) if i.status != "staging"] if directory.is_dir() else []
+    return checkpoints(directory) if directory.is_dir() else []
 
 
 def choose_output(cfg: TrainConfig) -> tuple[Path, str | None]:

@@ -18,10 +18,10 @@ from safepoint.errors import SafepointError
 # transformers/TRL stack, and no read-only command imports torch (`benchmarks/cli_startup.py`).
 _COMMANDS = {
     "train": "train:train_cmd",
-    "ls": "inspect_cmds:ls_cmd",
-    "verify": "inspect_cmds:verify_cmd",
-    "prune": "policy_cmds:prune_cmd",
-    "plan": "policy_cmds:plan_cmd",
+    "ls": "ls:ls_cmd",
+    "verify": "verify:verify_cmd",
+    "prune": "prune:prune_cmd",
+    "plan": "plan:plan_cmd",
     "report": "report:report_cmd",
     "export": "export:export_cmd",
     "chaos": "chaos:chaos_cmd",

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import re
 import sys
-import time
 from typing import Any
 
 import click
 
 from safepoint.app.config import TrainConfig, to_yaml
 from safepoint.errors import ConfigError
-from safepoint.store import scan
 
 # (flag name = config key, click type, help). Every key is also a YAML key.
 _OPTIONS: list[tuple[str, Any, str]] = [
@@ -74,48 +72,21 @@ def _decorate(f: Any) -> Any:
     return f
 
 
-def _make_callback(cfg: TrainConfig, tty: bool) -> Any:
-    from safepoint.app.progress import JobCallback
-
-    return JobCallback(
-        cfg,
-        tty=tty,
-        save_every=cfg.save_every,
-        keep_last=cfg.keep_last,
-        keep_best=cfg.keep_best,
-        keep_every=cfg.keep_every,
-        max_disk=cfg.max_disk,
-        metric=cfg.metric,
-        mode=cfg.mode,
-        fingerprint=cfg.fingerprint(),
-        early_stopping=cfg.early_stopping,
-        resume=cfg.resume != "never",
-        signals=cfg.signals,
-        grace=cfg.grace,
-        stop_on_nan=cfg.stop_on_nan,
-        remote=cfg.remote,
-        mtbf=cfg.mtbf,
-        max_overhead=cfg.max_overhead,
-        on_save_error=cfg.on_save_error,
-        async_save=cfg.async_save,
-        info={"config": cfg.identity()},
-    )
-
-
-def _summary(ctx: click.Context, directory: str, cfg: TrainConfig) -> None:
-    from safepoint.cli.inspect_cmds import ls_cmd
-    from safepoint.retention import Candidate, RetentionPolicy, best_steps
+def _summary(directory: str, cfg: TrainConfig) -> None:
+    """The ``ls`` table of the run, then its best and latest checkpoints."""
+    from safepoint.app.listing import list_run
+    from safepoint.app.runs import best_checkpoint, by_metric
+    from safepoint.cli.ls import print_listing
 
     click.echo("")
-    ctx.invoke(ls_cmd, directory=directory, as_json=False)
-    valid = [i for i in scan(directory) if i.valid]
+    listing = list_run(directory)
+    print_listing(listing)
+    valid = [i for i in listing.infos if i.valid]
     if not valid:
         return
-    policy = RetentionPolicy(keep_best=1, metric=cfg.metric, mode=cfg.mode)  # type: ignore[arg-type]
-    best = best_steps([Candidate(i.step, i.size, i.metrics) for i in valid], policy)
-    if best:
-        info = next(i for i in valid if i.step == best[0])
-        click.echo(f"best:   {info.path}  ({cfg.metric} {info.metrics[cfg.metric]:.4f})")
+    best = best_checkpoint(valid, by_metric(cfg.metric, cfg.mode))
+    if best is not None:
+        click.echo(f"best:   {best.path}  ({cfg.metric} {best.metrics[cfg.metric]:.4f})")
     click.echo(f"latest: {valid[-1].path}")
 
 
@@ -137,8 +108,7 @@ def _resolve(config_file: str | None, flags: dict[str, Any]) -> TrainConfig:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
 @_decorate
-@click.pass_context
-def train_cmd(ctx: click.Context, config_file: str | None, print_config: bool, **flags: Any):
+def train_cmd(config_file: str | None, print_config: bool, **flags: Any):
     """LoRA (or --full) SFT with TRL; built-in tiny model and data by default.
 
     Rerunning the same command resumes from the newest valid checkpoint.
@@ -147,28 +117,21 @@ def train_cmd(ctx: click.Context, config_file: str | None, print_config: bool, *
     if print_config:
         click.echo(to_yaml(cfg), nl=False)
         return
-    from safepoint.app.job import build_trainer, plan
-    from safepoint.signals import TrainingStopped
+    from safepoint.app.training import train
 
-    p = plan(cfg)
-    callback = _make_callback(cfg, sys.stdout.isatty())
-    trainer = build_trainer(p, callback)
-    try:
-        trainer.train(resume_from_checkpoint=p.resume_from)
-    except TrainingStopped as e:
-        # Its one line was logged where the stop happened; a planned stop is no `Error:`.
-        return e.exit_code
-    if callback.already_finished is not None:  # the callback said so on stderr
-        _summary(ctx, str(p.output_dir), cfg)
-        return
-    if sys.stdout.isatty():
-        click.echo("")
-    stopped = " (early stopping)" if trainer.state.global_step < trainer.state.max_steps else ""
-    click.echo(
-        f"done: {trainer.state.global_step} steps{stopped}, {callback.commits} checkpoints "
-        f"committed, {time.monotonic() - callback.started:.0f} s"
-    )
-    _summary(ctx, str(p.output_dir), cfg)
+    tty = sys.stdout.isatty()
+    outcome = train(cfg, tty=tty)
+    if outcome.exit_code is not None:  # a planned stop is no `Error:`
+        return outcome.exit_code
+    if not outcome.already_finished:  # else the callback said so on stderr
+        if tty:
+            click.echo("")
+        stopped = " (early stopping)" if outcome.steps < outcome.max_steps else ""
+        click.echo(
+            f"done: {outcome.steps} steps{stopped}, {outcome.commits} checkpoints "
+            f"committed, {outcome.seconds:.0f} s"
+        )
+    _summary(str(outcome.output_dir), cfg)
 
 
 COMMANDS = [train_cmd]

@@ -25,7 +25,8 @@ from safepoint.lock import RunLock, prepare_directory
 from safepoint.options import Options
 from safepoint.records import RunRecord
 from safepoint.snapshot import Snapshot, capture
-from safepoint.store import CheckpointInfo, Store
+from safepoint.store import Store
+from safepoint.validity import CheckpointInfo
 
 log = logging.getLogger("safepoint")
 

@@ -30,7 +30,7 @@ from safepoint.errors import SafepointError
 from safepoint.options import Options, parse_signals
 from safepoint.records import RunRecord
 from safepoint.signals import NonFiniteLossError, SaveInterrupted, SignalGuard, TrainingStopped
-from safepoint.store import CheckpointInfo
+from safepoint.validity import CheckpointInfo
 
 log = logging.getLogger("safepoint")
 

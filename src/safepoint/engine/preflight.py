@@ -31,8 +31,9 @@ from safepoint.manifest import library_versions
 from safepoint.options import Options
 from safepoint.records import RunRecord
 from safepoint.retention import RetentionPolicy, Saves
-from safepoint.store import CheckpointInfo, Store
+from safepoint.store import Store
 from safepoint.units import format_size
+from safepoint.validity import CheckpointInfo
 
 if TYPE_CHECKING:
     from safepoint.engine.decide import Decider

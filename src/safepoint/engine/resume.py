@@ -32,7 +32,8 @@ from safepoint.errors import (
 from safepoint.options import Options
 from safepoint.records import RunRecord, last_reached_step
 from safepoint.snapshot import apply
-from safepoint.store import CheckpointInfo, Store, inspect, newest_first
+from safepoint.store import Store
+from safepoint.validity import CheckpointInfo, inspect, newest_first
 
 log = logging.getLogger("safepoint")
 

@@ -25,8 +25,9 @@ from safepoint.options import Options
 from safepoint.records import RunRecord
 from safepoint.retention import Candidate, RetentionPolicy, free_before_commit, plan
 from safepoint.snapshot import Snapshot
-from safepoint.store import CheckpointInfo, Store
+from safepoint.store import Store
 from safepoint.units import format_size
+from safepoint.validity import CheckpointInfo
 from safepoint.writer import AsyncSaver, as_save_failed
 
 log = logging.getLogger("safepoint")

@@ -59,7 +59,7 @@ from safepoint.integrations.hf_view import make_view, remove_view
 from safepoint.options import Options
 from safepoint.rng import restore_rng
 from safepoint.snapshot import capture, read_state_doc
-from safepoint.store import CheckpointInfo
+from safepoint.validity import CheckpointInfo
 
 log = logging.getLogger("safepoint")
 

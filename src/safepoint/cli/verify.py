@@ -1,0 +1,31 @@
+"""``safepoint verify``: re-check the checksums of a checkpoint or a directory's."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from safepoint.app.listing import info_json
+from safepoint.app.verification import failed, verdict_lines, verify_path
+
+
+@click.command("verify")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def verify_cmd(path: str, as_json: bool) -> None:
+    """Re-check sizes and checksums of a checkpoint or of every checkpoint in a directory.
+
+    Exits 0 when all are valid, 1 when a problem was found (one line per problem).
+    """
+    infos = verify_path(path)
+    if as_json:
+        click.echo(json.dumps([info_json(i, verified=True) for i in infos], indent=1))
+    else:
+        for line in verdict_lines(path, infos):
+            click.echo(line)
+    if failed(infos):
+        raise click.exceptions.Exit(1)
+
+
+COMMANDS = [verify_cmd]
