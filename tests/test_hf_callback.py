@@ -179,11 +179,10 @@ def test_trainer_internals_the_callback_relies_on(model_dir: Path, tmp_path: Pat
     ],
 )
 def test_early_stopping_patience(losses: list[float], patience: int, stop: bool) -> None:
-    from safepoint import SafepointCallback
+    from safepoint.integrations.hf_trainer import patience_spent
 
-    cb = SafepointCallback(early_stopping=patience)
     state = SimpleNamespace(log_history=[{"eval_loss": v, "step": i} for i, v in enumerate(losses)])
-    assert cb._patience_spent(state) is stop
+    assert patience_spent(state, "eval_loss", "min", patience) is stop
 
 
 def test_unknown_option_is_refused() -> None:

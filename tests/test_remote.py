@@ -184,7 +184,7 @@ def test_s3_server_down_mid_run_uploads_resume_training_never_stops(
     local = tmp_path / "local"
     state = model_state(width=256)  # ~0.5 MB per checkpoint: uploads take a moment
     ckpt = Checkpointer(local, save_every=1, keep_last=3, remote=url)
-    ckpt.mirror.backoff = (0.1, 0.5)  # type: ignore[union-attr]
+    ckpt.saver.replica.backoff = (0.1, 0.5)  # type: ignore[union-attr]
     train(ckpt, state, range(2))
     wait_for(lambda: upload_states(local).get("checkpoint-2") == "mirrored", "first uploads")
     train(ckpt, state, range(2, 3))
@@ -212,7 +212,7 @@ def test_close_times_out_with_clear_message(
 ) -> None:
     s3.stop()
     ckpt = Checkpointer(tmp_path / "local", save_every=1, remote="s3://runs/down")
-    ckpt.mirror.close_timeout = 1.0  # type: ignore[union-attr]
+    ckpt.saver.replica.close_timeout = 1.0  # type: ignore[union-attr]
     train(ckpt, model_state(), range(1))
     ckpt.close()
     assert "did not finish within 1 s; checkpoint-1 stay local only" in caplog.text
@@ -225,7 +225,7 @@ def test_fresh_machine_with_unreachable_remote_refuses_to_start_over(
 ) -> None:
     s3.stop()
     ckpt = Checkpointer(tmp_path / "fresh", remote="s3://runs/gone")
-    ckpt.mirror.close_timeout = 0  # type: ignore[union-attr]
+    ckpt.saver.replica.close_timeout = 0  # type: ignore[union-attr]
     with pytest.raises(RemoteUnavailableError, match="cannot be read"):
         ckpt.restore(model_state())
     ckpt.close()

@@ -42,7 +42,7 @@ class Options:
         metadata=_doc(
             """Steps (500), a fraction of the run (10%), a time (15m), 'epoch', 'auto'
             (from the measured save cost and mtbf), or a comma list of these, whichever
-            comes first. None: only at the end of the run and on a stop signal."""
+            comes first (10,15m). None: only at the end of the run and on a stop signal."""
         ),
     )
     total_steps: int | None = field(

@@ -21,8 +21,8 @@ from safepoint.options import Options
 
 
 @dataclass
-class TrainConfig:
-    """Everything ``safepoint train`` needs; the defaults run the built-in example."""
+class _Job:
+    """The job half of ``TrainConfig``: model, data, LoRA, the loop."""
 
     model: str = "tiny"
     """``tiny`` (built in), a local folder, or a Hugging Face model name already cached."""
@@ -48,17 +48,6 @@ class TrainConfig:
     full: bool = False
     """Fine-tune every weight instead of a LoRA adapter."""
     seed: int = 42
-    save_every: str = "10"
-    """Steps (``10``), a fraction of the run (``10%``), a time (``15m``), ``epoch``,
-    ``auto`` (from save cost and ``mtbf``), or a comma list of these (``10,15m``: whichever
-    comes first)."""
-    keep_last: int | None = 3
-    """Keep the newest N checkpoints; 0 (or null) keeps all."""
-    keep_best: int = 1
-    keep_every: int | None = None
-    max_disk: str | None = None
-    metric: str = "eval_loss"
-    mode: str = "min"
     eval_split: float = 0.1
     """Fraction of the data held out for evaluation (0: none)."""
     eval_dataset: str | None = None
@@ -69,40 +58,22 @@ class TrainConfig:
     """Stop after this many evaluations without a better ``metric``."""
     resume: str = "auto"
     """``auto`` (newest valid checkpoint), ``never`` (fresh, in a new directory) or a path."""
-    mtbf: str = "24h"
-    """Expected time between failures, for ``save_every: auto``."""
-    max_overhead: float = 0.02
-    """Largest share of the run ``save_every: auto`` may spend saving."""
-    on_save_error: str = "stop"
-    """A save that fails after freeing space: ``stop`` (exit, resumable) or ``continue``."""
-    async_save: bool = False
-    """Write checkpoints in the background; training waits only for the host copy."""
-    remote: str | None = None
-    """Mirror every checkpoint to this fsspec URL (``s3://bucket/runs/exp1``, ``file://``);
-    an empty output directory then resumes from the newest remote checkpoint."""
-    signals: str = "TERM,INT,USR1"
-    """Signals that stop the run with an emergency checkpoint and exit code 3 (or none)."""
-    grace: str | None = None
-    """Time between the stop signal and the kill (e.g. ``120s``): a save that cannot
-    finish in it is not started."""
-    stop_on_nan: bool = False
-    """Stop (exit 4, nothing saved of that step) when the training loss is NaN or inf."""
 
     # ------------------------------------------------------------------ build
 
     @classmethod
     def keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        return [f.name for f in dataclasses.fields(TrainConfig)]
 
     @classmethod
-    def resolve(cls, file: str | None, flags: dict[str, Any]) -> TrainConfig:
+    def resolve(cls, file: str | None, flags: dict[str, Any]) -> Any:
         """Defaults, then the YAML ``file``, then the ``flags`` that were given (not None)."""
         values: dict[str, Any] = {}
         if file is not None:
             values.update(_read_yaml(Path(file)))
         values.update({k: v for k, v in flags.items() if v is not None})
-        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+        types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
         cfg.validate()
         if cfg.keep_last == 0:
             cfg.keep_last = None  # 0 is how a flag says "keep all"
@@ -183,6 +154,40 @@ class TrainConfig:
         """A short hash of ``identity()``, stored in every checkpoint's manifest."""
         body = json.dumps(self.identity(), sort_keys=True, default=str).encode()
         return hashlib.sha256(body).hexdigest()[:16]
+
+
+# The checkpointing half of the config is ``Options`` itself: every engine option is a
+# YAML key and a flag of `safepoint train`, with the job's own defaults, so an option
+# added to ``Options`` reaches the command line with no edit here.
+JOB_DEFAULTS: dict[str, Any] = {"save_every": "10", "keep_last": 3, "keep_best": 1}
+"""Where `safepoint train` differs from the library's defaults (keep_last 0: all)."""
+_NOT_KEYS = {"total_steps", "fingerprint"}  # from max_steps, and from the config itself
+
+
+def _checkpoint_fields() -> list[tuple[str, Any, Any]]:
+    return [
+        (
+            f.name,
+            f.type,
+            dataclasses.field(default=JOB_DEFAULTS.get(f.name, f.default), metadata=f.metadata),
+        )
+        for f in dataclasses.fields(Options)
+        if f.name not in _NOT_KEYS
+    ]
+
+
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig",
+    _checkpoint_fields(),
+    bases=(_Job,),
+    namespace={"__doc__": "Everything ``safepoint train`` needs; the defaults run the example."},
+)
+TrainConfig.__module__ = __name__
+
+
+def checkpoint_keys() -> list[str]:
+    """The config keys that are engine ``Options`` (the rest configure the job)."""
+    return [f.name for f in dataclasses.fields(Options) if f.name not in _NOT_KEYS]
 
 
 def _coerce(key: str, value: Any, kind: str) -> Any:

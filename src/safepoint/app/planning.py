@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from safepoint.app.runs import (
+    POLICY_KEYS,
     checkpoints,
     policy_from_options,
-    recorded_policy_doc,
+    recorded_options,
     run_directory,
     run_policy,
 )
 from safepoint.errors import ConfigError
+from safepoint.options import Options
 from safepoint.plan import (
     DEFAULT_MAX_OVERHEAD,
     DEFAULT_MTBF_S,
@@ -35,8 +37,6 @@ from safepoint.retention import RetentionPolicy
 from safepoint.schedule import Schedule, parse_save_every
 from safepoint.units import parse_duration, parse_size
 from safepoint.validity import CheckpointInfo
-
-POLICY_KEYS = ("keep_last", "keep_best", "metric", "mode", "keep_every", "max_disk")
 
 
 def make_plan(directory: Path | None, opts: dict[str, Any]) -> dict[str, Any]:
@@ -55,10 +55,7 @@ def make_plan(directory: Path | None, opts: dict[str, Any]) -> dict[str, Any]:
         "step_time": step_time,
         "total_steps": i["total_steps"],
         "checkpoint_bytes": i["checkpoint_bytes"],
-        "keep_last": policy.keep_last,
-        "keep_best": policy.keep_best,
-        "keep_every": policy.keep_every,
-        "max_bytes": policy.max_bytes,
+        "policy": policy,
     }
     recommended = outlook(interval, **common)
     current = None
@@ -116,7 +113,7 @@ def _plan_inputs(
             "run directory that has saved at least once"
         )
     # what the newest checkpoint recorded (integrations learn total_steps after start)
-    stored = recorded_policy_doc(infos) or {}
+    stored = recorded_options(infos) or Options()
     free = _bytes(opts["free_disk"], "--free-disk")
     if free is None and directory is not None:
         free = shutil.disk_usage(directory).free + sum(i.size for i in infos if i.valid)
@@ -128,8 +125,8 @@ def _plan_inputs(
     inputs = {
         "step_time_s": _seconds(opts["step_time"], "--step-time") or (m and m.step_time),
         "save_time_s": stall,
-        "mtbf_s": _seconds(opts["mtbf"], "--mtbf") or stored.get("mtbf_s") or DEFAULT_MTBF_S,
-        "total_steps": opts["steps"] or config.get("total_steps") or stored.get("total_steps"),
+        "mtbf_s": _seconds(opts["mtbf"], "--mtbf") or stored.mtbf_s or DEFAULT_MTBF_S,
+        "total_steps": opts["steps"] or config.get("total_steps") or stored.total_steps,
         "checkpoint_bytes": _bytes(opts["checkpoint_size"], "--checkpoint-size")
         or (m and m.checkpoint_bytes),
         "free_bytes": free,
@@ -137,7 +134,7 @@ def _plan_inputs(
         "measured_saves": m.saves if m else None,
         "resumes": m.resumes if m else None,
     }
-    spec = opts["save_every"] or config.get("save_every") or stored.get("save_every_spec")
+    spec = opts["save_every"] or config.get("save_every") or stored.save_every
     return inputs, policy or RetentionPolicy(), spec
 
 

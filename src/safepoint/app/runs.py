@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 from safepoint.errors import CheckpointNotFoundError, ConfigError
+from safepoint.options import Options
 from safepoint.records import read_events
 from safepoint.retention import (
     Candidate,
@@ -48,8 +49,8 @@ def checkpoints(directory: Path) -> list[CheckpointInfo]:
 
 def recorded_policy_doc(infos: Sequence[CheckpointInfo]) -> dict[str, Any] | None:
     """The ``policy`` the newest valid checkpoint that has one stored in its manifest, as
-    stored (retention plus what the schedule knew: ``save_every_spec``, ``mtbf_s``,
-    ``total_steps``); None when no checkpoint records one."""
+    stored (``Options.to_json``, or the older form that ``Options.from_json`` also
+    reads); None when no checkpoint records one."""
     for info in reversed(infos):
         doc = info.manifest.info.get("policy") if info.valid and info.manifest else None
         if isinstance(doc, dict):
@@ -82,16 +83,13 @@ def run_policy(
     if config is None:
         return None
     try:
-        return RetentionPolicy(
-            keep_last=config.get("keep_last"),
-            keep_best=int(config.get("keep_best") or 0),
-            metric=str(config.get("metric") or "eval_loss"),
-            mode="max" if config.get("mode") == "max" else "min",
-            keep_every=config.get("keep_every"),
-            max_bytes=config.get("max_disk"),
-        )
-    except (ValueError, TypeError):
-        return None
+        return policy_from_json(config)
+    except ConfigError:
+        return None  # the record is for reports: a policy that does not hold is passed over
+
+
+POLICY_KEYS = (*(f.name for f in fields(RetentionPolicy) if f.name != "max_bytes"), "max_disk")
+"""The retention options, as ``ls``, ``prune`` and ``plan`` take them (``--keep-last``...)."""
 
 
 def policy_from_options(
@@ -111,6 +109,16 @@ def policy_from_options(
             )
         return None
     return RetentionPolicy(**{**(asdict(base) if base else {}), **given})
+
+
+def recorded_options(infos: Sequence[CheckpointInfo]) -> Options | None:
+    """The ``Options`` the newest checkpoint that recorded them was saved with, or None
+    (also None when they do not hold: a tool reading them must not fail on that)."""
+    doc = recorded_policy_doc(infos)
+    try:
+        return None if doc is None else Options.from_json(doc)
+    except ConfigError:
+        return None
 
 
 def by_metric(metric: str, mode: str = "min") -> RetentionPolicy:

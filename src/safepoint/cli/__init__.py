@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import re
 import sys
 from typing import Any
 
@@ -109,8 +110,22 @@ _USER_ERRNOS = {
 
 def _fail(message: str, code: int) -> int:
     # One line, whatever the message: scripts and people read the first line only.
-    click.echo("Error: " + " ".join(message.split()), err=True)
+    click.echo("Error: " + as_flags(" ".join(message.split())), err=True)
     return code
+
+
+def as_flags(message: str) -> str:
+    """The library names options (``keep_last=2 keep_best=0``, "another output
+    directory"); on the command line they are flags (``--keep-last 2 --keep-best 0``)."""
+    from safepoint.options import Options
+
+    names = "|".join(sorted(Options.names(), key=len, reverse=True))
+    message = re.sub(
+        rf"(?<![\w.-])({names})=([^\s,;)]+)",
+        lambda m: f"--{m[1].replace('_', '-')} {m[2]}",
+        message,
+    )
+    return message.replace("another output directory", "another --output-dir")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ from typing import Any
 
 import click
 
-from safepoint.app.config import TrainConfig, to_yaml
+from safepoint.app.config import JOB_DEFAULTS, TrainConfig, checkpoint_keys, to_yaml
 from safepoint.errors import ConfigError
+from safepoint.options import Options
 
-# (flag name = config key, click type, help). Every key is also a YAML key.
+# The job's flags (flag name = config key, click type, help); every key is also a YAML
+# key. The checkpointing flags are made from ``Options`` (``_checkpoint_flags``).
 _OPTIONS: list[tuple[str, Any, str]] = [
     ("model", str, "'tiny' (built in, default), a model folder, or a cached hub name."),
     ("dataset", str, "'builtin' (default) or a .jsonl/.json/.csv/.parquet/.txt file."),
@@ -27,49 +29,46 @@ _OPTIONS: list[tuple[str, Any, str]] = [
     ("lora_dropout", float, "LoRA dropout (default 0.05)."),
     ("lora_target_modules", str, "Comma-separated module names (default: PEFT's choice)."),
     ("seed", int, "Random seed (default 42)."),
-    (
-        "save_every",
-        str,
-        "Steps (10), a fraction (10%), a time (15m), 'epoch', 'auto' (from save cost and "
-        "--mtbf), or a comma list, whichever comes first (10,15m) (default 10).",
-    ),
-    ("keep_last", int, "Keep the newest N checkpoints; 0 keeps all (default 3)."),
-    ("keep_best", int, "Keep the best K by --metric (default 1)."),
-    ("keep_every", int, "Also keep every checkpoint whose step is a multiple of N."),
-    ("max_disk", str, "Byte budget for all checkpoints, e.g. 2GB."),
-    ("metric", str, "Metric ranking checkpoints (default eval_loss)."),
-    ("mode", click.Choice(["min", "max"]), "Whether lower or higher --metric is better."),
     ("eval_split", float, "Fraction of the data held out for evaluation (default 0.1)."),
     ("eval_dataset", str, "A separate evaluation file."),
     ("eval_every", int, "Evaluate every N steps (default: at each save)."),
     ("early_stopping", int, "Stop after N evaluations without improvement."),
     ("resume", str, "auto (default), never (fresh, in a new directory) or a checkpoint path."),
-    ("remote", str, "Mirror checkpoints to an fsspec URL (s3://bucket/run); fresh dirs fetch."),
-    ("signals", str, "Stop signals: save, exit 3 (default TERM,INT,USR1; 'none')."),
-    ("grace", str, "Time a stop signal leaves before the kill, e.g. 120s."),
-    ("mtbf", str, "Expected time between failures, for --save-every auto (default 24h)."),
-    ("max_overhead", float, "Largest share of the run auto saving may take (default 0.02)."),
-    ("on_save_error", click.Choice(["stop", "continue"]), "After a failed save (default stop)."),
 ]
 
 
+_BOOL_FLAGS = {"async_save": "--async-save/--sync-save"}  # names older than Options
+
+
+def _checkpoint_flags() -> list[Any]:
+    """A flag for every engine option: type from the field, help from ``Options``."""
+    import dataclasses
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    flags = []
+    for name in checkpoint_keys():
+        kind, dashed = types[name], "--" + name.replace("_", "-")
+        default = JOB_DEFAULTS.get(name, TrainConfig.__dataclass_fields__[name].default)
+        note = "; 0 keeps all" if name == "keep_last" else ""  # the flag's own "all"
+        text = f"{Options.help(name)}{note} (default {'none' if default is None else default})."
+        if kind.startswith("bool"):
+            decl = _BOOL_FLAGS.get(name, f"{dashed}/--no-{dashed[2:]}")
+            flags.append(click.option(decl, name, default=None, help=text))
+            continue
+        if kind.startswith("Literal"):
+            ctype: Any = click.Choice(re.findall(r"'([^']+)'", kind))
+        else:
+            ctype = {"int": int, "float": float}.get(kind.split(" |")[0], str)
+        flags.append(click.option(dashed, name, type=ctype, help=text))
+    return flags
+
+
 def _decorate(f: Any) -> Any:
+    for flag in reversed(_checkpoint_flags()):
+        f = flag(f)
     for name, kind, text in reversed(_OPTIONS):
         f = click.option(f"--{name.replace('_', '-')}", name, type=kind, help=text)(f)
-    f = click.option("--full/--lora", "full", default=None, help="Full fine-tune, or LoRA.")(f)
-    f = click.option(
-        "--async-save/--sync-save",
-        "async_save",
-        default=None,
-        help="Write checkpoints in the background (default: in line).",
-    )(f)
-    f = click.option(
-        "--stop-on-nan/--no-stop-on-nan",
-        "stop_on_nan",
-        default=None,
-        help="Stop (exit 4) when the training loss is NaN or inf (default: no).",
-    )(f)
-    return f
+    return click.option("--full/--lora", "full", default=None, help="Full fine-tune, or LoRA.")(f)
 
 
 def _summary(directory: str, cfg: TrainConfig) -> None:

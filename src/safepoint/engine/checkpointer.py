@@ -149,9 +149,7 @@ class Checkpointer:
             handle = self.commit_or_continue(snapshot, metrics=metrics, reason=reason)
         if self.emergency.requested:  # a stop signal arrived: emergency save, exit 3
             done = handle is not None and handle.done
-            self.emergency.stop(
-                step, None if done else lambda: self._emergency(step, state, metrics)
-            )
+            self.emergency.stop(step, None if done else lambda: self._last(step, state, metrics))
         self.emergency.boundary(step, state, rng=self.options.save_rng)
         return handle
 
