@@ -156,7 +156,7 @@ CASES: list[tuple[str, str, tuple[str, ...], str]] = [
     ("model-file", f"{T} --model afile", ("files",), "has no config.json"),
     ("model-missing", f"{T} --model ./nope", (), "no such folder"),
     ("resume-missing", f"{T} --resume nope", (), "no such checkpoint"),
-    ("resume-not-ckpt", f"{T} --resume run", ("run",), "--resume run: run is"),
+    ("resume-not-ckpt", f"{T} --resume run", ("run",), "--resume run: run is incomplete"),
     # train: config files
     ("config-missing", f"{T} --config nope.yaml", (), "no such config file"),
     ("config-is-dir", f"{T} --config ro", ("ro",), "is a directory"),

@@ -171,6 +171,28 @@ def test_file_events_pass_on_the_toy_loop_in_every_mode(
     assert "resumed from a checkpoint" in out and ", 0 resumed" not in out
 
 
+def test_every_run_makes_the_same_file_events(tmp_path: Path) -> None:
+    """Points are found again in each crash run by kind and name, so no file name may
+    carry a pid or a time (the write probe of the output directory once had the pid:
+    `chaos --file-events` on `safepoint train` reported its 2 events as never reached)."""
+    toy = [PY, str(TESTS / "programs" / "toy_train.py"), "{out}", "--steps", "4"]
+    if not Path(toy[1]).exists():  # before tests/programs/
+        toy[1] = str(TESTS / "toy_train.py")
+    first, again = (
+        count_events(Runner([*toy, "--save-every", "2"], tmp_path / f"work-{name}", 120),
+                     tmp_path / name, timeout=120)
+        for name in "ab"
+    )  # fmt: skip
+
+    def saves(ref: object) -> list[tuple[str, str]]:
+        # the run record may hold one warning more or less (measured timings); a point in
+        # it is found by its place among the record's own events
+        return [(e.kind, e.path) for e in ref.events if e.path != "safepoint.log.jsonl"]  # type: ignore[attr-defined]
+
+    assert saves(first) == saves(again)
+    assert any(".safepoint-write-test-" in e.path for e in first.events)
+
+
 @pytest.mark.crash
 def test_file_events_on_a_short_safepoint_train(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

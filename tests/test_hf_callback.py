@@ -111,7 +111,7 @@ def test_explicit_missing_checkpoint_lists_the_valid_ones(reference: Path, tmp_p
     shutil.copytree(reference, out)
     cb = SafepointCallback(save_every="3")
     with pytest.raises(CheckpointNotFoundError, match="checkpoint-6, checkpoint-8"):
-        cb._begin(_args(out), str(out / "checkpoint-99"))
+        cb.begin(_args(out), str(out / "checkpoint-99"))
     assert cb.checkpointer is None  # closed again: the run lock is released
 
 
@@ -123,12 +123,12 @@ def test_resume_true_takes_newest_valid_not_newest_folder(reference: Path, tmp_p
     (out / "checkpoint-99").mkdir()  # the Trainer's get_last_checkpoint would pick this
     for resume in (True, None):
         cb = SafepointCallback(save_every="3")
-        cb._begin(_args(out), resume)  # (a Trainer would get a verified view of it)
+        cb.begin(_args(out), resume)  # (a Trainer would get a verified view of it)
         assert cb.resumed_from is not None and cb.resumed_from.path == out / "checkpoint-8"
-        cb._end()
+        cb.end()
     cb = SafepointCallback(save_every="3", resume=False)
-    assert cb._begin(_args(out), None) is None
-    cb._end()
+    assert cb.begin(_args(out), None) is None
+    cb.end()
 
 
 # ------------------------------------------------------- pinned Trainer internals
@@ -202,13 +202,13 @@ def test_missing_ranking_metric_warning_names_what_a_trainer_user_sets(
     from safepoint import SafepointCallback
 
     cb = SafepointCallback(keep_best=1)
-    cb._begin(_args(tmp_path / "run"), None)
+    cb.begin(_args(tmp_path / "run"), None)
     try:
         assert cb.checkpointer is not None
         with caplog.at_level("WARNING", logger="safepoint"):
             cb.checkpointer.save(1, {"w": torch.zeros(2)}, metrics={"loss": 1.0})
     finally:
-        cb._end()
+        cb.end()
     (note,) = [r.getMessage() for r in caplog.records if "no such metric" in r.getMessage()]
     assert "eval_dataset" in note and "eval_strategy" in note and "metric=" in note, note
     assert "metrics=" not in note and "--metric" not in note, note

@@ -26,6 +26,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -216,7 +217,9 @@ def prepare_directory(directory: Path) -> None:
             f"cannot create the output directory {directory} ({e.strerror}); "
             "choose another output directory"
         ) from e
-    probe = directory / f".safepoint-write-test-{os.getpid()}"
+    # A random suffix as staging folders have (not the pid: `safepoint chaos` matches
+    # file events across runs by name, with random suffixes masked)
+    probe = directory / f".safepoint-write-test-{secrets.token_hex(4)}"
     try:
         # O_EXCL: never write through a link or file planted under this name
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))

@@ -68,6 +68,11 @@ class RunRecord:
         self._tail_checked = False
         self._metrics: tuple[int, dict[str, Any]] | None = None  # the last step's, sent
 
+    def warning(self, message: str) -> None:
+        """Say ``message`` on the ``safepoint`` logger and keep it in the record."""
+        log.warning("%s", message)
+        self.event("warning", message=message)
+
     def metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """A ``metrics`` event of what ``step`` reached; values already recorded for the
         same step are not written twice (a callback may pass them through two paths)."""

@@ -19,7 +19,8 @@ from typing import Any
 from safepoint.app.config import TrainConfig
 from safepoint.app.runs import checkpoints
 from safepoint.app.tiny import BUILTIN_DATASET, TINY_MODEL, builtin_dataset_path, tiny_model_path
-from safepoint.errors import CheckpointNotFoundError, ConfigError, IncompatibleCheckpointError
+from safepoint.engine.resume import check_resumable
+from safepoint.errors import ConfigError, IncompatibleCheckpointError, SafepointError
 from safepoint.lock import check_unlocked
 from safepoint.validity import CheckpointInfo, newest_first
 
@@ -274,40 +275,20 @@ def choose_output(cfg: TrainConfig) -> tuple[Path, str | None]:
             return new, None
         return out, None
     if cfg.resume != "auto":
+        # The engine refuses these too, but only once the model is loaded and the output
+        # directory made; here nothing has been written yet. The same check, the same
+        # error, said in the terms of the flag.
         path = Path(cfg.resume)
-        if not path.is_dir():
-            valid = [i.name for i in _checkpoints(out) if i.valid]
-            raise CheckpointNotFoundError(
-                f"--resume {cfg.resume}: no such checkpoint; valid checkpoints in {out}: "
-                f"{', '.join(valid) or 'none'}"
-            )
-        _check_resumable(path, cfg.resume)
+        try:
+            check_resumable(path, out, deep=False)
+        except SafepointError as e:
+            raise type(e)(f"--resume {cfg.resume}: {e}") from None
         _check_identity(path, cfg, out)
         return out, str(path)
     for info in newest_first(out, deep=False):
         _check_identity(info.path, cfg, out)
         break
     return out, None
-
-
-def _check_resumable(path: Path, given: str) -> None:
-    # The checkpointer refuses these too, but only once the model is loaded and the
-    # output directory made; here nothing has been written yet.
-    from safepoint.validity import inspect
-
-    info = inspect(path)
-    if info.status == "foreign":  # e.g. the stock Trainer's: never resumed from
-        from safepoint.foreign import describe_foreign
-
-        raise IncompatibleCheckpointError(
-            f"{path} was not written by safepoint ({'; '.join(info.problems)}); "
-            f"{describe_foreign(path)}"
-        )
-    if not info.valid:
-        raise ConfigError(
-            f"--resume {given}: {path} is {info.status} ({'; '.join(info.problems)}); give a "
-            "checkpoint that `safepoint ls` shows as valid, or leave --resume out"
-        )
 
 
 def _check_identity(checkpoint: Path, cfg: TrainConfig, out: Path) -> None:

@@ -116,8 +116,7 @@ class Decider:
         interval = schedule.interval_seconds(step_time)
         note = interval and overhead_warning(schedule.describe(), interval=interval, stall=stall)
         if note:
-            log.warning("%s", note)
-            self.record.event("warning", message=note)
+            self.record.warning(note)
 
     def save_failed(
         self, step: int, error: SaveFailedError, *, reason: str, newest: CheckpointInfo | None

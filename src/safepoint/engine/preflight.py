@@ -101,8 +101,7 @@ class Preflight:
             log.info("%s", note)
             self.record.event("schedule", interval_s=auto.interval, reason=note)
         for note in preflight_warnings(check, self.policy):
-            log.warning("%s", note)
-            self.record.event("warning", message=note)
+            self.record.warning(note)
         require_fits(check, self.policy)
         return check
 
@@ -169,5 +168,4 @@ class Preflight:
                 f"{info.path.name} takes {format_size(info.size)}, more than the "
                 f"~{format_size(check.files_bytes)} estimated before training: {e}"
             )
-            log.warning("%s", note)
-            self.record.event("warning", message=note)
+            self.record.warning(note)

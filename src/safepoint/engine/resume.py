@@ -33,7 +33,7 @@ from safepoint.options import Options
 from safepoint.records import RunRecord, last_reached_step
 from safepoint.snapshot import apply
 from safepoint.store import Store
-from safepoint.validity import CheckpointInfo, inspect, newest_first
+from safepoint.validity import CheckpointInfo, inspect, newest_first, scan
 
 log = logging.getLogger("safepoint")
 
@@ -104,27 +104,10 @@ class Resumer:
         return None
 
     def explicit(self, checkpoint: str | os.PathLike[str] | int) -> CheckpointInfo:
-        """The checkpoint named by a path or a step, verified, or the error that says why
-        it cannot be resumed from."""
+        """The checkpoint named by a path or a step, checked (``check_resumable``), of
+        this configuration."""
         path = self.store.path_for(checkpoint) if isinstance(checkpoint, int) else Path(checkpoint)
-        if not os.path.lexists(path):
-            have = ", ".join(i.name for i in self.store.scan() if i.valid) or "none"
-            raise CheckpointNotFoundError(
-                f"{path}: no such checkpoint; valid checkpoints in {self.store.directory}: {have}"
-            )
-        info = inspect(path, deep=self.options.verify_on_resume)
-        if info.status == "foreign":  # e.g. the stock Trainer's: never resumed from
-            from safepoint.foreign import describe_foreign
-
-            raise IncompatibleCheckpointError(
-                f"{path} was not written by safepoint ({'; '.join(info.problems)}); "
-                f"{describe_foreign(path)}"
-            )
-        if not info.valid:
-            raise CorruptCheckpointError(
-                f"{path} is {info.status}: {'; '.join(info.problems)}; resume from another "
-                "checkpoint or run `safepoint verify` for details"
-            )
+        info = check_resumable(path, self.store.directory, deep=self.options.verify_on_resume)
         self.check_ours(info)
         return info
 
@@ -170,3 +153,28 @@ class Resumer:
                 problem = "checksum verification failed"
             skipped.append({"checkpoint": i.name, "status": i.status, "problem": problem})
         return skipped
+
+
+def check_resumable(path: Path, directory: Path, *, deep: bool) -> CheckpointInfo:
+    """The checkpoint at ``path``, or the error that says why no run can resume from it
+    (the same for every entry point: see the module docstring). ``directory``: the run
+    whose valid checkpoints a missing ``path`` lists."""
+    if not os.path.lexists(path):
+        have = ", ".join(i.name for i in scan(directory) if i.valid) or "none"
+        raise CheckpointNotFoundError(
+            f"{path}: no such checkpoint; valid checkpoints in {directory}: {have}"
+        )
+    info = inspect(path, deep=deep)
+    if info.status == "foreign":  # e.g. the stock Trainer's: never resumed from
+        from safepoint.foreign import describe_foreign
+
+        raise IncompatibleCheckpointError(
+            f"{path} was not written by safepoint ({'; '.join(info.problems)}); "
+            f"{describe_foreign(path)}"
+        )
+    if not info.valid:
+        raise CorruptCheckpointError(
+            f"{path} is {info.status}: {'; '.join(info.problems)}; resume from another "
+            "checkpoint or run `safepoint verify` for details"
+        )
+    return info

@@ -271,8 +271,7 @@ class Saver:
             f"of step {snapshot.step} has no such metric (it has: {have}); {self.metric_hint}, "
             "else only the newest checkpoints are kept"
         )
-        log.warning("%s", note)
-        self.record.event("warning", message=note)
+        self.record.warning(note)
 
     # --------------------------------------------------------------- retention
 
@@ -321,8 +320,7 @@ class Saver:
                 f"{state}; the new checkpoint is committed and training goes on; remove it "
                 "by hand if the disk is short"
             )
-            log.warning("%s", note)
-            self.record.event("warning", message=note)
+            self.record.warning(note)
             if os.path.lexists(info.path):
                 return False
         self.record.event(

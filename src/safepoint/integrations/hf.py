@@ -133,10 +133,10 @@ class SafepointCallback(TrainerCallback):
 
         @functools.wraps(original)
         def train(resume_from_checkpoint: Any = None, *a: Any, **kw: Any) -> Any:
-            path = self._begin(trainer.args, resume_from_checkpoint)
+            path = self.begin(trainer.args, resume_from_checkpoint)
             finished = self._finished(trainer.args)
             if finished is not None:
-                self._end()  # the Trainer would run one more step before checking max_steps
+                self.end()  # the Trainer would run one more step before checking max_steps
                 return finished
             try:
                 return original(path, *a, **kw)
@@ -147,14 +147,17 @@ class SafepointCallback(TrainerCallback):
                     )
                 raise
             finally:
-                self._end()
+                self.end()
                 remove_view(self._view)
                 self._view = None
 
         trainer.train = train  # type: ignore[method-assign]
 
-    def _begin(self, args: Any, resume: Any) -> str | None:
-        """Open the Checkpointer (lock, sweep) and pick the checkpoint to resume from."""
+    def begin(self, args: Any, resume: Any) -> str | None:
+        """Open the Checkpointer (lock, sweep) and pick the checkpoint to resume from;
+        the path the Trainer is to resume from (a verified view of it), or None.
+        ``trainer.train`` calls it; ``end()`` closes. ``resume``: the Trainer's
+        ``resume_from_checkpoint`` (None or True: the newest valid, False: none)."""
         options = self.options
         if options.save_every is None:
             options = options.replace(save_every=trainer_schedule(args))
@@ -175,7 +178,7 @@ class SafepointCallback(TrainerCallback):
         try:
             resumed = ckpt.resume(self._open_view, None if resume is True else resume)
         except BaseException:
-            self._end()
+            self.end()
             raise
         if resumed is None and resume is True:
             log.warning("no valid checkpoint in %s; starting from scratch", ckpt.directory)
@@ -206,7 +209,8 @@ class SafepointCallback(TrainerCallback):
             self.already_finished = info
         return output
 
-    def _end(self) -> None:
+    def end(self) -> None:
+        """Close the Checkpointer (finish the save in flight, release the lock)."""
         if self.checkpointer is not None:
             self.checkpointer.close()
             self.checkpointer = None
