@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from safepoint.errors import ConfigError, CorruptCheckpointError, RemoteUnavailableError
 from safepoint.records import RunRecord, read_events
@@ -31,30 +31,6 @@ log = logging.getLogger("safepoint")
 
 UPLOAD_TIMEOUT_ENV = "SAFEPOINT_UPLOAD_TIMEOUT"
 _DEFAULT_CLOSE_TIMEOUT = 600.0
-
-
-class Replica(Protocol):
-    """A second copy of an output directory's checkpoints, kept beside the local store.
-
-    The engine holds one through this protocol only: it hands over each committed
-    checkpoint and asks for one back on a fresh machine. ``Mirror`` is the one in use.
-    """
-
-    def submit(self, info: CheckpointInfo) -> None:
-        """Queue the committed local checkpoint ``info``; never blocks, never raises."""
-
-    def resubmit_newest(self) -> None:
-        """Queue the newest valid local checkpoint (a previous process may have died
-        before replicating it)."""
-
-    def fetch_if_empty(self) -> CheckpointInfo | None:
-        """Bring the newest valid replicated checkpoint into an empty local directory and
-        return it; None when the local directory has one or the replica has none.
-        Raises ``RemoteUnavailableError`` when the replica cannot be read."""
-
-    def close(self) -> bool:
-        """Wait, within the replica's own timeout, for queued work; True if all finished.
-        Never raises."""
 
 
 @dataclass

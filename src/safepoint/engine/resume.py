@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from safepoint.distributed import Ranks
 from safepoint.errors import (
@@ -35,15 +35,12 @@ from safepoint.snapshot import apply
 from safepoint.store import Store
 from safepoint.validity import CheckpointInfo, inspect, newest_first, scan
 
+if TYPE_CHECKING:
+    from safepoint.engine.saver import Replica
+
 log = logging.getLogger("safepoint")
 
 T = TypeVar("T")
-
-
-class Source(Protocol):
-    """Where checkpoints come from on a machine that has none (``remote.Mirror``)."""
-
-    def fetch_if_empty(self) -> CheckpointInfo | None: ...
 
 
 @dataclass(frozen=True)
@@ -62,7 +59,7 @@ class Resumer:
         self.record = record
         self.options = options
         self.ranks = ranks
-        self.source: Source | None = None
+        self.source: Replica | None = None  # where a fresh machine gets checkpoints
         # What the previous process reached gives "steps lost" when this one resumes.
         self.reached_before = last_reached_step(store.directory)
 
