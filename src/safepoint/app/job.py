@@ -276,13 +276,13 @@ def choose_output(cfg: TrainConfig) -> tuple[Path, str | None]:
         return out, None
     if cfg.resume != "auto":
         # The engine refuses these too, but only once the model is loaded and the output
-        # directory made; here nothing has been written yet. The same check, the same
-        # error, said in the terms of the flag.
+        # directory made; here nothing has been written yet. The same check and words; a
+        # value of --resume that names no resumable checkpoint is a usage error (exit 2).
         path = Path(cfg.resume)
         try:
             check_resumable(path, out, deep=False)
         except SafepointError as e:
-            raise type(e)(f"--resume {cfg.resume}: {e}") from None
+            raise ConfigError(f"--resume {cfg.resume}: {e}") from None
         _check_identity(path, cfg, out)
         return out, str(path)
     for info in newest_first(out, deep=False):

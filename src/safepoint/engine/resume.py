@@ -157,7 +157,8 @@ def check_resumable(path: Path, directory: Path, *, deep: bool) -> CheckpointInf
     (the same for every entry point: see the module docstring). ``directory``: the run
     whose valid checkpoints a missing ``path`` lists."""
     if not os.path.lexists(path):
-        have = ", ".join(i.name for i in scan(directory) if i.valid) or "none"
+        valid = scan(directory) if directory.is_dir() else []
+        have = ", ".join(i.name for i in valid if i.valid) or "none"
         raise CheckpointNotFoundError(
             f"{path}: no such checkpoint; valid checkpoints in {directory}: {have}"
         )
