@@ -22,8 +22,8 @@ from safepoint.report import extract
 from safepoint.report_render import figure, write_report
 
 TESTS = Path(__file__).parent
-REPORT_TRAIN = TESTS / "report_train.py"
-STOCK_TRAINER = TESTS / "stock_trainer_run.py"
+REPORT_TRAIN = TESTS / "programs" / "report_train.py"
+STOCK_TRAINER = TESTS / "programs" / "stock_trainer_run.py"
 
 
 def train(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -36,7 +36,7 @@ def train(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def eval_loss(step: int) -> float:
-    return round(0.6 + 0.04 * abs(step - 10), 4)  # as tests/report_train.py logs it
+    return round(0.6 + 0.04 * abs(step - 10), 4)  # as tests/programs/report_train.py logs it
 
 
 @pytest.fixture(scope="module")
