@@ -1,6 +1,6 @@
 """``safepoint report``: the data behind each plot of a real run, the files, the CLI.
 
-The run (tests/report_train.py, real processes): saves every 5 steps, keep_last=2 and
+The run (tests/programs/report_train.py, real processes): saves every 5 steps, keep_last=2 and
 keep_best=1 by an eval loss that bottoms out at step 10; killed by SIGKILL at step 17
 (resumes from 15: 2 steps lost), then an emergency save at 22 and SIGKILL (resumes from
 22: nothing lost), then it finishes at 30.
