@@ -168,7 +168,11 @@ def check_ranks_agree(
     assert first == sorted(set(first)), why  # each step once, in order
     assert len(first) >= 2 and first[-1] == steps, why  # saved mid-run, and at the end
     # What rank 0 (the writer) committed is what the run record and the folder say.
-    saves = [e["step"] for e in read_events(out) if e.get("event") == "save"]
+    saves = [
+        e["step"]
+        for e in read_events(out)
+        if e.get("event") == "save" and e.get("result") == "committed"
+    ]
     assert saves == first, why
     newest = next(newest_first(out), None)
     assert newest is not None and newest.step == steps and inspect(newest.path, deep=True).valid
