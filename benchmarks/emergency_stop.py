@@ -2,7 +2,7 @@
 
 usage: python benchmarks/emergency_stop.py [--widths 10000,100000,800000] [--repeat 2]
 
-Runs ``tests/toy_train.py`` (a plain PyTorch loop on ``Checkpointer``; model plus AdamW
+Runs ``tests/programs/toy_train.py`` (a plain PyTorch loop on ``Checkpointer``; model plus AdamW
 state of about 252 bytes per unit of ``--width``) with no scheduled save, sends SIGTERM
 after its third step, and measures: the emergency save as recorded (``stall_s`` of the
 ``emergency`` save event) and the wall time from the signal to the process exit. The
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from _common import table, write_results
 
-TOY = Path(__file__).parent.parent / "tests" / "toy_train.py"
+TOY = Path(__file__).parent.parent / "tests" / "programs" / "toy_train.py"
 STEP_SLEEP = 0.2
 
 

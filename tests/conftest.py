@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 TESTS = Path(__file__).parent
-TOY = TESTS / "toy_train.py"
+TOY = TESTS / "programs" / "toy_train.py"
 
 
 def toy_cmd(out: Path, *args: str) -> list[str]:
@@ -27,7 +27,7 @@ def run_toy(
     check: bool = True,
     timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
-    """Run tests/toy_train.py to completion (or to its death) and return the result."""
+    """Run tests/programs/toy_train.py to completion (or to its death) and return the result."""
     proc = subprocess.run(
         toy_cmd(out, *args),
         capture_output=True,

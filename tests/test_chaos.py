@@ -13,7 +13,7 @@ from safepoint.app.chaos import kill_plan
 from safepoint.app.chaos_compare import same_file
 from safepoint.cli import main
 
-TESTS = Path(__file__).parent
+PROGRAMS = Path(__file__).parent / "programs"
 PY = sys.executable
 
 
@@ -45,7 +45,7 @@ def test_chaos_fails_on_a_writer_without_the_protocol(
 ) -> None:
     args = ["chaos", "--kills", "3", "--seed", "1", "--workdir", str(tmp_path)]
     args += ["--compare", "{out}/final.safetensors", "--"]
-    args += [PY, str(TESTS / "broken_train.py"), "{out}", "--steps", "60"]
+    args += [PY, str(PROGRAMS / "broken_train.py"), "{out}", "--steps", "60"]
     assert main(args) == 1
     out = capsys.readouterr().out
     assert "chaos: FAIL" in out
@@ -80,7 +80,7 @@ def test_chaos_on_the_toy_loop_with_many_kills(
 ) -> None:
     args = ["chaos", "--kills", "8", "--seed", "5", "--signals", "--workdir", str(tmp_path)]
     args += ["--compare", "{out}/final.safetensors", "--"]
-    args += [PY, str(TESTS / "toy_train.py"), "{out}", "--steps", "60", "--save-every", "4"]
+    args += [PY, str(PROGRAMS / "toy_train.py"), "{out}", "--steps", "60", "--save-every", "4"]
     args += ["--step-sleep", "0.1"]
     rc = main(args)
     out = capsys.readouterr().out
@@ -95,7 +95,7 @@ def test_random_kills_never_pass_without_a_kill_after_a_checkpoint(
     # no checkpoint before the end: no kill can land after one
     args = ["chaos", "--kills", "1", "--seed", "0", "--workdir", str(tmp_path)]
     args += ["--compare", "{out}/final.safetensors", "--"]
-    args += [PY, str(TESTS / "toy_train.py"), "{out}", "--steps", "6", "--save-every", "100"]
+    args += [PY, str(PROGRAMS / "toy_train.py"), "{out}", "--steps", "6", "--save-every", "100"]
     args += ["--step-sleep", "0.2"]
     assert main(args) == 1
     out = capsys.readouterr().out

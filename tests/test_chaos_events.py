@@ -22,7 +22,7 @@ from safepoint.app.chaos_events import (
 )
 from safepoint.cli import main
 
-TESTS = Path(__file__).parent
+PROGRAMS = Path(__file__).parent / "programs"
 PY = sys.executable
 
 # A writer without torch: one of each file event, under {out} and outside it.
@@ -150,7 +150,7 @@ def test_file_events_fail_a_writer_that_saves_in_place(
 ) -> None:
     args = ["chaos", "--file-events", "--modes", "kill", "--sample", "1"]
     args += ["--workdir", str(tmp_path), "--compare", "{out}/final.safetensors", "--"]
-    args += [PY, str(TESTS / "broken_train.py"), "{out}", "--steps", "8"]
+    args += [PY, str(PROGRAMS / "broken_train.py"), "{out}", "--steps", "8"]
     assert main(args) == 1
     out = capsys.readouterr().out
     assert "chaos: FAIL" in out
@@ -163,7 +163,7 @@ def test_file_events_pass_on_the_toy_loop_in_every_mode(
 ) -> None:
     args = ["chaos", "--file-events", "--modes", "kill,torn,term", "--sample", "2"]
     args += ["--workdir", str(tmp_path), "--compare", "{out}/final.safetensors", "--"]
-    args += [PY, str(TESTS / "toy_train.py"), "{out}", "--steps", "10", "--save-every", "3"]
+    args += [PY, str(PROGRAMS / "toy_train.py"), "{out}", "--steps", "10", "--save-every", "3"]
     rc = main(args)
     out = capsys.readouterr().out
     assert rc == 0, out

@@ -19,7 +19,7 @@ from tests.conftest import same_tensors
 
 pytestmark = [pytest.mark.distributed, pytest.mark.crash]
 
-SCRIPT = Path(__file__).parent / "dist_train.py"
+SCRIPT = Path(__file__).parent / "programs" / "dist_train.py"
 
 
 def torchrun(
@@ -140,7 +140,7 @@ def test_hf_callback_two_ranks_killed_mid_save_rerun_ends_identical(
 
     monkeypatch.setenv("SAFEPOINT_HOME", str(tmp_path / "home"))
     model = tiny_model_path()
-    script = Path(__file__).parent / "hf_user_train.py"
+    script = Path(__file__).parent / "programs" / "hf_user_train.py"
 
     def launch(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
         nproc = "--nproc_per_node" if launcher == "torchrun" else "--num_processes"

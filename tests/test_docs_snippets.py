@@ -213,7 +213,7 @@ def make_given(cwd: Path, case: Case, env: dict[str, str]) -> None:
         target = cwd / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if what == "stock-trainer":
-            script = Path(__file__).parent / "stock_trainer_run.py"
+            script = Path(__file__).parent / "programs" / "stock_trainer_run.py"
             done = run([sys.executable, str(script), str(target), "--steps", "8"], cwd, env)
             assert done.returncode == 0, done.stderr[-3000:]
         else:

@@ -2,7 +2,7 @@
 case (also from ``SafepointCallback`` in a user's own script), a quiet ``export``.
 
 All real processes: ``safepoint train`` on the built-in tiny model, the user script
-``tests/hf_user_train.py``, ``safepoint export``.
+``tests/programs/hf_user_train.py``, ``safepoint export``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-USER_SCRIPT = Path(__file__).with_name("hf_user_train.py")
+USER_SCRIPT = Path(__file__).parent / "programs" / "hf_user_train.py"
 SHORT = ("--max-steps", "6", "--save-every", "3", "--batch-size", "4")
 
 

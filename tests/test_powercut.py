@@ -23,6 +23,7 @@ if _WHY is not None and os.environ.get("CI") == "true":
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"power cuts: {_WHY}")
 
 TESTS = Path(__file__).parent
+PROGRAMS = TESTS / "programs"
 
 
 @pytest.fixture
@@ -153,12 +154,12 @@ def test_cut_at_an_event_freezes_the_file_system(tmp_path: Path) -> None:
 
 
 def _toy(out: Path, capsys: pytest.CaptureFixture[str]) -> int:
-    """Run tests/toy_train.py in-process on ``out``; the step it started from."""
-    sys.path.insert(0, str(TESTS))
+    """Run tests/programs/toy_train.py in-process on ``out``; the step it started from."""
+    sys.path.insert(0, str(PROGRAMS))
     try:
         import toy_train
     finally:
-        sys.path.remove(str(TESTS))
+        sys.path.remove(str(PROGRAMS))
     capsys.readouterr()
     toy_train.main([str(out), *TOY_ARGS])
     first = capsys.readouterr().out.splitlines()[0]
@@ -177,7 +178,7 @@ def test_checkpointer_survives_a_power_cut_at_every_file_event(
     intact checkpoint and ends bit-identical."""
     with PowerCutFS(tmp_path / "ref", tmp_path / "mnt", journal=tmp_path / "journal") as fs:
         subprocess.run(
-            [sys.executable, str(TESTS / "toy_train.py"), str(fs.mountpoint), *TOY_ARGS],
+            [sys.executable, str(PROGRAMS / "toy_train.py"), str(fs.mountpoint), *TOY_ARGS],
             check=True,
             capture_output=True,
         )

@@ -25,7 +25,7 @@ from safepoint.records import (
 from safepoint.retention import RetentionPolicy
 
 TESTS = Path(__file__).parent
-REPORT_TRAIN = TESTS / "report_train.py"
+REPORT_TRAIN = TESTS / "programs" / "report_train.py"
 
 
 def kinds(directory: Path) -> list[str]:

@@ -24,7 +24,7 @@ from safepoint.store import Store
 from tests import s3_server
 from tests.conftest import same_tensors
 
-SCRIPT = Path(__file__).parent / "dist_train.py"
+SCRIPT = Path(__file__).parent / "programs" / "dist_train.py"
 pytestmark = pytest.mark.timeout(180)
 
 

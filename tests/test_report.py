@@ -1,6 +1,6 @@
 """``safepoint report``: the data behind each plot of a real run, the files, the CLI.
 
-The run (tests/report_train.py, real processes): saves every 5 steps, keep_last=2 and
+The run (tests/programs/report_train.py, real processes): saves every 5 steps, keep_last=2 and
 keep_best=1 by an eval loss that bottoms out at step 10; killed by SIGKILL at step 17
 (resumes from 15: 2 steps lost), then an emergency save at 22 and SIGKILL (resumes from
 22: nothing lost), then it finishes at 30.
@@ -22,8 +22,8 @@ from safepoint.report import extract
 from safepoint.report_render import figure, write_report
 
 TESTS = Path(__file__).parent
-REPORT_TRAIN = TESTS / "report_train.py"
-STOCK_TRAINER = TESTS / "stock_trainer_run.py"
+REPORT_TRAIN = TESTS / "programs" / "report_train.py"
+STOCK_TRAINER = TESTS / "programs" / "stock_trainer_run.py"
 
 
 def train(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -36,7 +36,7 @@ def train(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def eval_loss(step: int) -> float:
-    return round(0.6 + 0.04 * abs(step - 10), 4)  # as tests/report_train.py logs it
+    return round(0.6 + 0.04 * abs(step - 10), 4)  # as tests/programs/report_train.py logs it
 
 
 @pytest.fixture(scope="module")

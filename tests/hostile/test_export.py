@@ -17,7 +17,7 @@ from safepoint.app.tiny import tiny_model_path
 from .helpers import body, cli, make_run, no_traceback, sign
 
 pytestmark = pytest.mark.timeout(600)
-sys.path.insert(0, str(Path(__file__).parent.parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "programs"))
 
 
 @pytest.fixture(scope="module")

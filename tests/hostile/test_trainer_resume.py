@@ -23,7 +23,7 @@ from .helpers import body, sign
 
 pytestmark = pytest.mark.timeout(600)
 TESTS = Path(__file__).parent.parent
-sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS / "programs"))
 
 
 class Sentinel:
