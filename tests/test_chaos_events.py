@@ -175,9 +175,7 @@ def test_every_run_makes_the_same_file_events(tmp_path: Path) -> None:
     """Points are found again in each crash run by kind and name, so no file name may
     carry a pid or a time (the write probe of the output directory once had the pid:
     `chaos --file-events` on `safepoint train` reported its 2 events as never reached)."""
-    toy = [PY, str(TESTS / "programs" / "toy_train.py"), "{out}", "--steps", "4"]
-    if not Path(toy[1]).exists():  # before tests/programs/
-        toy[1] = str(TESTS / "toy_train.py")
+    toy = [PY, str(PROGRAMS / "toy_train.py"), "{out}", "--steps", "4"]
     first, again = (
         count_events(Runner([*toy, "--save-every", "2"], tmp_path / f"work-{name}", 120),
                      tmp_path / name, timeout=120)

@@ -1,4 +1,4 @@
-"""SafepointCallback in a user's own TRL script (tests/hf_user_train.py), run for real.
+"""SafepointCallback in a user's own TRL script (tests/programs/hf_user_train.py), run for real.
 
 Also pins the Trainer internals the callback relies on, so that a transformers upgrade
 that changes them fails here loudly rather than resuming a run wrongly.
@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from safepoint.records import read_events
 from tests.conftest import same_tensors
 
-SCRIPT = Path(__file__).parent / "hf_user_train.py"
+SCRIPT = Path(__file__).parent / "programs" / "hf_user_train.py"
 # 8 examples, batch 4: 2 steps per epoch, so 8 steps cross 4 epochs; saving every 3
 # gives a checkpoint mid-epoch (3) and one at an epoch end (6).
 ARGS = ("--limit", "8", "--steps", "8", "--save-every", "3")

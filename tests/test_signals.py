@@ -286,7 +286,7 @@ def test_sigterm_during_an_eval_and_save_step_resumes_to_the_same_weights(tmp_pa
     ref, run = tmp_path / "ref", tmp_path / "run"
     cmd = [sys.executable, "-m", "safepoint", "train"]
     assert subprocess.run([*cmd, *train, str(ref)], capture_output=True).returncode == 0
-    helper = Path(__file__).parent / "term_train.py"
+    helper = Path(__file__).parent / "programs" / "term_train.py"
     stopped = subprocess.run(
         [sys.executable, str(helper), "5", *train, str(run)], capture_output=True, text=True
     )
