@@ -33,7 +33,7 @@ from safepoint import (
     SafepointCallback,
 )
 from safepoint.records import read_events
-from safepoint.store import inspect
+from safepoint.validity import inspect
 
 # ----------------------------------------------------------------------------- shared
 

@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from safepoint.records import read_events
-from safepoint.store import inspect, newest_first
+from safepoint.validity import inspect, newest_first
 
 pytestmark = [pytest.mark.distributed, pytest.mark.crash]
 
