@@ -35,9 +35,9 @@ def test_check_resumable_says_why(tmp_path: Path) -> None:
     run = tmp_path / "run"
     _run(run, [1, 2])
     assert check_resumable(run / "checkpoint-2", run, deep=True).step == 2
-    with pytest.raises(CheckpointNotFoundError, match="valid checkpoints in .*checkpoint-1"):
+    with pytest.raises(CheckpointNotFoundError, match=r"valid checkpoints in .*checkpoint-1"):
         check_resumable(run / "checkpoint-9", run, deep=True)
-    with pytest.raises(CheckpointNotFoundError, match="valid checkpoints in .*: none"):
+    with pytest.raises(CheckpointNotFoundError, match=r"valid checkpoints in .*: none"):
         check_resumable(tmp_path / "nope" / "checkpoint-1", tmp_path / "nope", deep=True)
     (run / "checkpoint-3").mkdir()
     (run / "checkpoint-3" / "trainer_state.json").write_text("{}")  # the stock Trainer's
