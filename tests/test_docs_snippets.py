@@ -40,7 +40,19 @@ FENCE = re.compile(r"^```(\w*)\s*$")
 NO_RUN = re.compile(r"^<!--\s*no-run:\s*(.+?)\s*-->$")
 
 # (file, first line) of blocks that show files, not commands.
-LISTINGS = {("README.md", "runs/default/")}
+LISTINGS = {
+    ("README.md", "runs/default/"),
+    # docs/ARCHITECTURE.md: the layer diagram and the call trees of a save and a resume
+    (
+        "docs/ARCHITECTURE.md",
+        " cli/           click commands (< 200 lines each): flags in, app calls, exit codes",
+    ),
+    ("docs/ARCHITECTURE.md", 'ckpt.step(120, state, metrics={"loss": 0.8})'),
+    (
+        "docs/ARCHITECTURE.md",
+        "ckpt.restore(state)                              SafepointCallback: trainer.train()",
+    ),
+}
 # Heavier cases, run with -m slow: each is several `safepoint train` processes.
 SLOW_BLOCKS = {
     ("README.md", "#SBATCH --signal=USR1@120"),
