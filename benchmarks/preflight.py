@@ -90,7 +90,7 @@ def measure(name: str, build: Callable[[], tuple]) -> list[Any]:
         snapshot = capture(state, step=1, copy=False)
         if files:
             snapshot.files.update(files())
-        info = ckpt.commit(snapshot)
+        info = ckpt.commit(snapshot).wait()
         real = sum(p.stat().st_size for p in info.path.iterdir())
     error = (estimate - real) / real
     return [name, real / 1e6, estimate / 1e6, f"{error:+.2%}", cost * 1e3]
