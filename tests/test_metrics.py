@@ -44,7 +44,11 @@ def test_emergency_checkpoint_has_no_stale_metric_and_is_not_best(
     out = tmp_path / "run"
     args = ("train", "--max-steps", "30", "--save-every", "10", "--eval-every", "10")
     proc = subprocess.Popen(
-        _cmd(out, *args), env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        _cmd(out, *args),
+        env=_env(home),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 240
     # Ctrl-C once step 12 is logged: after the eval of step 10, before the one of step 20.
