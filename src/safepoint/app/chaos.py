@@ -254,9 +254,11 @@ def _kill_and_rerun(
         if a.failed:
             ok = False
             break
-        if not a.exit.startswith("0"):
+        if not (a.exit.startswith("0") or _finished(run, timing.total)):
             continue
-        same, lines = compare(pattern, ref, run)  # this directory's run is complete
+        # this directory's run is complete (a kill that lands after its final checkpoint
+        # finds it complete too: more attempts in it could never land a counted kill)
+        same, lines = compare(pattern, ref, run)
         for line in lines:
             echo(f"{line} [{run.name}]")
         compared, ok = True, ok and same
@@ -271,7 +273,7 @@ def _kill_and_rerun(
     ok = ok and not any(a.failed for a in attempts)
     for line in _table(attempts):
         echo(line)
-    if not attempts or not attempts[-1].exit.startswith("0"):
+    if not attempts or not (attempts[-1].exit.startswith("0") or _finished(run, timing.total)):
         echo(f"chaos: the run did not complete; logs in {runner.logs}")
         ok = False
     elif landed < kills:
@@ -284,6 +286,12 @@ def _kill_and_rerun(
         echo("chaos: no attempt resumed from a checkpoint: no resume was tested")
         ok = False
     return ok and compared
+
+
+def _finished(run: Path, total: int | None) -> bool:
+    """Whether ``run`` holds the final checkpoint of a run of ``total`` steps."""
+    newest = latest_checkpoint(run, deep=False) if total and run.is_dir() else None
+    return newest is not None and checkpoint_step(newest.name) == total
 
 
 def _later(rng: random.Random, run: Path, total: int | None, previous: float) -> float:
