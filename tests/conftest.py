@@ -92,3 +92,18 @@ def unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI must provide it)")
     pytest.skip(reason)
+
+
+def launcher(name: str, *, port: int | None = None) -> list[str]:
+    """The command that starts a script on several processes: ``torchrun`` or
+    ``accelerate``. accelerate 1.x has no --multi_cpu, and ``--cpu --num_processes 2``
+    starts ONE process (its simple launcher) unless an MPI hostfile is given; its
+    multi-process launcher is --multi_gpu (torchrun underneath) and the scripts set
+    use_cpu, so the ranks use gloo on CPU. Both through this interpreter: a bare
+    ``accelerate`` is found only with the venv on PATH. ``port``: one of its own, as
+    accelerate's default 29500 may be taken by a concurrent run."""
+    if name == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return cmd + ([] if port is None else ["--main_process_port", str(port)])

@@ -15,7 +15,7 @@ import pytest
 
 from safepoint.distributed import RANKS_NAME
 from safepoint.validity import inspect
-from tests.conftest import same_tensors
+from tests.conftest import launcher, same_tensors
 
 pytestmark = [pytest.mark.distributed, pytest.mark.crash]
 
@@ -112,23 +112,7 @@ def test_signal_to_one_rank_stops_all_at_same_step(tmp_path: Path) -> None:
     assert any(e["event"] == "signal" and e["step"] == step for e in events)
 
 
-LAUNCHERS = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone"],
-    # accelerate's multi-process launcher is torchrun underneath; the script sets use_cpu.
-    # Both through this interpreter: a bare `accelerate` is found only with the venv on PATH.
-    "accelerate": [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ],
-}
+LAUNCHERS = {name: launcher(name) for name in ("torchrun", "accelerate")}
 
 
 @pytest.mark.slow

@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import pytest
 
 from safepoint.records import read_events
 from safepoint.validity import inspect, newest_first
+from tests.conftest import launcher
 
 pytestmark = [pytest.mark.distributed, pytest.mark.crash]
 
@@ -40,29 +40,9 @@ def _free_port() -> int:
 
 
 def _launcher(name: str) -> list[str]:
-    if name == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    # accelerate 1.x has no --multi_cpu, and `--cpu --num_processes 2` starts ONE process
-    # (its simple launcher) unless an MPI hostfile is given. Its multi-process launcher is
-    # --multi_gpu (torchrun underneath); the program sets use_cpu, so the ranks use gloo
-    # on CPU. A port of its own: its default 29500 may be taken by a concurrent run.
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-    ]
+    return launcher(name, port=None if name == "torchrun" else _free_port())
 
 
-@pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in tiny model, built once for this module in a home of its own."""
     from safepoint.app import tiny
