@@ -43,6 +43,7 @@ def _launcher(name: str) -> list[str]:
     return launcher(name, port=None if name == "torchrun" else _free_port())
 
 
+@pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in tiny model, built once for this module in a home of its own."""
     from safepoint.app import tiny
