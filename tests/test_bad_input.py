@@ -145,7 +145,7 @@ CASES: list[tuple[str, str, tuple[str, ...], str]] = [
     ("eval-empty", f"{T} --eval-dataset empty.jsonl", ("files",), "--eval-dataset empty.jsonl"),
     # train: values
     ("keep-last", f"{T} --keep-last -1", (), "or 0 to keep all"),
-    ("save-every", f"{T} --save-every 0", (), "--save-every='0': a step interval"),
+    ("save-every", f"{T} --save-every 0", (), "--save-every '0': a step interval"),
     ("save-every-text", f"{T} --save-every often", (), "cannot read 'often'"),
     ("max-steps", f"{T} --max-steps 0", (), "--max-steps must be at least 1"),
     ("max-disk", f"{T} --max-disk lots", (), "is not a size"),

@@ -120,11 +120,15 @@ def as_flags(message: str) -> str:
     from safepoint.options import Options
 
     names = "|".join(sorted(Options.names(), key=len, reverse=True))
-    message = re.sub(
-        rf"(?<![\w.-])({names})=([^\s,;)]+)",
-        lambda m: f"--{m[1].replace('_', '-')} {m[2]}",
-        message,
-    )
+
+    def flag(m: re.Match[str]) -> str:
+        name, value = m[1].replace("_", "-"), m[2]
+        if value in ("True", "False"):  # a switch: --async-save, --no-check-disk
+            off = "--sync-save" if name == "async-save" else f"--no-{name}"
+            return f"--{name}" if value == "True" else off
+        return f"--{name} {value}"
+
+    message = re.sub(rf"(?<![\w.-])({names})=([^\s,;)]+)", flag, message)
     return message.replace("another output directory", "another --output-dir")
 
 

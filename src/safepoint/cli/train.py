@@ -89,17 +89,17 @@ def _summary(directory: str, cfg: TrainConfig) -> None:
     click.echo(f"latest: {valid[-1].path}")
 
 
-def _resolve(config_file: str | None, flags: dict[str, Any]) -> TrainConfig:
+def _resolve(config_file: str | None, flags: dict[str, Any]) -> Any:
     """The config, with errors about a value given as a flag speaking of that flag."""
     try:
         return TrainConfig.resolve(config_file, flags)
     except ConfigError as e:
-        # The config names keys (`keep_last=-1: ...`), right for a YAML file; a user who
-        # typed --keep-last should read --keep-last.
+        # The config names keys (`max_steps must be...`), right for a YAML file; a user
+        # who typed --max-steps should read --max-steps (``main`` does the same for the
+        # `option=value` of the checkpointing options).
         key = re.match(r"[a-z_]+", str(e))
-        if key and flags.get(key[0]) is not None:
-            text = "--" + key[0].replace("_", "-") + str(e)[key.end() :]
-            raise ConfigError(text) from None
+        if key and flags.get(key[0]) is not None and str(e)[key.end() : key.end() + 1] != "=":
+            raise ConfigError("--" + key[0].replace("_", "-") + str(e)[key.end() :]) from None
         raise
 
 
