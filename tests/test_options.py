@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,17 @@ def test_retention_fields_are_options_fields() -> None:
     (but the parsed byte budget) is an option of the same name."""
     names = {f.name for f in dataclasses.fields(RetentionPolicy)} - {"max_bytes"}
     assert names <= set(Options.names())
+
+
+def test_safepoint_train_hands_every_option_to_the_engine(tmp_path: Path) -> None:
+    """An option added to Options reaches the run with no edit in the job: flags and
+    YAML keys are made from Options, and so is what the job hands its callback (the
+    job once passed a list of 20 names, and --keep-after-step was silently dropped)."""
+    from safepoint.app.config import TrainConfig
+    from safepoint.app.training import job_callback
+
+    flags = {"keep_after_step": 4, "keep_last": 1, "on_busy": "skip", "async_save": True}
+    cfg = TrainConfig.resolve(None, {**flags, "output_dir": str(tmp_path / "run")})
+    callback = job_callback(cfg, tty=False)
+    assert callback.options == cfg.options()
+    assert (callback.options.keep_after_step, callback.options.on_busy) == (4, "skip")

@@ -10,41 +10,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safepoint.app.config import TrainConfig
+from safepoint.options import Options
 
 if TYPE_CHECKING:
     from safepoint.app.progress import JobCallback
 
 
 # Config keys that are SafepointCallback options of the same name and meaning.
-_CALLBACK_OPTIONS = (
-    "save_every",
-    "keep_last",
-    "keep_best",
-    "keep_every",
-    "max_disk",
-    "metric",
-    "mode",
-    "early_stopping",
-    "signals",
-    "grace",
-    "stop_on_nan",
-    "remote",
-    "mtbf",
-    "max_overhead",
-    "on_save_error",
-    "async_save",
-)
 
 
 def job_callback(cfg: TrainConfig, *, tty: bool) -> JobCallback:
     """The callback that saves, resumes and reports the job ``cfg`` describes."""
     from safepoint.app.progress import JobCallback  # imports transformers: after the checks
 
+    options = cfg.options()  # every engine option of the config, the fingerprint too
     return JobCallback(
         cfg,
         tty=tty,
-        **{k: getattr(cfg, k) for k in _CALLBACK_OPTIONS},
-        fingerprint=cfg.fingerprint(),
+        **{k: getattr(options, k) for k in Options.names() if k != "total_steps"},
+        early_stopping=cfg.early_stopping,
         resume=cfg.resume != "never",
         info={"config": cfg.identity()},
     )
