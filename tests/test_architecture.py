@@ -38,6 +38,8 @@ LAYERS: list[tuple[str, set[str]]] = [
             "snapshot",
             "writer",
             "foreign",
+            "sharding",
+            "restore",
         },
     ),
     ("policies", {"plan", "schedule", "options", "retention", "disk", "signals"}),

@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 from safepoint.errors import SafepointError
 from safepoint.format import decode_tree, read_safetensors
 from safepoint.manifest import MANIFEST_NAME, Manifest, _self_checksum
+from safepoint.restore import apply, read_state_doc
 from safepoint.rng import capture_rng, restore_rng
-from safepoint.snapshot import STATE_NAME, apply, capture, read_state_doc
+from safepoint.snapshot import STATE_NAME, capture
 from safepoint.store import Store
 from safepoint.validity import inspect
 

@@ -164,6 +164,23 @@ class Ranks:
         if rng and isinstance(states, list) and states:
             restore_rng(states[self.rank % len(states)])
 
+    def broadcast_json(self, doc: Any) -> Any:
+        """Rank 0's JSON document ``doc``, on every rank. Collective."""
+        if not self.active:
+            return doc
+        box: list[Any] = [json.dumps(doc) if self.is_writer else None]
+        _dist().broadcast_object_list(box, src=0)  # a str: nothing but JSON crosses
+        return json.loads(box[0])
+
+    def gather_json(self, doc: Any) -> list[Any] | None:
+        """Every rank's JSON document ``doc``, in rank order, on rank 0 (None elsewhere).
+        Collective."""
+        if not self.active:
+            return [doc]
+        gathered: list[Any] | None = [None] * self.world_size if self.is_writer else None
+        _dist().gather_object(json.dumps(doc), gathered, dst=0)
+        return [json.loads(s) for s in gathered] if gathered is not None else None
+
     def barrier(self) -> None:
         if self.active:
             _dist().barrier()

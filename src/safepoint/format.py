@@ -66,6 +66,22 @@ def _dtype_codes() -> dict[torch.dtype, str]:
     return codes
 
 
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors code of ``dtype`` (``F32``); ``ConfigError`` if it has none."""
+    code = _dtype_codes().get(dtype)
+    if code is None:
+        raise ConfigError(f"cannot save a {dtype} tensor: unsupported dtype")
+    return code
+
+
+def dtype_of(code: str, *, where: str) -> torch.dtype:
+    """The dtype of safetensors code ``code``; ``CorruptCheckpointError`` if unknown."""
+    for dtype, known in _dtype_codes().items():
+        if known == code:
+            return dtype
+    raise CorruptCheckpointError(f"{where}: unknown dtype {code!r}")
+
+
 # --------------------------------------------------------------------------- JSON tree
 
 
@@ -89,15 +105,17 @@ def encode_tree(obj: Any, *, prefix: str = "") -> tuple[Any, dict[str, torch.Ten
             )
         if t.dtype not in _dtype_codes():
             raise ConfigError(f"cannot save the {t.dtype} tensor at {path!r}: unsupported dtype")
+        # A DTensor (sharded over ranks) has no storage of its own: its local piece does.
+        base = t.to_local() if hasattr(t, "device_mesh") and hasattr(t, "to_local") else t
         alias = (
             (
-                t.untyped_storage().data_ptr(),
-                t.storage_offset(),
+                base.untyped_storage().data_ptr(),
+                base.storage_offset(),
                 tuple(t.shape),
-                tuple(t.stride()),
+                tuple(base.stride()),
                 t.dtype,
             )
-            if t.device.type != "meta"
+            if base.device.type != "meta"
             else None
         )
         if alias is not None and alias in seen and t.numel() > 0:

@@ -21,6 +21,8 @@ from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from safepoint.fileio import loads_json
 
 STATE_NAME = "state.json"
+SHARDS_NAME = "shards.json"
+"""The index of a sharded checkpoint's pieces (``sharding.py``)."""
 TRAINER_STATE_NAME = "trainer_state.json"
 MAX_TRAINER_STATE_BYTES = 256 << 20  # trainer_state.json of a very long run is a few MB
 _BIG = 2**63
@@ -87,6 +89,16 @@ def check_state_doc(doc: Any, *, files: Collection[str] | None, where: str) -> d
             kind = entry.get("kind")
             require(kind in ENTRY_KINDS, f"{field}.kind", kind, " or ".join(ENTRY_KINDS))
             name = entry.get("file")
+            sharded = entry.get("sharded", False)
+            require(isinstance(sharded, bool), f"{field}.sharded", sharded, "true or false")
+            if sharded:
+                require(name is None, f"{field}.file", name, "null for a sharded entry")
+                require(
+                    files is None or SHARDS_NAME in files,
+                    f"{field}.sharded",
+                    sharded,
+                    f"an entry with its pieces in a {SHARDS_NAME} the manifest lists",
+                )
             if name is not None:
                 require(
                     isinstance(name, str) and (files is None or name in files),

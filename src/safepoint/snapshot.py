@@ -1,29 +1,28 @@
 """Snapshots: the state of a training loop as files, in memory, ready to be committed.
 
 ``capture`` turns ``{"model": model, "optimizer": opt, ...}`` into tensor files and a
-``state.json``; ``apply`` loads a committed checkpoint back into such a mapping.
+``state.json``; ``restore.apply`` loads a committed checkpoint back into such a mapping.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from safepoint.errors import ConfigError, CorruptCheckpointError, IncompatibleCheckpointError
-from safepoint.fileio import dumps_json, is_safe_name, read_regular
-from safepoint.format import decode_tree, encode_tree, read_safetensors
-from safepoint.manifest import MANIFEST_NAME, Manifest
-from safepoint.rng import capture_rng, restore_rng
-from safepoint.schema import STATE_NAME, STATE_VERSION, parse_state
+from safepoint.errors import ConfigError
+from safepoint.fileio import dumps_json, is_safe_name
+from safepoint.format import encode_tree
+from safepoint.rng import capture_rng
+from safepoint.schema import STATE_NAME, STATE_VERSION
+from safepoint.sharding import is_sharded, local_pieces, shard_file
 
 log = logging.getLogger("safepoint")
 
-__all__ = ["STATE_NAME", "STATE_VERSION", "Snapshot", "TensorFile", "apply", "capture"]
+__all__ = ["STATE_NAME", "STATE_VERSION", "Snapshot", "TensorFile", "capture"]
 
 
 @dataclass
@@ -49,6 +48,13 @@ class Snapshot:
     reason: str = "step"
     fingerprint: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    shards: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Of a sharded state (DTensors): per entry, the pieces this rank writes
+    (``sharding.local_pieces``). Every rank writes its own files; rank 0 adds the index."""
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.shards)
 
     @property
     def nbytes(self) -> int:
@@ -183,6 +189,7 @@ def capture(
     """
     files: dict[str, TensorFile | bytes] = {}
     entries: dict[str, Any] = {}
+    shards: dict[str, dict[str, dict[str, Any]]] = {}
     for key, value in state.items():
         if not is_safe_name(key) or key in ("state", "safepoint"):
             raise ConfigError(
@@ -191,6 +198,15 @@ def capture(
             )
         kind, obj = _state_dict(value)
         tree, tensors = encode_tree(obj)
+        if any(is_sharded(t) for t in tensors.values()):
+            rank, world = _rank_and_world()
+            local, shards[key] = local_pieces(tensors, rank=rank)
+            if local:
+                files[shard_file(key, rank, world)] = TensorFile(
+                    copy_tensors(local) if copy else local
+                )
+            entries[key] = {"kind": kind, "tree": tree, "file": None, "sharded": True}
+            continue
         file = f"{key}.safetensors" if tensors else None
         if file:
             files[file] = TensorFile(copy_tensors(tensors) if copy else tensors)
@@ -203,214 +219,12 @@ def capture(
         "progress": dict(progress or {}),
     }
     files[STATE_NAME] = dumps_json(doc)
-    return Snapshot(step=step, files=files)
+    return Snapshot(step=step, files=files, shards=shards)
 
 
-def read_state_doc(path: Path, manifest: Manifest | None = None) -> dict[str, Any]:
-    """The parsed and checked ``state.json`` of a committed checkpoint folder.
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
 
-    With ``manifest`` the file must have the size and checksum it lists; without, it is
-    read only if it is a regular file of sane size. Raises ``CorruptCheckpointError`` or
-    ``IncompatibleCheckpointError`` (a newer state format)."""
-    where = str(path / STATE_NAME)
-    if manifest is None:
-        data = read_regular(path / STATE_NAME, max_size=_MAX_STATE_BYTES)
-        return parse_state(bytes(data), files=None, where=where)
-    entry = manifest.files.get(STATE_NAME)
-    if entry is None:
-        raise CorruptCheckpointError(f"{where}: not listed in the manifest")
-    data = read_regular(path / STATE_NAME, size=entry.size, checksum=entry.checksum)
-    return parse_state(bytes(data), files=manifest.files, where=where)
-
-
-_MAX_STATE_BYTES = 256 << 20  # state.json holds no tensors: a few MB at most
-
-
-def read_manifest(path: Path) -> Manifest:
-    """The checked manifest of the checkpoint folder ``path`` (``CorruptCheckpointError``)."""
-    where = path / MANIFEST_NAME
-    data = read_regular(where, max_size=_MAX_STATE_BYTES)
-    return Manifest.from_json(bytes(data), where=str(where))
-
-
-def apply(
-    path: Path,
-    state: MutableMapping[str, Any],
-    *,
-    rng: bool = True,
-    manifest: Manifest | None = None,
-) -> dict[str, Any]:
-    """Load the checkpoint folder ``path`` into ``state`` in place; return its progress.
-
-    Objects with ``load_state_dict`` are loaded in place, tensors are copied into in
-    place, other values are replaced in the mapping. All or nothing: every file is read
-    and checked against ``manifest`` (read from ``path`` if not given: only files it
-    lists are opened, each by fd, its size and checksum checked on the bytes loaded),
-    and every entry against the live object it goes into (kind, keys, shapes), before
-    anything is changed. Raises ``CorruptCheckpointError`` (damaged or hostile files) or
-    ``IncompatibleCheckpointError`` (does not fit ``state``), with ``state`` untouched.
-    """
-    manifest = manifest or read_manifest(path)
-    doc = read_state_doc(path, manifest)
-    entries: dict[str, Any] = doc["entries"]
-    missing = [k for k in state if k not in entries]
-    if missing:
-        raise IncompatibleCheckpointError(
-            f"{path}: the checkpoint has no {', '.join(map(repr, missing))} "
-            f"(it holds {', '.join(map(repr, entries)) or 'nothing'}); restore with the same "
-            "state keys it was saved with"
-        )
-    for key in entries:
-        if key not in state:
-            log.warning(
-                "%s: checkpoint entry %r has no place in the state; not restored", path, key
-            )
-    decoded = {}
-    for key, value in state.items():
-        entry = entries[key]
-        tensors: dict[str, torch.Tensor] = {}
-        if entry.get("file"):
-            name = entry["file"]  # listed in the manifest: parse_state checked it
-            listed = manifest.files[name]
-            tensors, _ = read_safetensors(path / name, size=listed.size, checksum=listed.checksum)
-        obj = decode_tree(entry.get("tree"), tensors, where=f"{path / STATE_NAME}:{key}")
-        check_fits(key, value, obj, entry["kind"], where=str(path))
-        decoded[key] = obj
-    for key, obj in decoded.items():
-        _load_into(state, key, state[key], obj, entries[key]["kind"], path)
-    if rng and doc.get("rng"):
-        restore_rng(doc["rng"])
-    return doc.get("progress") or {}
-
-
-def check_fits(key: str, value: Any, obj: Any, kind: str, *, where: str) -> None:
-    """Raise ``IncompatibleCheckpointError`` unless ``obj`` (decoded from a checkpoint)
-    can be loaded into the live ``value`` as a whole: loading it cannot fail half way,
-    and a module or optimizer gets tensors of the shapes it has."""
-
-    def no(problem: str) -> IncompatibleCheckpointError:
-        return IncompatibleCheckpointError(
-            f"{where}: cannot restore {key!r}: {problem}; is this checkpoint from the same "
-            "model and optimizer configuration?"
-        )
-
-    stateful = callable(getattr(value, "load_state_dict", None))
-    if kind == "value":
-        if stateful:
-            raise no(f"it was saved as a plain value, but the state holds a {type(value).__name__}")
-        if isinstance(value, torch.Tensor) and not (
-            isinstance(obj, torch.Tensor) and obj.shape == value.shape and obj.dtype == value.dtype
-        ):
-            found = (
-                f"{obj.dtype} {tuple(obj.shape)}" if isinstance(obj, torch.Tensor) else "no tensor"
-            )
-            raise no(f"the checkpoint holds {found}, the state {value.dtype} {tuple(value.shape)}")
-        return
-    if not stateful:
-        raise no(
-            "it was saved from an object with state_dict(), the state holds a "
-            + type(value).__name__
-        )
-    if not isinstance(obj, dict):
-        raise no(f"its saved state is a {type(obj).__name__}, not a state dict")
-    if isinstance(value, torch.nn.Module):
-        _check_module(value, obj, no)
-    elif isinstance(value, torch.optim.Optimizer):
-        _check_optimizer(value, obj, no)
-    elif isinstance(value, torch.optim.lr_scheduler.LRScheduler):
-        # load_state_dict does __dict__.update(): an unknown key would set any attribute
-        unknown = set(obj) - set(value.state_dict())
-        if unknown:
-            raise no(f"unknown scheduler fields {sorted(map(str, unknown))[:3]}")
-
-
-def _check_module(module: torch.nn.Module, obj: dict[Any, Any], no: Any) -> None:
-    live = module.state_dict()
-    missing, unexpected = set(live) - set(obj), set(obj) - set(live)
-    if missing or unexpected:
-        raise no(
-            f"keys missing {sorted(missing)[:3]}, unexpected {sorted(map(str, unexpected))[:3]}"
-        )
-    for name, t in live.items():
-        saved = obj[name]
-        if isinstance(t, torch.Tensor) and (
-            not isinstance(saved, torch.Tensor) or saved.shape != t.shape
-        ):
-            found = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
-            raise no(f"{name} is {found} in the checkpoint, {tuple(t.shape)} in the model")
-
-
-# torch.optim optimizers whose per-parameter state tensors all have the parameter's shape
-# (Adafactor's factored moments do not, nor do many third-party optimizers').
-_PARAM_SHAPED = frozenset(
-    "SGD Adam AdamW Adamax NAdam RAdam RMSprop Adagrad Adadelta ASGD Rprop SparseAdam".split()  # noqa: SIM905
-)
-
-
-def _check_optimizer(opt: torch.optim.Optimizer, obj: dict[Any, Any], no: Any) -> None:
-    groups, saved_state = obj.get("param_groups"), obj.get("state")
-    if not isinstance(groups, list) or not isinstance(saved_state, dict):
-        raise no("the optimizer state has no param_groups list or state dict")
-    if len(groups) != len(opt.param_groups):
-        raise no(f"{len(groups)} parameter groups saved, {len(opt.param_groups)} now")
-    params: dict[Any, torch.Tensor] = {}
-    for i, (saved, live) in enumerate(zip(groups, opt.param_groups, strict=True)):
-        ids = saved.get("params") if isinstance(saved, dict) else None
-        if not isinstance(ids, list) or len(ids) != len(live["params"]):
-            raise no(f"parameter group {i} holds another number of parameters")
-        for k, v in live.items():
-            if k != "params" and k in saved and not _same_kind(v, saved[k]):
-                raise no(f"parameter group {i}: {k} is {saved[k]!r}, expected like {v!r}")
-        for pid, p in zip(ids, live["params"], strict=True):
-            if not isinstance(pid, int) or pid in params:
-                raise no(f"parameter group {i} has a bad or repeated parameter id {pid!r}")
-            params[pid] = p
-    strict = type(opt).__module__.startswith("torch.optim") and type(opt).__name__ in _PARAM_SHAPED
-    for pid, st in saved_state.items():
-        if pid not in params or not isinstance(st, dict):
-            raise no(f"state for an unknown parameter {pid!r}")
-        for k, t in st.items():
-            if (
-                strict
-                and isinstance(t, torch.Tensor)
-                and t.dim() > 0
-                and t.shape != params[pid].shape
-            ):
-                raise no(
-                    f"state {k!r} of parameter {pid} is {tuple(t.shape)}, "
-                    f"the parameter {tuple(params[pid].shape)}"
-                )
-
-
-def _same_kind(live: Any, saved: Any) -> bool:
-    """A saved hyperparameter can replace the live one (lr, betas, momentum, flags)."""
-    if isinstance(live, bool) or live is None:
-        return True  # flags and optional values: load_state_dict takes what was saved
-    if isinstance(live, (int, float, torch.Tensor)):
-        return isinstance(saved, (int, float, torch.Tensor)) and not isinstance(saved, bool)
-    if isinstance(live, (tuple, list)):
-        return (
-            isinstance(saved, (tuple, list))
-            and len(saved) == len(live)
-            and all(_same_kind(a, b) for a, b in zip(live, saved, strict=True))
-        )
-    return True
-
-
-def _load_into(
-    state: MutableMapping[str, Any], key: str, value: Any, obj: Any, kind: Any, path: Path
-) -> None:
-    if kind == "stateful":
-        try:
-            value.load_state_dict(obj)
-        # check_fits makes this unlikely; a failure here still names the checkpoint
-        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-            raise IncompatibleCheckpointError(
-                f"{path}: cannot load {key!r} ({str(e).splitlines()[0]}); is this checkpoint "
-                "from the same model and optimizer configuration?"
-            ) from e
-    elif isinstance(value, torch.Tensor):
-        with torch.no_grad():
-            value.copy_(obj)
-    else:
-        state[key] = obj
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

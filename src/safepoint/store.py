@@ -17,7 +17,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -166,49 +166,88 @@ class Store:
         staging folder; existing checkpoints are untouched. ``abort`` is called between
         written chunks: whatever it raises abandons the save the same way.
         """
-        target = self.path_for(snapshot.step)
-        staging = self.directory / f"{STAGING_PREFIX}{target.name}-{secrets.token_hex(4)}"
         t0 = time.perf_counter()
+        staging = None
         try:
-            os.mkdir(staging, 0o777)
-            files = {}
-            for i, (name, content) in enumerate(snapshot.files.items()):
-                files[name] = _write_file(
-                    staging / name,
-                    content,
-                    crash_at="tensor_file" if i == 0 else None,
-                    abort=abort,
-                )
-            crash_point("after_files")
-            manifest = Manifest(
-                step=snapshot.step,
-                files=files,
-                reason=snapshot.reason,
-                metrics=snapshot.metrics,
-                fingerprint=snapshot.fingerprint,
-                versions=versions or {},
-                info={
-                    **snapshot.info,
-                    **(info or {}),
-                    "write_s": round(time.perf_counter() - t0, 6),
-                },
-            )
-            _write_file(staging / MANIFEST_NAME, manifest.to_json(), crash_at=None)
-            crash_point("after_manifest")
-            fsync_dir(staging)
-            if not self._make_room_for(target):
-                shutil.rmtree(staging)
-                return inspect(target)
-            os.replace(staging, target)
-            crash_point("after_rename")
+            staging = self.begin(snapshot.step)
+            files = self.write_files(staging, snapshot.files, abort=abort)
+            return self.finish(staging, snapshot, files, t0=t0, versions=versions, info=info)
         except BaseException as e:
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(staging)
+            if staging is not None:
+                self.discard(staging)
             if isinstance(e, OSError):
-                raise SaveFailedError(_save_failed_message(target, e)) from e
+                raise self.failure(snapshot.step, e) from e
             raise
+
+    def begin(self, step: int) -> Path:
+        """Step 1 of the commit protocol: a new staging folder for ``checkpoint-<step>``."""
+        name = f"{STAGING_PREFIX}{self.path_for(step).name}-{secrets.token_hex(4)}"
+        os.mkdir(self.directory / name, 0o777)
+        return self.directory / name
+
+    def write_files(
+        self,
+        staging: Path,
+        files: Mapping[str, TensorFile | bytes],
+        *,
+        abort: Callable[[], None] | None = None,
+    ) -> dict[str, FileEntry]:
+        """Step 2: write each of ``files`` into ``staging`` and fsync it; their sizes and
+        checksums. Several processes may each write their own files into one staging."""
+        return {
+            name: _write_file(
+                staging / name, content, crash_at="tensor_file" if i == 0 else None, abort=abort
+            )
+            for i, (name, content) in enumerate(files.items())
+        }
+
+    def finish(
+        self,
+        staging: Path,
+        snapshot: Snapshot,
+        files: dict[str, FileEntry],
+        *,
+        t0: float,
+        versions: dict[str, str] | None = None,
+        info: dict[str, object] | None = None,
+    ) -> CheckpointInfo:
+        """Steps 3 and 4, once every file of ``files`` in ``staging`` is durable: the
+        manifest, fsync of the folder, the rename (the commit), fsync of the parent.
+        Raises ``OSError``; the caller discards the staging folder."""
+        target = self.path_for(snapshot.step)
+        crash_point("after_files")
+        manifest = Manifest(
+            step=snapshot.step,
+            files=files,
+            reason=snapshot.reason,
+            metrics=snapshot.metrics,
+            fingerprint=snapshot.fingerprint,
+            versions=versions or {},
+            info={
+                **snapshot.info,
+                **(info or {}),
+                "write_s": round(time.perf_counter() - t0, 6),
+            },
+        )
+        _write_file(staging / MANIFEST_NAME, manifest.to_json(), crash_at=None)
+        crash_point("after_manifest")
+        fsync_dir(staging)
+        if not self._make_room_for(target):
+            shutil.rmtree(staging)
+            return inspect(target)
+        os.replace(staging, target)
+        crash_point("after_rename")
         _fsync_committed(self.directory, target)
         return CheckpointInfo(target, snapshot.step, "valid", (), manifest, manifest.total_bytes)
+
+    def discard(self, staging: Path) -> None:
+        """Remove a staging folder of a save that failed (gone already: fine)."""
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(staging)
+
+    def failure(self, step: int, e: OSError) -> SaveFailedError:
+        """The ``SaveFailedError`` of a save of ``step`` that failed with ``e``."""
+        return SaveFailedError(_save_failed_message(self.path_for(step), e))
 
     def adopt(self, staging: Path, step: int) -> CheckpointInfo:
         """Commit a staging folder whose files were written and fsynced elsewhere (a

@@ -156,10 +156,26 @@ def _check_state(path: Path, manifest: Manifest, *, deep: bool) -> list[str]:
         data = read_regular(
             path / STATE_NAME, size=entry.size, checksum=entry.checksum if deep else None
         )
-        parse_state(bytes(data), files=manifest.files, where=STATE_NAME)
+        doc = parse_state(bytes(data), files=manifest.files, where=STATE_NAME)
+        if any(e.get("sharded") for e in doc["entries"].values()):
+            _check_index(path, manifest, deep=deep)
     except (CorruptCheckpointError, IncompatibleCheckpointError) as e:
         return [str(e)]
     return _check_trainer_state(path, manifest, deep=deep)
+
+
+def _check_index(path: Path, manifest: Manifest, *, deep: bool) -> None:
+    """The shard index of a sharded checkpoint: listed, and its pieces tile each tensor
+    inside listed files (``CorruptCheckpointError``)."""
+    from safepoint.sharding import SHARDS_NAME, parse_index
+
+    entry = manifest.files[SHARDS_NAME]  # parse_state checked it is listed
+    if entry.size > _MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(f"{SHARDS_NAME}: {entry.size} bytes, more than an index has")
+    data = read_regular(
+        path / SHARDS_NAME, size=entry.size, checksum=entry.checksum if deep else None
+    )
+    parse_index(bytes(data), files=manifest.files, where=SHARDS_NAME)
 
 
 def _check_trainer_state(path: Path, manifest: Manifest, *, deep: bool) -> list[str]:

@@ -23,6 +23,17 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from safepoint import Checkpointer
+from safepoint.distributed import FullState
+from safepoint.format import encode_tree
+
+
+def dump(full: FullState, path: str, rank: int) -> None:
+    """The whole model and optimizer state, gathered, as one safetensors file (rank 0):
+    the same for any number of processes when the state is the same."""
+    state = full.state_dict()  # collective
+    if rank == 0:
+        _, tensors = encode_tree(state)
+        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, path)
 
 
 def main(argv: list[str]) -> int:
@@ -33,7 +44,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--keep-last", type=int, default=None)
     p.add_argument("--remote", default=None)
     p.add_argument("--step-sleep", type=float, default=0.0)
-    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2")
+    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (FullState)")
+    p.add_argument(
+        "--sharded", action="store_true", help="FSDP2, model and optimizer saved sharded"
+    )
+    p.add_argument("--dump-restored", default=None, help="write the restored full state here")
+    p.add_argument("--dump-final", default=None, help="write the final full state here")
     p.add_argument("--async-save", action="store_true")
     args = p.parse_args(argv)
 
@@ -45,16 +61,16 @@ def main(argv: list[str]) -> int:
     net = torch.nn.Sequential(
         torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 4)
     )
-    if args.fsdp:
+    if args.fsdp or args.sharded:
         from torch.distributed.fsdp import fully_shard
-
-        from safepoint.distributed import FullState
 
         for layer in (net[0], net[3]):
             fully_shard(layer)
         model = fully_shard(net)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        state: dict[str, object] = {"sharded": FullState(net, opt)}
+        state: dict[str, object] = (
+            {"model": net, "optimizer": opt} if args.sharded else {"sharded": FullState(net, opt)}
+        )
     else:
         # Save the inner module: its state dict is the same under any number of processes.
         model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
@@ -73,6 +89,8 @@ def main(argv: list[str]) -> int:
     ) as ckpt:
         start = ckpt.restore(state) or 0
         print(f"rank {rank} pid {os.getpid()} start {start}", flush=True)
+        if args.dump_restored:
+            dump(FullState(net, opt), args.dump_restored, rank)
         for step in range(start, args.steps):
             x = torch.randn(8, 16)
             y = torch.randn(8, 4) * (float(np.random.rand()) + random.random())
@@ -83,7 +101,10 @@ def main(argv: list[str]) -> int:
             time.sleep(args.step_sleep)
             ckpt.step(step + 1, state, metrics={"loss": float(loss)})
             print(f"rank {rank} step {step + 1}", flush=True)
-    full = state["sharded"].state_dict()["model"] if args.fsdp else net.state_dict()  # type: ignore[attr-defined]
+    if args.dump_final:
+        dump(FullState(net, opt), args.dump_final, rank)
+    sharded = args.fsdp or args.sharded
+    full = FullState(net, opt).state_dict()["model"] if sharded else net.state_dict()
     if rank == 0:
         weights = {k: v.contiguous() for k, v in full.items()}
         save_file(weights, f"{args.out}/final.safetensors")

@@ -70,7 +70,7 @@ class Checkpointer:
         self.record = RunRecord(self.directory) if writer else QuietRecord()
         self.decider = Decider(o, self.ranks, self.record)
         self._preflight = Preflight(self.store, self.record, o, self.decider, lambda i: ours(i))
-        self.saver = Saver(self.store, self.record, self._lock, o, self._preflight)
+        self.saver = Saver(self.store, self.record, self._lock, o, self._preflight, self.ranks)
         ours = self.saver.ours  # one rule for "a checkpoint of this configuration"
         self.resumer = Resumer(self.store, self.record, o, self.ranks)
         swept = self.store.sweep() if writer else []

@@ -31,7 +31,7 @@ from safepoint.errors import (
 )
 from safepoint.options import Options
 from safepoint.records import RunRecord, last_reached_step
-from safepoint.snapshot import apply
+from safepoint.restore import apply
 from safepoint.store import Store
 from safepoint.validity import CheckpointInfo, inspect, newest_first, scan
 

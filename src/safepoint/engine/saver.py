@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from safepoint.disk import is_recoverable
+from safepoint.distributed import Ranks
 from safepoint.engine.preflight import Preflight
+from safepoint.engine.sharded import commit_sharded
 from safepoint.errors import SaveFailedError
 from safepoint.lock import RunLock
 from safepoint.manifest import library_versions
@@ -119,8 +121,10 @@ class Saver:
         lock: RunLock,
         options: Options,
         preflight: Preflight,
+        ranks: Ranks | None = None,
     ) -> None:
         self.store = store
+        self.ranks = ranks or Ranks()
         self.record = record
         self.lock = lock
         self.options = options
@@ -153,7 +157,12 @@ class Saver:
         path = self.store.path_for(snapshot.step)
         handle = PendingSave(snapshot.step, path, snapshot.reason, dict(snapshot.metrics))
         bg = self.background
-        if not writer:
+        if snapshot.sharded:  # every rank writes its pieces, together, in line
+            if bg is not None and writer:
+                bg.wait_idle(snapshot.step)
+                self._raise_unobserved()
+            handle._info = self._commit_sharded(snapshot, started, writer=writer)
+        elif not writer:
             handle._info = CheckpointInfo(path, snapshot.step, "valid")
         elif bg is None:
             handle._info = self.commit_now(snapshot, started, mode="sync")
@@ -175,6 +184,19 @@ class Saver:
         handle.stall_s = time.perf_counter() - started
         self._last = handle
         return handle
+
+    def _commit_sharded(
+        self, snapshot: Snapshot, started: float, *, writer: bool
+    ) -> CheckpointInfo:
+        """A sharded save (``engine/sharded.py``): collective; rank 0 records and prunes."""
+        if not writer:
+            return commit_sharded(self.store, self.ranks, snapshot)
+
+        def commit(snap: Snapshot, **kwargs: Any) -> CheckpointInfo:
+            kwargs.pop("abort", None)
+            return commit_sharded(self.store, self.ranks, snap, **kwargs)
+
+        return self.commit_now(snapshot, started, mode="sharded", store_commit=commit)
 
     def _start(self, bg: AsyncSaver, snapshot: Snapshot, started: float, waited: float) -> Any:
         t_copy = time.perf_counter()
@@ -199,13 +221,16 @@ class Saver:
         mode: str,
         abort: Callable[[], None] | None = None,
         timing: dict[str, float] | None = None,
+        store_commit: Callable[..., CheckpointInfo] | None = None,
     ) -> CheckpointInfo:
         """The commit itself, in the training thread or on the writer thread (async);
-        ``timing`` (async) was measured in the training thread when the save started."""
+        ``timing`` (async) was measured in the training thread when the save started;
+        ``store_commit`` replaces ``store.commit`` (a sharded save: no retry)."""
         try:
             self.lock.check()  # safepoint.lock deleted under us: still the only writer?
             info = self._store_commit(
                 snapshot,
+                store_commit=store_commit,
                 versions=library_versions(),
                 info={
                     "bytes": snapshot.nbytes,
@@ -243,19 +268,26 @@ class Saver:
             self.replica.submit(info)
         return info
 
-    def _store_commit(self, snapshot: Snapshot, **kwargs: Any) -> CheckpointInfo:
+    def _store_commit(
+        self,
+        snapshot: Snapshot,
+        *,
+        store_commit: Callable[..., CheckpointInfo] | None = None,
+        **kwargs: Any,
+    ) -> CheckpointInfo:
         """``store.commit``; after a full disk or an I/O error, free space and retry once.
 
         Space is freed by deleting what the retention policy would delete once this save
         is committed, sparing the newest and the best checkpoints (it may fail again).
+        A sharded save is not retried: every rank would have to retry with rank 0.
         """
         self._check_metric(snapshot)
         try:
-            info = self.store.commit(snapshot, **kwargs)
+            info = (store_commit or self.store.commit)(snapshot, **kwargs)
             self.preflight.recheck(info)
             return info
         except SaveFailedError as e:
-            if not is_recoverable(e):
+            if not is_recoverable(e) or store_commit is not None:
                 raise
             first = e
         freed = self._free_for(snapshot)

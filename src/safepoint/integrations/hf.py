@@ -57,8 +57,9 @@ from safepoint.integrations.hf_trainer import (
 )
 from safepoint.integrations.hf_view import make_view, remove_view
 from safepoint.options import Options
+from safepoint.restore import read_state_doc
 from safepoint.rng import restore_rng
-from safepoint.snapshot import capture, read_state_doc
+from safepoint.snapshot import capture
 from safepoint.validity import CheckpointInfo
 
 log = logging.getLogger("safepoint")

@@ -1,0 +1,332 @@
+"""Restore: a committed checkpoint loaded back into the live state, all or nothing.
+
+``apply`` reads only files the manifest lists (each checked by size and checksum on the
+bytes loaded), checks every entry against the live object it goes into, and only then
+loads. A sharded entry (``sharding.py``) is read as this rank's piece of each live
+DTensor, whatever number of processes saved it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
+from safepoint.fileio import read_regular
+from safepoint.format import decode_tree, encode_tree, read_safetensors
+from safepoint.manifest import MANIFEST_NAME, Manifest
+from safepoint.rng import restore_rng
+from safepoint.schema import STATE_NAME, parse_state
+from safepoint.sharding import (
+    SHARDS_NAME,
+    ShardedTensor,
+    assemble,
+    is_sharded,
+    like,
+    parse_index,
+    target_box,
+)
+
+log = logging.getLogger("safepoint")
+
+__all__ = ["apply", "check_fits", "read_manifest", "read_state_doc"]
+
+
+def read_state_doc(path: Path, manifest: Manifest | None = None) -> dict[str, Any]:
+    """The parsed and checked ``state.json`` of a committed checkpoint folder.
+
+    With ``manifest`` the file must have the size and checksum it lists; without, it is
+    read only if it is a regular file of sane size. Raises ``CorruptCheckpointError`` or
+    ``IncompatibleCheckpointError`` (a newer state format)."""
+    where = str(path / STATE_NAME)
+    if manifest is None:
+        data = read_regular(path / STATE_NAME, max_size=_MAX_STATE_BYTES)
+        return parse_state(bytes(data), files=None, where=where)
+    entry = manifest.files.get(STATE_NAME)
+    if entry is None:
+        raise CorruptCheckpointError(f"{where}: not listed in the manifest")
+    data = read_regular(path / STATE_NAME, size=entry.size, checksum=entry.checksum)
+    return parse_state(bytes(data), files=manifest.files, where=where)
+
+
+_MAX_STATE_BYTES = 256 << 20  # state.json holds no tensors: a few MB at most
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The checked manifest of the checkpoint folder ``path`` (``CorruptCheckpointError``)."""
+    where = path / MANIFEST_NAME
+    data = read_regular(where, max_size=_MAX_STATE_BYTES)
+    return Manifest.from_json(bytes(data), where=str(where))
+
+
+def apply(
+    path: Path,
+    state: MutableMapping[str, Any],
+    *,
+    rng: bool = True,
+    manifest: Manifest | None = None,
+) -> dict[str, Any]:
+    """Load the checkpoint folder ``path`` into ``state`` in place; return its progress.
+
+    Objects with ``load_state_dict`` are loaded in place, tensors are copied into in
+    place, other values are replaced in the mapping. All or nothing: every file is read
+    and checked against ``manifest`` (read from ``path`` if not given: only files it
+    lists are opened, each by fd, its size and checksum checked on the bytes loaded),
+    and every entry against the live object it goes into (kind, keys, shapes), before
+    anything is changed. Raises ``CorruptCheckpointError`` (damaged or hostile files) or
+    ``IncompatibleCheckpointError`` (does not fit ``state``), with ``state`` untouched.
+    """
+    manifest = manifest or read_manifest(path)
+    doc = read_state_doc(path, manifest)
+    entries: dict[str, Any] = doc["entries"]
+    missing = [k for k in state if k not in entries]
+    if missing:
+        raise IncompatibleCheckpointError(
+            f"{path}: the checkpoint has no {', '.join(map(repr, missing))} "
+            f"(it holds {', '.join(map(repr, entries)) or 'nothing'}); restore with the same "
+            "state keys it was saved with"
+        )
+    for key in entries:
+        if key not in state:
+            log.warning(
+                "%s: checkpoint entry %r has no place in the state; not restored", path, key
+            )
+    decoded = {}
+    files = _Files(path, manifest)
+    for key, value in state.items():
+        entry = entries[key]
+        tensors: dict[str, torch.Tensor] = {}
+        if entry.get("sharded"):
+            tensors = _read_sharded(key, value, files)
+        elif entry.get("file"):
+            tensors = _fit_to_live(value, files.read(entry["file"]))
+        obj = decode_tree(entry.get("tree"), tensors, where=f"{path / STATE_NAME}:{key}")
+        check_fits(key, value, obj, entry["kind"], where=str(path))
+        decoded[key] = obj
+    for key, obj in decoded.items():
+        _load_into(state, key, state[key], obj, entries[key]["kind"], path)
+    if rng and doc.get("rng"):
+        restore_rng(doc["rng"])
+    return doc.get("progress") or {}
+
+
+class _Files:
+    """The files of one checkpoint, each read once, checked against the manifest."""
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path, self.manifest = path, manifest
+        self._read: dict[str, dict[str, torch.Tensor]] = {}
+        self._index: dict[str, dict[str, ShardedTensor]] | None = None
+
+    def read(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of ``name`` (a file the manifest lists: the schema checked it)."""
+        if name not in self._read:
+            listed = self.manifest.files[name]
+            self._read[name], _ = read_safetensors(
+                self.path / name, size=listed.size, checksum=listed.checksum
+            )
+        return self._read[name]
+
+    def index(self) -> dict[str, dict[str, ShardedTensor]]:
+        if self._index is None:
+            self._index = read_index(self.path, self.manifest)
+        return self._index
+
+
+def read_index(path: Path, manifest: Manifest) -> dict[str, dict[str, ShardedTensor]]:
+    """The checked shard index of a sharded checkpoint (``CorruptCheckpointError``)."""
+    listed = manifest.files.get(SHARDS_NAME)
+    where = str(path / SHARDS_NAME)
+    if listed is None:
+        raise CorruptCheckpointError(f"{where}: a sharded entry, but no index in the manifest")
+    data = read_regular(path / SHARDS_NAME, size=listed.size, checksum=listed.checksum)
+    return parse_index(bytes(data), files=manifest.files, where=where)
+
+
+def _templates(value: Any) -> dict[str, Any]:
+    """The live tensors a checkpoint entry loads into, by the names ``encode_tree`` gives
+    them: where a DTensor, the saved tensor is read as this rank's piece of it. An
+    optimizer that has not stepped yet has no state tensors: a state tensor named
+    ``state.<id>.<name>`` then follows its parameter's sharding."""
+    if not callable(getattr(value, "state_dict", None)):
+        return encode_tree(value)[1] if isinstance(value, torch.Tensor) else {}
+    live = value.state_dict()
+    found = encode_tree(live)[1]
+    if isinstance(value, torch.optim.Optimizer):
+        for saved, group in zip(live.get("param_groups", []), value.param_groups, strict=False):
+            for pid, param in zip(saved.get("params", []), group["params"], strict=False):
+                found.setdefault(f"state.{pid}.", param)
+    return found
+
+
+def _template(templates: dict[str, Any], name: str, shape: tuple[int, ...]) -> Any:
+    live = templates.get(name)
+    if live is None and name.startswith("state."):
+        live = templates.get(name[: name.index(".", 6) + 1] if "." in name[6:] else name)
+    return live if live is not None and tuple(live.shape) == shape else None
+
+
+def _read_sharded(key: str, value: Any, files: _Files) -> dict[str, torch.Tensor]:
+    """This rank's part of the sharded entry ``key``, whatever world size saved it."""
+    specs = files.index().get(key)
+    where = str(files.path / SHARDS_NAME)
+    if specs is None:
+        raise CorruptCheckpointError(f"{where}: no pieces for the sharded entry {key!r}")
+    templates = _templates(value)
+    out = {}
+    for name, spec in specs.items():
+        live = _template(templates, name, spec.shape)
+        local = assemble(name, spec, target_box(live, spec.shape), files.read, where=where)
+        out[name] = like(live, local)
+    return out
+
+
+def _fit_to_live(value: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors (saved by one process) as pieces of the live DTensors they load into."""
+    templates = _templates(value)
+    if not any(is_sharded(t) for t in templates.values()):
+        return tensors
+    out = {}
+    for name, t in tensors.items():
+        live = _template(templates, name, tuple(t.shape))
+        offset, shape = target_box(live, tuple(t.shape))
+        box = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+        out[name] = like(live, t[box]) if live is not None else t
+    return out
+
+
+def check_fits(key: str, value: Any, obj: Any, kind: str, *, where: str) -> None:
+    """Raise ``IncompatibleCheckpointError`` unless ``obj`` (decoded from a checkpoint)
+    can be loaded into the live ``value`` as a whole: loading it cannot fail half way,
+    and a module or optimizer gets tensors of the shapes it has."""
+
+    def no(problem: str) -> IncompatibleCheckpointError:
+        return IncompatibleCheckpointError(
+            f"{where}: cannot restore {key!r}: {problem}; is this checkpoint from the same "
+            "model and optimizer configuration?"
+        )
+
+    stateful = callable(getattr(value, "load_state_dict", None))
+    if kind == "value":
+        if stateful:
+            raise no(f"it was saved as a plain value, but the state holds a {type(value).__name__}")
+        if isinstance(value, torch.Tensor) and not (
+            isinstance(obj, torch.Tensor) and obj.shape == value.shape and obj.dtype == value.dtype
+        ):
+            found = (
+                f"{obj.dtype} {tuple(obj.shape)}" if isinstance(obj, torch.Tensor) else "no tensor"
+            )
+            raise no(f"the checkpoint holds {found}, the state {value.dtype} {tuple(value.shape)}")
+        return
+    if not stateful:
+        raise no(
+            "it was saved from an object with state_dict(), the state holds a "
+            + type(value).__name__
+        )
+    if not isinstance(obj, dict):
+        raise no(f"its saved state is a {type(obj).__name__}, not a state dict")
+    if isinstance(value, torch.nn.Module):
+        _check_module(value, obj, no)
+    elif isinstance(value, torch.optim.Optimizer):
+        _check_optimizer(value, obj, no)
+    elif isinstance(value, torch.optim.lr_scheduler.LRScheduler):
+        # load_state_dict does __dict__.update(): an unknown key would set any attribute
+        unknown = set(obj) - set(value.state_dict())
+        if unknown:
+            raise no(f"unknown scheduler fields {sorted(map(str, unknown))[:3]}")
+
+
+def _check_module(module: torch.nn.Module, obj: dict[Any, Any], no: Any) -> None:
+    live = module.state_dict()
+    missing, unexpected = set(live) - set(obj), set(obj) - set(live)
+    if missing or unexpected:
+        raise no(
+            f"keys missing {sorted(missing)[:3]}, unexpected {sorted(map(str, unexpected))[:3]}"
+        )
+    for name, t in live.items():
+        saved = obj[name]
+        if isinstance(t, torch.Tensor) and (
+            not isinstance(saved, torch.Tensor) or saved.shape != t.shape
+        ):
+            found = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+            raise no(f"{name} is {found} in the checkpoint, {tuple(t.shape)} in the model")
+
+
+# torch.optim optimizers whose per-parameter state tensors all have the parameter's shape
+# (Adafactor's factored moments do not, nor do many third-party optimizers').
+_PARAM_SHAPED = frozenset(
+    "SGD Adam AdamW Adamax NAdam RAdam RMSprop Adagrad Adadelta ASGD Rprop SparseAdam".split()  # noqa: SIM905
+)
+
+
+def _check_optimizer(opt: torch.optim.Optimizer, obj: dict[Any, Any], no: Any) -> None:
+    groups, saved_state = obj.get("param_groups"), obj.get("state")
+    if not isinstance(groups, list) or not isinstance(saved_state, dict):
+        raise no("the optimizer state has no param_groups list or state dict")
+    if len(groups) != len(opt.param_groups):
+        raise no(f"{len(groups)} parameter groups saved, {len(opt.param_groups)} now")
+    params: dict[Any, torch.Tensor] = {}
+    for i, (saved, live) in enumerate(zip(groups, opt.param_groups, strict=True)):
+        ids = saved.get("params") if isinstance(saved, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(live["params"]):
+            raise no(f"parameter group {i} holds another number of parameters")
+        for k, v in live.items():
+            if k != "params" and k in saved and not _same_kind(v, saved[k]):
+                raise no(f"parameter group {i}: {k} is {saved[k]!r}, expected like {v!r}")
+        for pid, p in zip(ids, live["params"], strict=True):
+            if not isinstance(pid, int) or pid in params:
+                raise no(f"parameter group {i} has a bad or repeated parameter id {pid!r}")
+            params[pid] = p
+    strict = type(opt).__module__.startswith("torch.optim") and type(opt).__name__ in _PARAM_SHAPED
+    for pid, st in saved_state.items():
+        if pid not in params or not isinstance(st, dict):
+            raise no(f"state for an unknown parameter {pid!r}")
+        for k, t in st.items():
+            if (
+                strict
+                and isinstance(t, torch.Tensor)
+                and t.dim() > 0
+                and t.shape != params[pid].shape
+            ):
+                raise no(
+                    f"state {k!r} of parameter {pid} is {tuple(t.shape)}, "
+                    f"the parameter {tuple(params[pid].shape)}"
+                )
+
+
+def _same_kind(live: Any, saved: Any) -> bool:
+    """A saved hyperparameter can replace the live one (lr, betas, momentum, flags)."""
+    if isinstance(live, bool) or live is None:
+        return True  # flags and optional values: load_state_dict takes what was saved
+    if isinstance(live, (int, float, torch.Tensor)):
+        return isinstance(saved, (int, float, torch.Tensor)) and not isinstance(saved, bool)
+    if isinstance(live, (tuple, list)):
+        return (
+            isinstance(saved, (tuple, list))
+            and len(saved) == len(live)
+            and all(_same_kind(a, b) for a, b in zip(live, saved, strict=True))
+        )
+    return True
+
+
+def _load_into(
+    state: MutableMapping[str, Any], key: str, value: Any, obj: Any, kind: Any, path: Path
+) -> None:
+    if kind == "stateful":
+        try:
+            value.load_state_dict(obj)
+        # check_fits makes this unlikely; a failure here still names the checkpoint
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise IncompatibleCheckpointError(
+                f"{path}: cannot load {key!r} ({str(e).splitlines()[0]}); is this checkpoint "
+                "from the same model and optimizer configuration?"
+            ) from e
+    elif isinstance(value, torch.Tensor):
+        with torch.no_grad():
+            value.copy_(obj)
+    else:
+        state[key] = obj
