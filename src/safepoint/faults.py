@@ -11,12 +11,16 @@ _crash_counts: Counter[str] = Counter()
 
 
 def crash_point(name: str) -> None:
-    """Die by SIGKILL here if ``SAFEPOINT_CRASH_AT`` is ``name`` or ``name@N`` (N-th time).
+    """Die by SIGKILL here if ``SAFEPOINT_CRASH_AT`` is ``name`` or ``name@N`` (N-th time)
+    (with ``SAFEPOINT_CRASH_RANK=R``: only in the process whose ``RANK`` is R).
 
     Only for crash tests: lets a test stop the writer at a named step of the protocol.
     """
     want = os.environ.get("SAFEPOINT_CRASH_AT")
     if not want:
+        return
+    only = os.environ.get("SAFEPOINT_CRASH_RANK")  # several processes: only this rank dies
+    if only is not None and os.environ.get("RANK", "0") != only:
         return
     point, _, nth = want.partition("@")
     if point != name:

@@ -261,6 +261,7 @@ class Saver:
             mb_per_s=round(info.size / write_s / 1e6, 1) if write_s else None,
             metrics=snapshot.metrics,
             result="committed",
+            **({"writers": writers} if (writers := _writers(info)) else {}),
         )
         self.last_commit_s = done
         self._prune()
@@ -431,3 +432,8 @@ class Saver:
         if self.replica is not None:
             self.replica.close()  # waits for the last upload, at most its timeout
         return failure
+
+
+def _writers(info: CheckpointInfo) -> Any:
+    """Of a sharded save: which rank (process) wrote which files, how many bytes, how fast."""
+    return info.manifest.info.get("writers") if info.manifest else None

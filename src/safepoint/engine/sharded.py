@@ -20,6 +20,7 @@ Only JSON crosses between the processes (``Ranks.broadcast_json``/``gather_json`
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,10 +74,13 @@ def commit_sharded(
 
     report: dict[str, Any]
     try:
+        t_write = time.perf_counter()
         written = store.write_files(staging, own_files(snapshot, ranks))
         report = {
             "files": {name: [e.size, e.checksum] for name, e in written.items()},
             "pieces": snapshot.shards,
+            "pid": os.getpid(),
+            "write_s": round(time.perf_counter() - t_write, 6),
         }
     except OSError as e:
         report = {"error": str(store.failure(step, e))}
@@ -122,7 +126,7 @@ def _finish(
             files,
             t0=t0,
             versions=versions,
-            info={**(info or {}), "world_size": ranks.world_size},
+            info={**(info or {}), "world_size": ranks.world_size, "writers": _writers(reports)},
         )
     except OSError as e:
         store.discard(staging)
@@ -131,3 +135,17 @@ def _finish(
         store.discard(staging)
         raise
     return committed, {"committed": committed.name}
+
+
+def _writers(reports: list[Any]) -> list[dict[str, Any]]:
+    """Who wrote what: per rank its process, files, bytes and write time (the record)."""
+    return [
+        {
+            "rank": rank,
+            "pid": rep["pid"],
+            "files": sorted(rep["files"]),
+            "bytes": sum(size for size, _ in rep["files"].values()),
+            "write_s": rep["write_s"],
+        }
+        for rank, rep in enumerate(reports)
+    ]
