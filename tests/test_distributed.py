@@ -84,10 +84,14 @@ def test_resume_with_other_world_size_warns(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_signal_to_one_rank_stops_all_at_same_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("state", ["replicated", "sharded"])
+def test_signal_to_one_rank_stops_all_at_same_step(tmp_path: Path, state: str) -> None:
+    """SIGTERM to rank 1 alone: both ranks save the same step and stop (with a sharded
+    state, the emergency checkpoint is written by both, in pieces)."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
     cmd += ["2", str(SCRIPT), str(run), "--steps", "400", "--save-every", "1000"]
+    cmd += ["--sharded"] if state == "sharded" else []
     cmd += ["--step-sleep", "0.02"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -110,6 +114,24 @@ def test_signal_to_one_rank_stops_all_at_same_step(tmp_path: Path) -> None:
     assert 20 <= step < 400
     events = [json.loads(line) for line in (run / "safepoint.log.jsonl").read_text().splitlines()]
     assert any(e["event"] == "signal" and e["step"] == step for e in events)
+    files = inspect(valid[0]).manifest.files  # type: ignore[union-attr]
+    assert ("shards.json" in files) == (state == "sharded")
+
+
+@pytest.mark.parametrize("state", ["replicated", pytest.param("sharded", marks=pytest.mark.slow)])
+def test_an_exception_on_one_rank_tries_no_collective_save(tmp_path: Path, state: str) -> None:
+    """Rank 0 fails alone: an emergency save there would wait in a collective the other
+    ranks never join (a hang until the 30-minute gloo timeout). It says why it did not
+    save, and the job ends within seconds, the last scheduled checkpoint intact."""
+    run = tmp_path / "run"
+    extra = ("--sharded",) if state == "sharded" else ()
+    args = ("--steps", "20", "--save-every", "5", "--fail-at-step", "8", *extra)
+    proc = torchrun(run, *args)
+    assert proc.returncode != 0 and "a failure on rank 0 at step 8" in proc.stderr
+    assert inspect(run / "checkpoint-5").valid and not (run / "checkpoint-7").exists()
+    events = [json.loads(line) for line in (run / "safepoint.log.jsonl").read_text().splitlines()]
+    (failure,) = [e for e in events if e["event"] == "exception"]
+    assert failure["saved"] is None and "several processes" in failure["why_not"]
 
 
 LAUNCHERS = {name: launcher(name) for name in ("torchrun", "accelerate")}

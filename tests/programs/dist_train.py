@@ -50,6 +50,7 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--dump-restored", default=None, help="write the restored full state here")
     p.add_argument("--dump-final", default=None, help="write the final full state here")
+    p.add_argument("--fail-at-step", type=int, default=None, help="rank 0 raises at this step")
     p.add_argument("--async-save", action="store_true")
     args = p.parse_args(argv)
 
@@ -94,6 +95,8 @@ def main(argv: list[str]) -> int:
         for step in range(start, args.steps):
             x = torch.randn(8, 16)
             y = torch.randn(8, 4) * (float(np.random.rand()) + random.random())
+            if rank == 0 and step + 1 == args.fail_at_step:
+                raise RuntimeError(f"a failure on rank 0 at step {step + 1}")
             loss = torch.nn.functional.mse_loss(model(x), y)
             opt.zero_grad()
             loss.backward()

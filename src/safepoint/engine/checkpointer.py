@@ -227,7 +227,9 @@ class Checkpointer:
         step if the state is still that step's, add a hint to ``exc`` (then re-raise)."""
         self.emergency.handled = True
         save = save or (lambda s, st, why: self.save(s, st, reason=why, urgent=True).wait())
-        return self.emergency.on_exception(exc, save, last_saved=self.decider.last_saved)
+        return self.emergency.on_exception(
+            exc, save, last_saved=self.decider.last_saved, several_ranks=self.ranks.active
+        )
 
     # -------------------------------------------------------------------- query
 

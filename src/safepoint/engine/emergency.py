@@ -270,14 +270,19 @@ class EmergencyStop:
         save: Callable[[int, Mapping[str, Any], str], CheckpointInfo],
         *,
         last_saved: int | None,
+        several_ranks: bool = False,
     ) -> CheckpointInfo | None:
         """After ``exc`` escaped the training loop: ``save(step, state, reason)`` the last
         completed step if the state still is that step's (and ``last_saved`` is older),
-        add a hint to ``exc``; return the checkpoint or None."""
+        add a hint to ``exc``; return the checkpoint or None. With ``several_ranks`` no
+        save is tried: it is collective, and the exception stopped this rank only (the
+        others would wait in a different collective: a hang, not a checkpoint)."""
         if not isinstance(exc, Exception) or isinstance(exc, SafepointError):
             return None
         step, why_not = self._boundary, None
-        if step is None or self._state is None:
+        if several_ranks:
+            why_not = "several processes: a save needs every rank, and this one failed alone"
+        elif step is None or self._state is None:
             why_not = "no step had completed in this process"
         elif last_saved == step:
             why_not = f"checkpoint-{step} already holds the last completed step"
