@@ -123,6 +123,23 @@ def test_resume_on_another_number_of_processes_restores_the_same_state(
     assert cli.returncode == 1 and piece.name in cli.stdout + cli.stderr
 
 
+@pytest.mark.distributed
+def test_the_disk_preflight_counts_every_ranks_pieces(tmp_path: Path) -> None:
+    """Rank 0 holds half of the state: the estimate must still be the whole checkpoint
+    (it was half of it), before the optimizer's first step and after."""
+    program = Path(__file__).parent / "programs" / "sharded_estimate.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    cmd += ["2", str(program), str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = ok(subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240))
+    before, after, real = map(int, re.findall(r"estimate (\d+) (\d+) real (\d+)", proc.stdout)[0])
+    assert abs(before - real) / real < 0.02 and abs(after - real) / real < 0.02, (
+        before,
+        after,
+        real,
+    )
+
+
 # ------------------------------------------------------------------------ the index
 
 

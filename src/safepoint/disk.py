@@ -11,6 +11,7 @@ tensors, so that the headers and ``state.json`` come out exact.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -21,11 +22,14 @@ from typing import Any
 import torch
 
 from safepoint.errors import DiskBudgetError
-from safepoint.format import safetensors_layout
+from safepoint.fileio import dumps_json
+from safepoint.format import dtype_of, safetensors_layout
 from safepoint.manifest import MANIFEST_NAME, FileEntry, Manifest
 from safepoint.plan import Saves, disk_needed
 from safepoint.retention import KeepLast, RetentionPolicy
-from safepoint.snapshot import TensorFile, capture
+from safepoint.schema import STATE_NAME
+from safepoint.sharding import SHARDS_NAME, build_index, shard_file
+from safepoint.snapshot import Snapshot, TensorFile, capture
 from safepoint.units import format_size
 
 MANIFEST_BASE = 700
@@ -182,11 +186,48 @@ def estimate_file_sizes(
     snapshot = capture(projected_state(state), step=0, copy=False, rng=True, progress=progress)
     files = {**snapshot.files, **(extra_files or {})}
     sizes = {name: files_bytes({name: content}) for name, content in files.items()}
+    sizes |= _other_ranks_pieces(snapshot, sizes) | _ranks_doc(snapshot)
     if manifest is None:
         sizes[MANIFEST_NAME] = MANIFEST_BASE + MANIFEST_PER_FILE * len(files)
     else:
         sizes[MANIFEST_NAME] = manifest_bytes(sizes, **manifest)
     return sizes
+
+
+def _other_ranks_pieces(snapshot: Snapshot, sizes: Mapping[str, int]) -> dict[str, int]:
+    """Of a sharded state: the files the other ranks write and ``shards.json``. This
+    rank captured only its own pieces; the global shapes say what the others hold."""
+    import torch.distributed as dist
+
+    if not snapshot.sharded:
+        return {}
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    out: dict[str, int] = {}
+    for key, layout in snapshot.shards.items():
+        total = sum(
+            math.prod(spec["shape"]) * dtype_of(spec["dtype"], where=key).itemsize
+            for spec in layout.values()
+        )
+        mine = shard_file(key, rank, world)
+        payload = snapshot.files[mine].nbytes if mine in snapshot.files else 0  # type: ignore[union-attr]
+        header = sizes.get(mine, 0) - payload
+        rest = max(total - payload, 0)
+        for r in range(world):
+            if r != rank:
+                out[shard_file(key, r, world)] = header + rest // max(world - 1, 1)
+    layouts = [snapshot.shards] * world  # every rank lists about as many pieces as this one
+    out[SHARDS_NAME] = len(dumps_json(build_index(world, layouts)))
+    return out
+
+
+def _ranks_doc(snapshot: Snapshot) -> dict[str, int]:
+    """Several processes: ``ranks.json``, every rank's RNG state (``distributed.py``)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        return {}
+    one = len(snapshot.files[STATE_NAME])  # type: ignore[arg-type]  # mostly the RNG state
+    return {"ranks.json": one * dist.get_world_size()}
 
 
 def block_size(directory: Path) -> int:
