@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,38 @@ def test_each_rank_writes_its_pieces_and_a_rank_killed_mid_save_loses_nothing(
     assert same_tensors(reference / "final.safetensors", run / "final.safetensors")
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.crash
+@pytest.mark.parametrize(
+    ("point", "rank"),
+    [
+        ("tensor_file@1", "0"),  # rank 0, mid-piece, first save: nothing committed yet
+        ("tensor_file@3", "1"),
+        ("tensor_file@3", "0"),
+        ("after_files@2", "0"),  # every piece durable, no index or manifest yet
+        ("after_manifest@2", "0"),  # manifest written, not renamed
+        ("after_rename@2", "0"),  # committed, the parent not yet fsynced
+    ],
+)
+def test_killed_at_each_point_of_a_sharded_save_the_rerun_resumes_and_ends_identical(
+    tmp_path: Path, point: str, rank: str
+) -> None:
+    """SIGKILL of one rank at each named point of the sharded commit protocol: the rerun
+    resumes from the newest checkpoint that was committed and ends bit-identical."""
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    args = ("--steps", "20", "--save-every", "5")
+    ok(torchrun(reference, *args))
+    crash = {"SAFEPOINT_CRASH_AT": point, "SAFEPOINT_CRASH_RANK": rank}
+    assert torchrun(run, *args, env=crash).returncode != 0
+    valid = [inspect(p) for p in run.glob("checkpoint-*")]
+    newest = max((i.step for i in valid if i.valid), default=0)
+    assert not any(i.status not in ("valid",) for i in valid), [i.problems for i in valid]
+    rerun = ok(torchrun(run, *args))
+    assert rerun.stdout.count(f"start {newest}") == 2, rerun.stdout
+    assert same_tensors(reference / "final.safetensors", run / "final.safetensors")
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("saved_by", "resumed_by"),
@@ -121,6 +154,26 @@ def test_resume_on_another_number_of_processes_restores_the_same_state(
         text=True,
     )
     assert cli.returncode == 1 and piece.name in cli.stdout + cli.stderr
+
+
+@pytest.mark.distributed
+def test_a_full_disk_is_retried_by_every_rank_together(
+    tmp_path: Path, tmpfs: Callable[..., Path]
+) -> None:
+    """A disk with room for two checkpoints and a half, keep_last=2: the third save runs
+    out of space mid-piece; rank 0 frees the oldest (retention deletes it anyway once the
+    new one commits) and both ranks retry that save together. Nothing is lost."""
+    args = ("--steps", "20", "--save-every", "5", "--keep-last", "2", "--width", "1600")
+    reference = tmp_path / "reference"
+    ok(torchrun(reference, *args))
+    size = inspect(reference / "checkpoint-20").size
+    run = tmpfs(int(size * 2.6)) / "run"
+    ok(torchrun(run, *args, "--no-check-disk"))
+    retries = [json.loads(line) for line in (run / "safepoint.log.jsonl").read_text().splitlines()]
+    retries = [e for e in retries if e["event"] == "save_retry"]
+    assert retries and "No space left" in retries[0]["error"], retries
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-20"]
+    assert same_tensors(reference / "final.safetensors", run / "final.safetensors")
 
 
 @pytest.mark.distributed

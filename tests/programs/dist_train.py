@@ -50,6 +50,8 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--dump-restored", default=None, help="write the restored full state here")
     p.add_argument("--dump-final", default=None, help="write the final full state here")
+    p.add_argument("--width", type=int, default=32, help="hidden width (checkpoint size)")
+    p.add_argument("--no-check-disk", action="store_true", help="no disk pre-flight")
     p.add_argument("--fail-at-step", type=int, default=None, help="rank 0 raises at this step")
     p.add_argument("--async-save", action="store_true")
     args = p.parse_args(argv)
@@ -60,7 +62,10 @@ def main(argv: list[str]) -> int:
     rank = dist.get_rank() if world > 1 else 0
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 4)
+        torch.nn.Linear(16, args.width),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(args.width, 4),
     )
     if args.fsdp or args.sharded:
         from torch.distributed.fsdp import fully_shard
@@ -87,6 +92,7 @@ def main(argv: list[str]) -> int:
         total_steps=args.steps,
         remote=args.remote,
         async_save=args.async_save,
+        check_disk=not args.no_check_disk,
     ) as ckpt:
         start = ckpt.restore(state) or 0
         print(f"rank {rank} pid {os.getpid()} start {start}", flush=True)

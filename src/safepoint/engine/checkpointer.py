@@ -20,6 +20,7 @@ from safepoint.engine.emergency import EmergencyStop
 from safepoint.engine.preflight import Preflight
 from safepoint.engine.resume import Resumed, Resumer, T
 from safepoint.engine.saver import PendingSave, Saver
+from safepoint.engine.sharded import save_sharded
 from safepoint.errors import ConfigError, SaveFailedError
 from safepoint.lock import RunLock, prepare_directory
 from safepoint.options import Options
@@ -70,7 +71,7 @@ class Checkpointer:
         self.record = RunRecord(self.directory) if writer else QuietRecord()
         self.decider = Decider(o, self.ranks, self.record)
         self._preflight = Preflight(self.store, self.record, o, self.decider, lambda i: ours(i))
-        self.saver = Saver(self.store, self.record, self._lock, o, self._preflight, self.ranks)
+        self.saver = Saver(self.store, self.record, self._lock, o, self._preflight)
         ours = self.saver.ours  # one rule for "a checkpoint of this configuration"
         self.resumer = Resumer(self.store, self.record, o, self.ranks)
         swept = self.store.sweep() if writer else []
@@ -154,8 +155,7 @@ class Checkpointer:
         return handle
 
     def _last(self, step: int, state: Mapping[str, Any], metrics: Any) -> CheckpointInfo:
-        latest = self.latest()  # the background save of this very step, if it landed
-        if latest is not None and latest.step == step:
+        if (latest := self.latest()) is not None and latest.step == step:  # landed already
             return latest
         return self.save(step, state, metrics=metrics, reason="emergency", urgent=True).wait()
 
@@ -164,8 +164,8 @@ class Checkpointer:
         (collective). Raises an unwaited background failure, per ``on_save_error``."""
         self._last_step = step
         self.check()
-        bg = self.saver.background
-        return self.decider.due(step, epoch_end=epoch_end, background=bg, stop=self.emergency)
+        bg, stop = self.saver.background, self.emergency
+        return self.decider.due(step, epoch_end=epoch_end, background=bg, stop=stop)
 
     def save(
         self,
@@ -200,10 +200,11 @@ class Checkpointer:
         self.ranks.gather_rng(snapshot)  # every rank hands over its state before the commit
         snapshot.metrics = dict(metrics or snapshot.metrics)
         snapshot.reason, snapshot.fingerprint = reason, self.options.fingerprint
-        urgent = urgent or self.emergency.saving  # emergency saves go ahead, in line
-        handle = self.saver.commit(
-            snapshot, started=started, urgent=urgent, writer=self.ranks.is_writer
-        )
+        urgent, writer = urgent or self.emergency.saving, self.ranks.is_writer  # urgent: in line
+        if snapshot.sharded:  # every rank writes its own pieces, together, in line
+            handle = save_sharded(self.saver, self.ranks, snapshot, started=started)
+        else:  # rank 0 writes
+            handle = self.saver.commit(snapshot, started=started, urgent=urgent, writer=writer)
         self.decider.saved(snapshot.step, handle.stall_s)
         return handle
 
@@ -272,10 +273,8 @@ class Checkpointer:
         finally:
             self.emergency.close()  # the user's own signal handlers are back
             self._lock.release()
-        if failure is not None:
-            raise failure
-        if stopped is not None:
-            raise stopped
+        if failure is not None or stopped is not None:
+            raise failure or stopped  # type: ignore[misc]
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from safepoint.disk import is_recoverable
-from safepoint.distributed import Ranks
 from safepoint.engine.preflight import Preflight
-from safepoint.engine.sharded import commit_sharded
 from safepoint.errors import SaveFailedError
 from safepoint.lock import RunLock
 from safepoint.manifest import library_versions
@@ -121,10 +119,8 @@ class Saver:
         lock: RunLock,
         options: Options,
         preflight: Preflight,
-        ranks: Ranks | None = None,
     ) -> None:
         self.store = store
-        self.ranks = ranks or Ranks()
         self.record = record
         self.lock = lock
         self.options = options
@@ -157,12 +153,7 @@ class Saver:
         path = self.store.path_for(snapshot.step)
         handle = PendingSave(snapshot.step, path, snapshot.reason, dict(snapshot.metrics))
         bg = self.background
-        if snapshot.sharded:  # every rank writes its pieces, together, in line
-            if bg is not None and writer:
-                bg.wait_idle(snapshot.step)
-                self._raise_unobserved()
-            handle._info = self._commit_sharded(snapshot, started, writer=writer)
-        elif not writer:
+        if not writer:
             handle._info = CheckpointInfo(path, snapshot.step, "valid")
         elif bg is None:
             handle._info = self.commit_now(snapshot, started, mode="sync")
@@ -184,19 +175,6 @@ class Saver:
         handle.stall_s = time.perf_counter() - started
         self._last = handle
         return handle
-
-    def _commit_sharded(
-        self, snapshot: Snapshot, started: float, *, writer: bool
-    ) -> CheckpointInfo:
-        """A sharded save (``engine/sharded.py``): collective; rank 0 records and prunes."""
-        if not writer:
-            return commit_sharded(self.store, self.ranks, snapshot)
-
-        def commit(snap: Snapshot, **kwargs: Any) -> CheckpointInfo:
-            kwargs.pop("abort", None)
-            return commit_sharded(self.store, self.ranks, snap, **kwargs)
-
-        return self.commit_now(snapshot, started, mode="sharded", store_commit=commit)
 
     def _start(self, bg: AsyncSaver, snapshot: Snapshot, started: float, waited: float) -> Any:
         t_copy = time.perf_counter()
@@ -291,13 +269,20 @@ class Saver:
             if not is_recoverable(e) or store_commit is not None:
                 raise
             first = e
+        return self.retry(snapshot, first, lambda: self.store.commit(snapshot, **kwargs))
+
+    def retry(
+        self, snapshot: Snapshot, first: SaveFailedError, commit: Callable[[], CheckpointInfo]
+    ) -> CheckpointInfo:
+        """After ``first`` (a full disk, EIO): free what retention will delete once this
+        save is committed, then ``commit()`` once more."""
         freed = self._free_for(snapshot)
         log.warning(
             "%s; freed %s by the retention policy, retrying once", first, format_size(freed)
         )
         self.record.event("save_retry", step=snapshot.step, error=str(first), freed_bytes=freed)
         try:
-            return self.store.commit(snapshot, **kwargs)
+            return commit()
         except SaveFailedError as e:
             newest = self.latest()
             resume = (

@@ -10,6 +10,8 @@ The commit protocol is unchanged; only step 2 is shared::
                                                                       rename, fsync
     ◀────────────────────────── outcome (committed, or why not) ─────────────────
 
+A full disk (or EIO) on any rank fails the attempt on every rank alike; the saver then
+frees what retention would delete anyway, on rank 0, and all ranks retry once together.
 A rank that dies inside the save never reports: the others wait in the collective
 until the launcher (torchrun) takes the job down, and the staging folder was never
 renamed, so the checkpoints before it are what a rerun resumes from. A rank whose write
@@ -26,7 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safepoint.disk import is_recoverable
 from safepoint.distributed import Ranks
+from safepoint.engine.saver import PendingSave, Saver
 from safepoint.errors import SaveFailedError
 from safepoint.fileio import dumps_json
 from safepoint.manifest import FileEntry
@@ -36,6 +40,37 @@ from safepoint.store import Store
 from safepoint.validity import CheckpointInfo
 
 Finish = Callable[[Path, dict[str, FileEntry]], CheckpointInfo]
+
+
+def save_sharded(saver: Saver, ranks: Ranks, snapshot: Snapshot, *, started: float) -> PendingSave:
+    """Commit a sharded ``snapshot`` with every rank, in line, through ``saver`` (rank 0
+    records, prunes and replicates as for any save); a full disk is retried once, by
+    all ranks together, after rank 0 freed what retention will delete anyway.
+    Raises ``SaveFailedError`` on every rank alike."""
+    step, store = snapshot.step, saver.store
+    handle = PendingSave(step, store.path_for(step), snapshot.reason, dict(snapshot.metrics))
+    if not ranks.is_writer:
+        try:
+            handle._info = commit_sharded(store, ranks, snapshot)
+        except SaveFailedError as e:
+            if not is_recoverable(e):
+                raise
+            handle._info = commit_sharded(store, ranks, snapshot)  # rank 0 retries with us
+    else:
+        saver.flush()  # a background save of a replicated state before: one at a time
+
+        def commit(snap: Snapshot, **kwargs: Any) -> CheckpointInfo:
+            kwargs.pop("abort", None)
+            try:
+                return commit_sharded(store, ranks, snap, **kwargs)
+            except SaveFailedError as e:
+                if not is_recoverable(e):
+                    raise
+                return saver.retry(snap, e, lambda: commit_sharded(store, ranks, snap, **kwargs))
+
+        handle._info = saver.commit_now(snapshot, started, mode="sharded", store_commit=commit)
+    handle.stall_s = time.perf_counter() - started
+    return handle
 
 
 def own_files(snapshot: Snapshot, ranks: Ranks) -> dict[str, Any]:
@@ -66,10 +101,10 @@ def commit_sharded(
         try:
             opened = {"staging": store.begin(step).name}
         except OSError as e:
-            opened = {"error": str(store.failure(step, e))}
+            opened = {"error": str(store.failure(step, e)), "errno": e.errno}
     opened = ranks.broadcast_json(opened)
     if "error" in opened:
-        raise SaveFailedError(opened["error"])
+        raise _failed(opened)
     staging = store.directory / opened["staging"]
 
     report: dict[str, Any]
@@ -83,7 +118,7 @@ def commit_sharded(
             "write_s": round(time.perf_counter() - t_write, 6),
         }
     except OSError as e:
-        report = {"error": str(store.failure(step, e))}
+        report = {"error": str(store.failure(step, e)), "errno": e.errno}
     except Exception as e:  # a rank that cannot write must still answer, or all wait
         report = {"error": f"saving {store.path_for(step)} failed on rank {ranks.rank}: {e}"}
     reports = ranks.gather_json(report)
@@ -94,7 +129,7 @@ def commit_sharded(
         committed, outcome = _finish(store, ranks, snapshot, staging, reports, t0, versions, info)
     outcome = ranks.broadcast_json(outcome)
     if "error" in outcome:
-        raise SaveFailedError(outcome["error"])
+        raise _failed(outcome)
     return committed or CheckpointInfo(store.path_for(step), step, "valid")
 
 
@@ -113,7 +148,8 @@ def _finish(
     if failed:
         store.discard(staging)
         more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
-        return None, {"error": f"{failed[0][1]}{more}"}
+        code = next((reports[r].get("errno") for r, _ in failed if reports[r].get("errno")), None)
+        return None, {"error": f"{failed[0][1]}{more}", "errno": code}
     files: dict[str, FileEntry] = {}
     for rep in reports:
         files |= {name: FileEntry(*entry) for name, entry in rep["files"].items()}
@@ -130,11 +166,21 @@ def _finish(
         )
     except OSError as e:
         store.discard(staging)
-        return None, {"error": str(store.failure(snapshot.step, e))}
+        return None, {"error": str(store.failure(snapshot.step, e)), "errno": e.errno}
     except BaseException:
         store.discard(staging)
         raise
     return committed, {"committed": committed.name}
+
+
+def _failed(outcome: dict[str, Any]) -> SaveFailedError:
+    """The same ``SaveFailedError`` on every rank, caused by the first rank's ``OSError``
+    (its errno crossed as JSON), so that every rank sees a full disk as recoverable."""
+    error = SaveFailedError(outcome["error"])
+    code = outcome.get("errno")
+    if isinstance(code, int):
+        error.__cause__ = OSError(code, os.strerror(code))
+    return error
 
 
 def _writers(reports: list[Any]) -> list[dict[str, Any]]:
