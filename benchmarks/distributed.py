@@ -16,14 +16,15 @@ optimizer steps, then ``--sharded-saves`` in-line saves, for each world size and
 way of saving it: ``{"model": net, "optimizer": opt}`` (every rank writes its pieces)
 or ``{"sharded": FullState(net, opt)}`` (gathered to rank 0, which writes alone). Each
 configuration is a fresh torchrun; each rank reports the time it was blocked in
-``save().wait()`` (median), the bytes of the files it wrote, its peak RSS
-(``ru_maxrss``, setup included) and how far its RSS rose while saving: the highest
-``VmHWM`` of the saves (peak reset through ``/proc/self/clear_refs`` before each) minus
-the RSS before the first (after ``malloc_trim``, so that pages freed in setup do not
-hide what the saves need; none is trimmed between saves). Write throughput is
-compared with ``dd conv=fsync`` of the checkpoint's size, measured after each
-configuration (safepoint writes tensor files with ``O_DIRECT``, dd through the page
-cache). Writes ``results/distributed_sharded.md``.
+``save().wait()`` (median), the bytes of the files it wrote, its peak RSS in setup and
+training (``ru_maxrss`` before the saves) and during the saves (``VmHWM``, the peak reset
+through ``/proc/self/clear_refs`` before each save; the reset clears ``ru_maxrss`` too),
+and how far its RSS rose while saving: that peak minus the RSS before the first save
+(after ``malloc_trim``, so that pages freed in setup do not hide what the saves need;
+none is trimmed between saves). Write throughput is compared with ``dd conv=fsync`` of
+the checkpoint's size, measured after each configuration (safepoint writes tensor
+files with ``O_DIRECT``, dd through the page cache). Writes
+``results/distributed_sharded.md``.
 ``--quick`` shrinks both parts to check that the script works (numbers meaningless).
 """
 
@@ -205,7 +206,6 @@ def shard_worker(out: Path, mode: str, size_mb: float, saves: int, steps: int) -
             "peaks_saves": peaks,
             "rss_rise": max(peaks) - rss_before,
             "rss_after": _vm("VmRSS"),
-            "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
     if rank == 0:
         lines = (out / "ckpt" / "safepoint.log.jsonl").read_text().splitlines()
@@ -261,10 +261,12 @@ def _tables(runs: list[dict[str, Any]]) -> str:
         total = r0["checkpoint_bytes"]
         name = MODE_NAMES[run["mode"]]
         stalls = [r["stall_s"] for r in ranks]
+        peaks = [r0["peak_setup"] / 1e9, max(r0["peaks_saves"]) / 1e9]
+        rises = [(r0["peaks_saves"][0] - r0["rss_before"]) / 1e6, r0["rss_rise"] / 1e6]
         main_rows.append([
             name, run["world"], _per_rank(stalls, ".2f"),
             _per_rank([r["bytes"] / 1e6 for r in ranks], ".0f"),
-            r0["ru_maxrss"] / 1e9, r0["rss_rise"] / 1e6, total / 1e6,
+            _per_rank(peaks, ".2f"), _per_rank(rises, ".0f"), total / 1e6,
         ])  # fmt: skip
         write_s = statistics.median(e["write_s"] for e in r0["record"] if e["write_s"])
         io_rows.append([
@@ -275,7 +277,8 @@ def _tables(runs: list[dict[str, Any]]) -> str:
         ])  # fmt: skip
     main = table(
         ["mode", "ranks", "save stall per rank, median (s)", "MB written per rank",
-         "rank 0 peak RSS (GB)", "rank 0 RSS rise while saving (MB)", "checkpoint (MB)"],
+         "rank 0 peak RSS: training / saves (GB)",
+         "rank 0 RSS rise while saving: 1st save / all (MB)", "checkpoint (MB)"],
         main_rows,
     )  # fmt: skip
     io = table(
@@ -327,7 +330,8 @@ def sharded(args: argparse.Namespace) -> None:
         "saves (`ckpt.save(step, state).wait()`, after a barrier); medians of the saves. "
         "A fresh torchrun (gloo, OMP_NUM_THREADS=1) per row. RSS rise while saving: peak "
         "RSS during the saves minus RSS before them (after setup and `malloc_trim`); "
-        "peak RSS: `ru_maxrss`, setup included.\n\n"
+        "peak RSS in training: `ru_maxrss` before the saves (setup: each rank builds the "
+        "whole model, then shards it).\n\n"
         f"{_tables(runs)}\n\n{ratios}\n\nWhole benchmark: {total:.0f} s."
     )
     data = {
