@@ -247,6 +247,43 @@ def test_chaos_power_cut_on_safepoint_train_sample(tmp_path: Path) -> None:
     assert "strict" in r.stdout and "reordered#0" in r.stdout
 
 
+@pytest.mark.crash
+def test_chaos_power_cut_on_safepoint_train_with_async_save(tmp_path: Path) -> None:
+    """The background writer (O_DIRECT where it can, page cache on FUSE) under cuts: the
+    commit protocol is the same on the writer thread, so every cut resumes intact."""
+    r = _chaos(
+        tmp_path,
+        *("--sample", "4", "--samples", "1", "--kills", "0", "--"),
+        *("safepoint", "train", "--max-steps", "6", "--save-every", "2", "--async-save"),
+        *("--output-dir", "{out}"),
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "chaos: PASS" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.crash
+@pytest.mark.parametrize("async_save", [False, True])
+def test_chaos_power_cut_on_a_users_trainer_script(tmp_path: Path, async_save: bool) -> None:
+    """A user's own SFTTrainer script with SafepointCallback (not ``safepoint train``):
+    cuts before an even spread of its file events, strict and reordered."""
+    from safepoint.app import tiny
+
+    model = tiny.tiny_model_path()
+    script = Path(__file__).parent / "programs" / "hf_user_train.py"
+    r = _chaos(
+        tmp_path,
+        *("--sample", "12", "--samples", "2", "--kills", "1"),
+        *("--compare", "{out}/final.safetensors", "--"),
+        *(sys.executable, str(script), "{out}", str(model), "--steps", "8", "--save-every", "2"),
+        *(("--async-save",) if async_save else ()),
+        timeout=3 * 3600,
+    )
+    assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-2000:]
+    assert "chaos: PASS" in r.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.crash
 def test_chaos_power_cut_on_safepoint_train_every_point(tmp_path: Path) -> None:

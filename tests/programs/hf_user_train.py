@@ -1,6 +1,7 @@
 """A user's own script: stock TRL SFTTrainer + LoraConfig + SafepointCallback.
 
 usage: python hf_user_train.py OUT_DIR MODEL_DIR [--steps N] [--save-every S] [--full]
+                              [--async-save]
 
 Run by tests/test_hf_callback.py as a real process, killed and rerun. At the end it
 writes the trained weights to OUT_DIR/final.safetensors.
@@ -28,6 +29,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--save-every", default="3")
     p.add_argument("--full", action="store_true")
+    p.add_argument("--async-save", action="store_true")
     p.add_argument("--resume", default=None)
     p.add_argument("--limit", type=int, default=None, help="use the first N examples only")
     args = p.parse_args(argv)
@@ -58,7 +60,9 @@ def main(argv: list[str]) -> int:
         train_dataset=data,
         processing_class=tokenizer,
         peft_config=None if args.full else LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1),
-        callbacks=[SafepointCallback(save_every=args.save_every, keep_last=2)],
+        callbacks=[
+            SafepointCallback(save_every=args.save_every, keep_last=2, async_save=args.async_save)
+        ],
     )
     resume = {"true": True, "false": False}.get(str(args.resume).lower(), args.resume)
     trainer.train(resume_from_checkpoint=resume)
