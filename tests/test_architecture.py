@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "foreign",
         },
     ),
-    ("policies", {"plan", "schedule", "options", "retention", "disk", "signals"}),
+    ("policies", {"plan", "schedule", "options", "retention", "disk", "signals", "data_order"}),
     # the mirror is a replica the engine hands commits to (behind saver.Replica)
     ("engine", {"distributed", "engine", "remote", "remote_dir"}),
     ("integrations", {"integrations"}),
