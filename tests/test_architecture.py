@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "restore",
         },
     ),
-    ("policies", {"plan", "schedule", "options", "retention", "disk", "signals"}),
+    ("policies", {"plan", "schedule", "options", "retention", "disk", "signals", "data_order"}),
     # the mirror is a replica the engine hands commits to (behind saver.Replica)
     ("engine", {"distributed", "engine", "remote", "remote_dir"}),
     ("integrations", {"integrations"}),
