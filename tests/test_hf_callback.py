@@ -7,6 +7,7 @@ that changes them fails here loudly rather than resuming a run wrongly.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import signal
@@ -73,6 +74,22 @@ def test_user_script_killed_twice_resumes_bit_identical(
     resumed = [e["step"] for e in read_events(out) if e["event"] == "resume"]
     assert resumed == [3, 6]  # mid-epoch, then at an epoch end
     assert same_tensors(reference / "final.safetensors", out / "final.safetensors")
+
+
+def test_resume_with_another_batch_layout_warns_where_the_data_order_lands(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """16 examples, batch 4: a checkpoint at step 3 is 12 samples into epoch 0. Resumed
+    with batch 2 the Trainer skips 3 of its batches (6 samples): 6 samples trained again.
+    The callback says so, and the setting that continues exactly."""
+    out = tmp_path / "run"
+    ok(run_user(out, model_dir, "--limit", "16", "--steps", "3", "--save-every", "3"))
+    resumed = ok(run_user(out, model_dir, "--limit", "16", "--steps", "5", "--batch", "2"))
+    lines = (out / "safepoint.log.jsonl").read_text().splitlines()
+    notes = [e["message"] for e in map(json.loads, lines) if e["event"] == "warning"]
+    (note,) = [n for n in notes if n.startswith("data order:")]
+    assert "12 samples into epoch 0" in note and "6 samples are trained a second time" in note
+    assert "gradient_accumulation_steps=2" in note and note in resumed.stderr
 
 
 def test_peft_loads_a_checkpoint_folder_as_is(reference: Path, model_dir: Path) -> None:

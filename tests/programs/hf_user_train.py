@@ -1,7 +1,7 @@
 """A user's own script: stock TRL SFTTrainer + LoraConfig + SafepointCallback.
 
 usage: python hf_user_train.py OUT_DIR MODEL_DIR [--steps N] [--save-every S] [--full]
-                              [--async-save]
+                              [--async-save] [--batch B] [--grad-accum G]
 
 Run by tests/test_hf_callback.py as a real process, killed and rerun. At the end it
 writes the trained weights to OUT_DIR/final.safetensors.
@@ -30,6 +30,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--save-every", default="3")
     p.add_argument("--full", action="store_true")
     p.add_argument("--async-save", action="store_true")
+    p.add_argument("--batch", type=int, default=4, help="per_device_train_batch_size")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient_accumulation_steps")
     p.add_argument("--resume", default=None)
     p.add_argument("--limit", type=int, default=None, help="use the first N examples only")
     args = p.parse_args(argv)
@@ -42,7 +44,8 @@ def main(argv: list[str]) -> int:
     config = SFTConfig(
         output_dir=args.out,
         max_steps=args.steps,
-        per_device_train_batch_size=4,
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.grad_accum,
         learning_rate=1e-3,
         logging_steps=2,
         max_length=64,

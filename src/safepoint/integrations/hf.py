@@ -38,6 +38,7 @@ from transformers import Trainer, TrainerCallback
 
 from safepoint.engine import Checkpointer, PendingSave
 from safepoint.errors import ConfigError, IncompatibleCheckpointError
+from safepoint.integrations.hf_data import layout_of, progress_of, resume_warning
 from safepoint.integrations.hf_layout import (
     TRAINER_STATE_NAME,
     adapter_files,
@@ -245,6 +246,7 @@ class SafepointCallback(TrainerCallback):
                 "global_step": state.max_steps,
                 "epoch": typical,
                 "max_steps": state.max_steps,
+                "data": layout_of(self.trainer),
             },
             info={**self.info, "epoch": typical},
         )
@@ -258,9 +260,12 @@ class SafepointCallback(TrainerCallback):
             raise IncompatibleCheckpointError(
                 f"{info.path}: the Trainer resumed at step {state.global_step}, not {info.step}"
             )
-        self._rng = ckpt.ranks.rank_rng(info.path) or read_state_doc(info.path).get("rng")
+        doc = read_state_doc(info.path)
+        self._rng = ckpt.ranks.rank_rng(info.path) or doc.get("rng")
         if ckpt.ranks.is_writer:
             self.resuming(info)
+            if note := resume_warning(doc["progress"].get("data"), self.trainer, info.step):
+                ckpt.record.warning(f"data order: {note}")
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._flush(state, kw)
@@ -398,11 +403,7 @@ class SafepointCallback(TrainerCallback):
             },
             step=state.global_step,
             copy=False,
-            progress={
-                "global_step": state.global_step,
-                "epoch": state.epoch,
-                "max_steps": state.max_steps,
-            },
+            progress=progress_of(trainer, state),
         )
         snapshot.files.update(weight_files(kw.get("model") or trainer.model, copy_data=False))
         snapshot.files[TRAINER_STATE_NAME] = trainer_state_json(trainer)

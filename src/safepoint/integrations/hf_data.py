@@ -25,6 +25,7 @@ at the same sample (up to the rounding of the epoch's last step).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 def _ceil(a: int, b: int) -> int:
@@ -157,3 +158,48 @@ def trainer_data_resume(
         suggestion,
         ignore_data_skip,
     )
+
+
+def layout_of(trainer: Any) -> dict[str, int]:
+    """The data layout of ``trainer``'s run, stored with each checkpoint's progress."""
+    import torch.distributed as dist
+
+    args = trainer.args
+    data = trainer.train_dataset
+    return {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "batch_size": int(args.per_device_train_batch_size),
+        "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
+        "dataset_size": len(data) if hasattr(data, "__len__") else 0,
+    }
+
+
+def progress_of(trainer: Any, state: Any) -> dict[str, Any]:
+    """The progress a callback checkpoint stores: the step, and the data layout that
+    ``resume_warning`` compares with the run that resumes from it."""
+    return {
+        "global_step": state.global_step,
+        "epoch": state.epoch,
+        "max_steps": state.max_steps,
+        "data": layout_of(trainer),
+    }
+
+
+def resume_warning(saved: Any, trainer: Any, global_step: int) -> str | None:
+    """The warning for a Trainer that resumes elsewhere in the data order than where the
+    run that saved ``saved`` (its ``layout_of``) was; None when exact or unknown."""
+    now = layout_of(trainer)
+    keys = ("world_size", "batch_size", "gradient_accumulation_steps")
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), int) for k in keys):
+        return None  # a checkpoint of an older safepoint: nothing to compare
+    if saved.get("dataset_size") != now["dataset_size"] or now["dataset_size"] < 1:
+        return None  # another data set: the position means nothing anyway
+    result = trainer_data_resume(
+        global_step,
+        now["dataset_size"],
+        saved=Layout(*(int(saved[k]) for k in keys)),
+        now=Layout(*(now[k] for k in keys)),
+        drop_last=bool(trainer.args.dataloader_drop_last),
+        ignore_data_skip=bool(trainer.args.ignore_data_skip),
+    )
+    return result.message()
