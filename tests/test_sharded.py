@@ -18,6 +18,7 @@ from safepoint.errors import CorruptCheckpointError
 from safepoint.sharding import build_index, parse_index
 from safepoint.validity import inspect
 from tests.conftest import same_tensors
+from tests.test_hostile import resign
 
 SLOW = pytest.mark.slow
 SCRIPT = Path(__file__).parent / "programs" / "dist_train.py"
@@ -154,6 +155,21 @@ def test_resume_on_another_number_of_processes_restores_the_same_state(
         text=True,
     )
     assert cli.returncode == 1 and piece.name in cli.stdout + cli.stderr
+
+    # An index that lies (two pieces of one tensor overlap), under a manifest re-signed to
+    # match it as an attacker would: corrupt in verify; a resume would fall back.
+    data[-1] ^= 0xFF
+    piece.write_bytes(bytes(data))
+    folder = out / "checkpoint-10"
+    index = json.loads((folder / "shards.json").read_bytes())
+    pieces = index["entries"]["model"]["0.weight"]["pieces"]
+    pieces[-1]["offset"][0] -= 1
+    (folder / "shards.json").write_text(json.dumps(index))
+    resign(folder)
+    cli = subprocess.run(
+        [sys.executable, "-m", "safepoint", "verify", str(folder)], capture_output=True, text=True
+    )
+    assert cli.returncode == 1 and "shards.json" in cli.stdout + cli.stderr, cli.stdout
 
 
 @pytest.mark.distributed
