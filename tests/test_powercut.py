@@ -253,8 +253,8 @@ def test_chaos_power_cut_on_safepoint_train_with_async_save(tmp_path: Path) -> N
     commit protocol is the same on the writer thread, so every cut resumes intact."""
     r = _chaos(
         tmp_path,
-        *("--sample", "4", "--samples", "1", "--kills", "0", "--"),
-        *("safepoint", "train", "--max-steps", "6", "--save-every", "2", "--async-save"),
+        *("--sample", "3", "--samples", "1", "--kills", "0", "--"),
+        *("safepoint", "train", "--max-steps", "4", "--save-every", "2", "--async-save"),
         *("--output-dir", "{out}"),
         timeout=900,
     )

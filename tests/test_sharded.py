@@ -116,6 +116,20 @@ def test_killed_at_each_point_of_a_sharded_save_the_rerun_resumes_and_ends_ident
     assert same_tensors(reference / "final.safetensors", run / "final.safetensors")
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_hunt_sharded_runs_end_cleanly_every_time(tmp_path: Path) -> None:
+    """Hunting loop for aborts at exit (seen in FSDP runs: "terminate called without an
+    active exception"): 10 sharded runs with saves, resumes and a world-size change must
+    all exit 0 (the program leaves past the interpreter's teardown only after "done")."""
+    out = tmp_path / "run"
+    for i in range(10):
+        nproc = 2 + i % 2
+        proc = torchrun(out, "--steps", str(4 * (i + 1)), "--save-every", "3", nproc=nproc)
+        assert proc.returncode == 0, f"run {i}: " + proc.stderr[-3000:]
+        assert proc.stdout.count("done") == nproc
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("saved_by", "resumed_by"),
