@@ -317,13 +317,18 @@ def test_round_trips_as_a_checkpointer_state_entry(tmp_path: Path) -> None:
     assert (resumed.epoch, resumed.cursor) == (0, 16)
     assert next(iter(resumed)) == order(50, seed=3)[18:20]  # rank 1 of 3, 2 each
 
+    # A sampler of another seed: refused before anything is loaded (all or nothing).
     wrong = GlobalOrderSampler(50, 4, seed=4, rank=0, world_size=1)
-    state3 = {**state2, "data": wrong}
+    fresh = torch.nn.Linear(3, 1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    state3 = {"model": fresh, "optimizer": torch.optim.SGD(fresh.parameters()), "data": wrong}
     with (
         Checkpointer(tmp_path / "run", save_every="4") as ckpt,
-        pytest.raises(IncompatibleCheckpointError, match="resume with seed=3"),
+        pytest.raises(IncompatibleCheckpointError, match="resume with seed=3") as refused,
     ):
         ckpt.restore(state3, checkpoint=4)
+    assert "same model and optimizer" not in str(refused.value)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
 
 
 # ---------------------------------------------------------------------- real processes

@@ -238,6 +238,11 @@ def check_fits(key: str, value: Any, obj: Any, kind: str, *, where: str) -> None
         unknown = set(obj) - set(value.state_dict())
         if unknown:
             raise no(f"unknown scheduler fields {sorted(map(str, unknown))[:3]}")
+    elif callable(check := getattr(value, "check_state_dict", None)):
+        # Any object may check its own saved state before anything is loaded (the data
+        # sampler: same data set size and seed); its IncompatibleCheckpointError says
+        # what to do, as is.
+        check(obj)
 
 
 def _check_module(module: torch.nn.Module, obj: dict[Any, Any], no: Any) -> None:
