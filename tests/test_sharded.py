@@ -274,3 +274,25 @@ def test_an_index_with_a_gap_an_overlap_or_an_unlisted_file_is_corrupt(
     data = _index(*pieces, shape=[5, 4])
     with pytest.raises(CorruptCheckpointError, match=problem):
         parse_index(data, files=FILES, where="shards.json")
+
+
+def test_a_partial_dtensor_is_refused_not_saved_unreduced(tmp_path: Path) -> None:
+    """A Partial placement holds unreduced parts: saving rank 0's part would be wrong
+    data under a valid checksum. One process, in this process's own gloo group."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    from safepoint.errors import ConfigError
+    from safepoint.snapshot import capture
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        partial = DTensor.from_local(torch.ones(3), mesh, [Partial()])
+        with pytest.raises(ConfigError, match="Partial placement"):
+            capture({"x": partial}, step=1, copy=False)
+    finally:
+        dist.destroy_process_group()

@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from safepoint.errors import CorruptCheckpointError
+from safepoint.errors import ConfigError, CorruptCheckpointError
 from safepoint.fileio import loads_json
 from safepoint.schema import SHARDS_NAME
 
@@ -60,8 +60,13 @@ def _box(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def _first_replica(t: Any) -> bool:
     """Whether this rank holds the first copy of its piece (coordinate 0 along every
     mesh dimension on which ``t`` is replicated or partial)."""
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Partial, Shard
 
+    if any(isinstance(p, Partial) for p in t.placements):
+        raise ConfigError(
+            f"cannot save a DTensor with a Partial placement ({t.placements}): its local "
+            "values are unreduced parts; redistribute it to Shard or Replicate first"
+        )
     coordinate = t.device_mesh.get_coordinate()
     if coordinate is None:  # this rank is not in the mesh
         return False
