@@ -76,6 +76,22 @@ def test_user_script_killed_twice_resumes_bit_identical(
     assert same_tensors(reference / "final.safetensors", out / "final.safetensors")
 
 
+def test_rerun_of_a_finished_run_leaves_the_trained_model_in_the_trainer(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Found by the power-cut sweep: killed after its last checkpoint but before the
+    script's own final save, the rerun's train() returned at once ("already ends this
+    run") with the untrained adapter in trainer.model, so the script saved that. The
+    rerun must leave the trained weights and the run's state, as a finished train() does."""
+    out = tmp_path / "run"
+    ok(run_user(out, model_dir, *ARGS))
+    trained = (out / "final.safetensors").read_bytes()
+    (out / "final.safetensors").unlink()
+    again = ok(run_user(out, model_dir, *ARGS))
+    assert "already ends this run" in again.stderr and "done 8" in again.stdout
+    assert (out / "final.safetensors").read_bytes() == trained
+
+
 def test_resume_with_another_batch_layout_warns_where_the_data_order_lands(
     model_dir: Path, tmp_path: Path
 ) -> None:

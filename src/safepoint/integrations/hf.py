@@ -52,6 +52,7 @@ from safepoint.integrations.hf_trainer import (
     find_trainer,
     finished_run,
     finite,
+    load_finished,
     metrics_at,
     patience_spent,
     shows,
@@ -136,11 +137,11 @@ class SafepointCallback(TrainerCallback):
         @functools.wraps(original)
         def train(resume_from_checkpoint: Any = None, *a: Any, **kw: Any) -> Any:
             path = self.begin(trainer.args, resume_from_checkpoint)
-            finished = self._finished(trainer.args)
-            if finished is not None:
-                self.end()  # the Trainer would run one more step before checking max_steps
-                return finished
             try:
+                # A finished run (the Trainer would run one more step) as it ended.
+                if (finished := self._finished(trainer.args)) is not None:
+                    load_finished(trainer, path)
+                    return finished
                 return original(path, *a, **kw)
             except Exception as e:  # OOM, data error: save the last step if consistent
                 if self.checkpointer is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect as _inspect
 import logging
 import math
+import os
 from typing import Any
 
 from transformers import Trainer
@@ -88,6 +89,20 @@ def finished_run(info: CheckpointInfo, args: Any, saved: dict[str, Any]) -> Any:
     )
     losses = [e["loss"] for e in saved.get("log_history", []) if "loss" in e]
     return TrainOutput(saved["global_step"], losses[-1] if losses else 0.0, {})
+
+
+def load_finished(trainer: Any, view: str | None) -> None:
+    """After a resume from a checkpoint that already ends the run: the Trainer's model
+    and state as the run left them, from the verified ``view``. A script that saves,
+    evaluates or pushes the model after ``train()`` must get the trained one, not the
+    weights it started from (a kill between the last checkpoint and the script's own save
+    made the rerun save the untrained adapter)."""
+    if view is None:
+        return
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(view)
+    trainer.state = TrainerState.load_from_json(os.path.join(view, "trainer_state.json"))
 
 
 def shows(logger: logging.Logger, level: int) -> bool:
