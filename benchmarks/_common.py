@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,3 +61,18 @@ def write_results(name: str, title: str, body: str, data: dict[str, Any]) -> Pat
     print(body)
     print(f"\nwrote {md_path} and {md_path.with_suffix('.json')}")
     return md_path
+
+
+def dd_seconds(base: Path, nbytes: int) -> float:
+    """Seconds for ``dd conv=fsync`` to write ``nbytes`` on the file system of ``base``:
+    the disk's own pace, measured in the same run as what it is compared with."""
+    path = base / "dd.bin"
+    t0 = time.perf_counter()
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={max(1, nbytes >> 20)}",
+         "conv=fsync"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    secs = time.perf_counter() - t0
+    path.unlink()
+    return secs

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import table, write_results
+from _common import dd_seconds, table, write_results
 
 PARTS = ("overhead", "sharded")
 MODES = ("sharded", "full")
@@ -217,20 +217,6 @@ def shard_worker(out: Path, mode: str, size_mb: float, saves: int, steps: int) -
     dist.destroy_process_group()
 
 
-def _dd(base: Path, nbytes: int) -> float:
-    """Seconds for ``dd conv=fsync`` to write ``nbytes`` on the same file system."""
-    path = base / "dd.bin"
-    t0 = time.perf_counter()
-    subprocess.run(
-        ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={max(1, nbytes >> 20)}",
-         "conv=fsync"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    secs = time.perf_counter() - t0
-    path.unlink()
-    return secs
-
-
 def _config(base: Path, mode: str, world: int, args: argparse.Namespace) -> dict[str, Any]:
     """One fresh torchrun of ``world`` ranks saving with ``mode``; its ranks' reports."""
     out = base / f"{mode}-{world}"
@@ -245,7 +231,7 @@ def _config(base: Path, mode: str, world: int, args: argparse.Namespace) -> dict
         raise SystemExit(f"{mode} x {world} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
     shutil.rmtree(out / "ckpt")
-    dd_s = _dd(base, ranks[0]["checkpoint_bytes"])
+    dd_s = dd_seconds(base, ranks[0]["checkpoint_bytes"])
     print(f"  {MODE_NAMES[mode]} x {world}: {wall:.0f} s", flush=True)
     return {"mode": mode, "world": world, "wall_s": wall, "dd_s": dd_s, "ranks": ranks}
 

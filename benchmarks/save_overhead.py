@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import table, write_results
+from _common import dd_seconds, table, write_results
 
 VARIANTS = ("none", "stock", "sync", "async-cache", "async-nice", "async")
 # environment of a variant's child process (read by safepoint at import)
@@ -402,20 +402,6 @@ def _child(kind: str, variant: str, base: Path, args: argparse.Namespace) -> dic
     return result
 
 
-def _dd(base: Path, nbytes: int) -> float:
-    """Seconds for ``dd conv=fsync`` to write ``nbytes`` on the same file system."""
-    path = base / "dd.bin"
-    t0 = time.perf_counter()
-    subprocess.run(
-        ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={max(1, nbytes >> 20)}",
-         "conv=fsync"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    secs = time.perf_counter() - t0
-    path.unlink()
-    return secs
-
-
 def _median_run(runs: list[dict]) -> dict:
     """The run of median total time (the lower middle one of an even count)."""
     total = statistics.median_low(r["total_s"] for r in runs)
@@ -496,7 +482,7 @@ def parent(args: argparse.Namespace) -> None:
                 for v in VARIANTS:
                     runs[v].append(_child(kind, v, base, args))
                 nbytes = int(_med(runs["async"][-1].get("bytes")) or (1 << 30))
-                dds.append(_dd(base, nbytes))
+                dds.append(dd_seconds(base, nbytes))
             res = {v: _median_run(rs) for v, rs in runs.items()}
             dd_s = statistics.median(dds)
             text, summary = _trainer_table(res, nbytes / dd_s / 1e9, args.steps[kind])
