@@ -16,6 +16,7 @@ No torch at module level: ``safepoint ls`` and ``verify`` check the index withou
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -40,13 +41,20 @@ def shard_file(key: str, rank: int, world_size: int) -> str:
     return f"{key}.shard-{rank + 1:05d}-of-{world_size:05d}.safetensors"
 
 
-def is_sharded(t: Any) -> bool:
-    """True for a DTensor (a tensor whose data is spread over ranks)."""
+@functools.cache
+def _dtensor_class() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+        return None
+    return DTensor
+
+
+def is_sharded(t: Any) -> bool:
+    """True for a DTensor (a tensor whose data is spread over ranks). Called for every
+    tensor of every save: the class is looked up once."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def _box(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
