@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import dd_seconds, table, write_results
+from _common import dd_seconds, leave_process_group, table, write_results
 
 PARTS = ("overhead", "sharded")
 MODES = ("sharded", "full")
@@ -100,7 +100,7 @@ def worker(out: Path, steps: int, saves: int, width: int) -> None:
         "save_s": stalls[len(stalls) // 2],
     }
     print("RESULT " + json.dumps(result), flush=True)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def overhead(args: argparse.Namespace) -> None:
@@ -214,7 +214,7 @@ def shard_worker(out: Path, mode: str, size_mb: float, saves: int, steps: int) -
             {k: e.get(k) for k in ("stall_s", "write_s", "bytes", "mode")} for e in events
         ]
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def _config(base: Path, mode: str, world: int, args: argparse.Namespace) -> dict[str, Any]:

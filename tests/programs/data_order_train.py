@@ -23,6 +23,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from _leave import leave
 from torch.utils.data import DataLoader
 
 from safepoint import Checkpointer
@@ -84,7 +85,7 @@ def main(argv: list[str]) -> int:
     log.close()
     print(f"rank {rank} end epoch {sampler.epoch} cursor {sampler.cursor}", flush=True)
     if world > 1:
-        dist.destroy_process_group()
+        leave()
     return 0
 
 

@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from _leave import leave
 from safetensors.torch import save_file
 
 from safepoint import Checkpointer
@@ -117,16 +118,9 @@ def main(argv: list[str]) -> int:
     if rank == 0:
         weights = {k: v.contiguous() for k, v in full.items()}
         save_file(weights, f"{args.out}/final.safetensors")
-    if world > 1:
-        dist.destroy_process_group()
     print(f"rank {rank} done", flush=True)
-    if world > 1 and sharded:
-        # FSDP2 over gloo aborts now and then at interpreter exit ("terminate called
-        # without an active exception"), with or without safepoint: a plain FSDP2 script
-        # that destroys its process group did 2 times in 20 (2026-12-01). The run is over
-        # and its files are closed; leave without the interpreter's teardown.
-        sys.stderr.flush()
-        os._exit(0)
+    if world > 1:
+        leave()
     return 0
 
 

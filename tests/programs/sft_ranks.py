@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from _leave import leave
 from datasets import load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,6 +119,8 @@ def main(argv: list[str]) -> int:
     trainer.train()
     callback.write(finished=True, global_step=trainer.state.global_step)
     print(f"rank {os.environ.get('RANK', '0')} done {trainer.state.global_step}", flush=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave()
     return 0
 
 

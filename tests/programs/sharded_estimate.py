@@ -13,6 +13,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from _leave import leave
 from torch.distributed.fsdp import fully_shard
 
 from safepoint import Checkpointer
@@ -36,7 +37,7 @@ def main(out: str) -> int:
         info = ckpt.save(1, state).wait()
     if dist.get_rank() == 0:
         print(f"estimate {before} {after} real {info.size}", flush=True)
-    dist.destroy_process_group()
+    leave()
     return 0
 
 
