@@ -16,11 +16,13 @@ from safepoint.app.chaos_events import (
     Runner,
     count_events,
     normalized,
+    parse_points,
     points_for,
     read_event_log,
     sample,
 )
 from safepoint.cli import main
+from safepoint.errors import ConfigError
 
 PROGRAMS = Path(__file__).parent / "programs"
 PY = sys.executable
@@ -72,6 +74,24 @@ def test_torn_points_are_writes_only_and_only_filters() -> None:
         ("term", 2),
         ("term", 3),
     ]
+
+
+def test_points_take_numbers_and_ranges() -> None:
+    assert parse_points("58-60") == {58, 59, 60}
+    assert parse_points("3, 7,10-11") == {3, 7, 10, 11}
+    for bad in ("", "0", "5-3", "a-b", "1-", "-4", "2.5"):
+        with pytest.raises(ConfigError, match="--points"):
+            parse_points(bad)
+
+
+def test_points_past_the_runs_events_are_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    args = ["chaos", "--file-events", "--points", "2,500", "--workdir", str(tmp_path / "w")]
+    assert main([*args, "--", PY, str(script), "{out}"]) == 2
+    assert "--points goes up to 500 but the run made 10 file events" in capsys.readouterr().err
 
 
 def test_random_folder_names_are_normalized() -> None:
@@ -161,12 +181,14 @@ def test_file_events_fail_a_writer_that_saves_in_place(
 def test_file_events_pass_on_the_toy_loop_in_every_mode(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Two points at a time (``--jobs 2``): each point's runs stay in their own folders."""
     args = ["chaos", "--file-events", "--modes", "kill,torn,term", "--sample", "2"]
-    args += ["--workdir", str(tmp_path), "--compare", "{out}/final.safetensors", "--"]
-    args += [PY, str(PROGRAMS / "toy_train.py"), "{out}", "--steps", "10", "--save-every", "3"]
-    rc = main(args)
+    args += ["--jobs", "2", "--workdir", str(tmp_path), "--compare", "{out}/final.safetensors"]
+    args += ["--", PY, str(PROGRAMS / "toy_train.py"), "{out}", "--steps", "10"]
+    rc = main([*args, "--save-every", "3"])
     out = capsys.readouterr().out
     assert rc == 0, out
+    assert "6 points, 2 at a time" in out
     assert "chaos: 6 of 6 points passed" in out and "chaos: PASS" in out
     assert "resumed from a checkpoint" in out and ", 0 resumed" not in out
 

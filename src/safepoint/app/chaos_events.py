@@ -24,6 +24,7 @@ import re
 import signal
 import time
 from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,20 @@ def read_event_log(path: Path) -> list[FileEvent]:
         seen[key] = seen.get(key, 0) + 1
         events.append(FileEvent(int(number), kind, key[1], seen[key]))
     return events
+
+
+def parse_points(text: str) -> set[int]:
+    """``--points``: event numbers and ranges, e.g. ``58-274`` or ``3,7,10-12``."""
+    numbers: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        low, dash, high = part.partition("-")
+        if not (low.isdigit() and (high.isdigit() if dash else True)) or int(low) < 1:
+            raise ConfigError(f"--points {text}: use event numbers and ranges, e.g. 58-274")
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first:
+            raise ConfigError(f"--points {text}: the range {part} is empty")
+        numbers.update(range(first, last + 1))
+    return numbers
 
 
 def sample(events: Sequence[FileEvent], k: int | None) -> list[FileEvent]:
@@ -277,9 +292,12 @@ def file_events(
     timeout: float | None = None,
     pattern: str | None = None,
     only: Collection[int] | None = None,
+    jobs: int = 1,
     echo: Callable[[str], None] = print,
 ) -> bool:
-    """The whole file-event test of ``command`` in ``work``; True if it passed."""
+    """The whole file-event test of ``command`` in ``work``; True if it passed.
+
+    ``only``: event numbers to crash at (default all); ``jobs``: points run at a time."""
     runner = Runner(command, work, timeout or 3600)
     echo(f"chaos: fault-free run in {work / 'reference'}, counting file events")
     ref = count_events(runner, work / "reference", timeout=runner.timeout)
@@ -292,13 +310,26 @@ def file_events(
         + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
         + ")"
     )
-    points = points_for(ref.events, modes, k, only)
-    for i, point in enumerate(points, 1):
-        run_point(runner, ref, point, grace=grace, pattern=pattern)
-        echo(
-            f"  {i}/{len(points)} {point.mode} at {point.event.number} ({point.event}): "
-            f"{point.verdict}"
+    if only is not None and max(only, default=0) > len(ref.events):
+        raise ConfigError(
+            f"--points goes up to {max(only)} but the run made {len(ref.events)} file events"
         )
+    points = points_for(ref.events, modes, k, only)
+    runner.install_hook()
+    if jobs > 1:
+        echo(f"chaos: {len(points)} points, {jobs} at a time")
+
+    def one(point: Point) -> Point:
+        run_point(runner, ref, point, grace=grace, pattern=pattern)
+        return point
+
+    # Each point has its own folders and logs; threads only wait on child processes.
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="chaos-point") as pool:
+        for i, point in enumerate(pool.map(one, points), 1):
+            echo(
+                f"  {i}/{len(points)} {point.mode} at {point.event.number} ({point.event}): "
+                f"{point.verdict}"
+            )
     for line in table(points):
         echo(line)
     ok = bool(points) and not any(p.failed for p in points)

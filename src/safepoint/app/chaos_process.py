@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,14 +49,21 @@ class Runner:
         as ``sitecustomize`` (installed on first use) and told ``spec``."""
         env = {k: v for k, v in os.environ.items() if k != HOOK_ENV}
         if spec is not None:
-            hook = self.hook_dir / "sitecustomize.py"
-            if not hook.exists():
-                self.hook_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(Path(__file__).with_name("chaos_hook.py"), hook)
+            self.install_hook()
             path = env.get("PYTHONPATH")
             env["PYTHONPATH"] = str(self.hook_dir) + (os.pathsep + path if path else "")
             env[HOOK_ENV] = spec
         return env
+
+    def install_hook(self) -> None:
+        """Put the hook in place (once; atomically, for runs started from several threads)."""
+        hook = self.hook_dir / "sitecustomize.py"
+        if hook.exists():
+            return
+        self.hook_dir.mkdir(parents=True, exist_ok=True)
+        part = hook.with_name(f".sitecustomize.{os.getpid()}.{threading.get_ident()}")
+        shutil.copyfile(Path(__file__).with_name("chaos_hook.py"), part)
+        os.replace(part, hook)
 
     def start(self, out: Path, log: Path, spec: str | None = None) -> Process:
         """The command started in ``out``, its stdout and stderr into ``log``."""

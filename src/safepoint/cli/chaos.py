@@ -9,6 +9,7 @@ import click
 
 from safepoint.app.chaos import check_command, make_workdir, parse_modes, random_kills
 from safepoint.app.chaos_events import file_events as run_file_events
+from safepoint.app.chaos_events import parse_points
 from safepoint.units import parse_duration
 
 
@@ -50,6 +51,18 @@ from safepoint.units import parse_duration
     "with --power-cut: K cut points.",
 )
 @click.option(
+    "--points",
+    "points_text",
+    help="With --file-events: only these event numbers, e.g. 58-274 or 3,7,10-12.",
+)
+@click.option(
+    "--jobs",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="With --file-events: crash points run at a time (each is two runs, one after the other).",
+)
+@click.option(
     "--grace",
     "grace_text",
     default="10s",
@@ -81,6 +94,8 @@ def chaos_cmd(
     file_events: bool,
     modes: str,
     sample: int | None,
+    points_text: str | None,
+    jobs: int,
     grace_text: str,
     power_cut: bool,
     samples: int,
@@ -102,6 +117,7 @@ def chaos_cmd(
     limit = None if timeout_text is None else parse_duration(timeout_text, what="--timeout")
     mode_list = parse_modes(modes) if file_events and not power_cut else []
     grace = parse_duration(grace_text, what="--grace") if file_events and not power_cut else 0.0
+    only = parse_points(points_text) if points_text and file_events and not power_cut else None
     work = make_workdir(workdir)
     if power_cut:
         from safepoint.app.chaos_powercut import power_cut as run_power_cut
@@ -127,6 +143,8 @@ def chaos_cmd(
             grace=grace,
             timeout=limit,
             pattern=pattern,
+            only=only,
+            jobs=jobs,
             echo=click.echo,
         )
         kept = "runs and logs"
