@@ -40,11 +40,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import dd_seconds, table, write_results
 
-VARIANTS = ("none", "stock", "sync", "async-cache", "async-nice", "async")
+VARIANTS = ("none", "stock", "sync", "async-cache", "async-nice", "async-bounce", "async")
 # environment of a variant's child process (read by safepoint at import)
 VARIANT_ENV = {
     "async-cache": {"SAFEPOINT_DIRECT_IO": "0"},  # the write path before issue #14
     "async-nice": {"SAFEPOINT_WRITER_NICE": "10"},
+    "async-bounce": {"SAFEPOINT_FILE_IMAGES": "0"},  # O_DIRECT through a bounce buffer
 }
 VARIANT_NAMES = {
     "none": "no saving",
@@ -52,9 +53,10 @@ VARIANT_NAMES = {
     "sync": "safepoint sync",
     "async-cache": "safepoint async, page cache",
     "async-nice": "safepoint async, writer nice 10",
-    "async": "safepoint async (O_DIRECT)",
+    "async-bounce": "safepoint async, O_DIRECT via bounce buffer",
+    "async": "safepoint async (file images, O_DIRECT)",
 }
-SAFEPOINT_VARIANTS = ("sync", "async-cache", "async-nice", "async")
+SAFEPOINT_VARIANTS = ("sync", "async-cache", "async-nice", "async-bounce", "async")
 ALL_PARTS = ("full", "lora", "writer", "busy")
 RESULT_TAG = "RESULT "
 
@@ -148,7 +150,8 @@ def _run_trainer(trainer: Any, variant: str, out: Path) -> dict[str, Any]:
 
 def _memcpy_floor(model: Any, optimizer: Any) -> float:
     """Seconds to copy the model + optimizer state into reused host buffers."""
-    from safepoint.snapshot import StagingBuffers, capture
+    from safepoint.snapshot import capture
+    from safepoint.staging import StagingBuffers
 
     buffers = StagingBuffers()
     snap = capture({"model": model, "optimizer": optimizer}, step=0, copy=False, rng=False)
@@ -227,17 +230,19 @@ def child_lora(variant: str, out: Path, steps: int, save_every: int, quick: bool
 
 
 WRITE_PATHS = {
-    # name: (direct, hash after, nice, in a process)
-    "thread, page cache, hash in pass": (False, False, 0, False),
-    "thread, page cache, hash after": (False, True, 0, False),
-    "thread, O_DIRECT, hash in pass": (True, False, 0, False),
-    "thread nice 10, O_DIRECT": (True, False, 10, False),
-    "process, O_DIRECT": (True, False, 0, True),
+    # name: (direct, hash after, nice, in a process, from a file image)
+    "thread, page cache, hash in pass": (False, False, 0, False, False),
+    "thread, page cache, hash after": (False, True, 0, False, False),
+    "thread, O_DIRECT via bounce buffer, hash in pass": (True, False, 0, False, False),
+    "thread, O_DIRECT from file image, hash in pass": (True, False, 0, False, True),
+    "thread nice 10, O_DIRECT via bounce buffer": (True, False, 10, False, False),
+    "process, O_DIRECT via bounce buffer": (True, False, 0, True, False),
 }
 
 
-def _write_once(tensors: dict, path: Path, direct: bool, hash_after: bool) -> None:
-    """One tensor file written and fsync'd the way a save does, by ``direct``/``hash_after``."""
+def _write_once(tensors: dict, path: Path, direct: bool, hash_after: bool, image: Any) -> None:
+    """One tensor file written and fsync'd the way a save does, by ``direct``/``hash_after``
+    (``image``: a staged ``FileImage`` of ``tensors``, written as it lies)."""
     from safepoint.fileio import hash_file, write_all
     from safepoint.format import write_safetensors
 
@@ -247,7 +252,7 @@ def _write_once(tensors: dict, path: Path, direct: bool, hash_after: bool) -> No
             for t in tensors.values():
                 write_all(fd, memoryview(t.numpy()).cast("B"))
         else:
-            write_safetensors(fd, tensors, direct=direct)
+            write_safetensors(fd, tensors, direct=direct, image=image)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -262,7 +267,15 @@ def _write_loop(
     """Write ``tensors`` to a file over and over while ``active`` is set; CPU time used."""
     import threading
 
-    direct, hash_after, nice, _ = WRITE_PATHS[mode]
+    direct, hash_after, nice, _, imaged = WRITE_PATHS[mode]
+    image = None
+    if imaged:  # staged once, as a background save stages it (that copy is the stall)
+        from safepoint.format import safetensors_layout
+        from safepoint.staging import FileImage
+
+        image = FileImage(*safetensors_layout(tensors), tensors)
+        for name, view in image.views.items():
+            view.copy_(tensors[name])
     if nice:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     n, busy, cpu = 0, 0.0, 0.0
@@ -271,7 +284,7 @@ def _write_loop(
             continue
         t0, c0 = time.perf_counter(), time.thread_time()
         n += 1
-        _write_once(tensors, Path(directory) / f"{n}.bin", direct, hash_after)
+        _write_once(tensors, Path(directory) / f"{n}.bin", direct, hash_after, image)
         busy += time.perf_counter() - t0
         cpu += time.thread_time() - c0
     done.put((n, busy, cpu))
@@ -312,7 +325,7 @@ def child_writer(out: Path, steps: int, quick: bool) -> dict:
     ctx = mp.get_context("spawn")
     blob["x"].share_memory_()
     writers, stops, procs = {}, [], []
-    for name, (_, _, _, in_process) in WRITE_PATHS.items():
+    for name, (_, _, _, in_process, _) in WRITE_PATHS.items():
         d = out / name.replace(" ", "_").replace(",", "")
         d.mkdir(parents=True)
         if in_process:  # the staged tensors in shared memory, written by a spawned process
@@ -417,7 +430,8 @@ def _med(xs: list[float] | None) -> float | None:
 def _trainer_table(res: dict[str, dict], dd_gb_s: float, steps: int) -> tuple[str, dict]:
     base = res["none"]
     rows, summary = [], {}
-    for v in VARIANTS:
+    base_in_run = base["total_s"] - steps * base["step_s"]
+    for v in res:
         r = res[v]
         stalls = r.get("stalls") or []
         nbytes = _med(r.get("bytes"))
@@ -433,6 +447,11 @@ def _trainer_table(res: dict[str, dict], dd_gb_s: float, steps: int) -> tuple[st
             "overhead_s": overhead if v != "none" else None,
             # robust to load changes between runs: this run's time over its own median step
             "in_run_overhead_s": r["total_s"] - steps * r["step_s"] if r.get("step_s") else None,
+            # the same less what a run without saving spends off its median step (set-up,
+            # the first steps): the time the saves cost
+            "lost_s": r["total_s"] - steps * r["step_s"] - base_in_run
+            if r.get("step_s") and v != "none"
+            else None,
             "commit_s": _med(r.get("commit_s")),
             "write_gb_s": nbytes / write / 1e9 if nbytes and write else None,
             "dd_gb_s": dd_gb_s if v in SAFEPOINT_VARIANTS else None,
@@ -445,7 +464,7 @@ def _trainer_table(res: dict[str, dict], dd_gb_s: float, steps: int) -> tuple[st
         rows.append(list(row.values()))
     headers = [
         "variant", "saves", "stall median s", "stall max s", "train s", "overhead s",
-        "in-run overhead s",
+        "in-run overhead s", "lost to saving s",
         "start->durable s", "write GB/s", "dd GB/s", "peak RSS GB", "extra RSS / ckpt",
         "ckpt GB", "busy waits",
     ]  # fmt: skip
@@ -459,9 +478,10 @@ def _trainer_table(res: dict[str, dict], dd_gb_s: float, steps: int) -> tuple[st
     if stock["overhead_s"] and asy["overhead_s"] is not None:
         text += f"async overhead / stock overhead = {asy['overhead_s'] / stock['overhead_s']:.3f}"
         text += " (target <= 0.2)"
-    if stock["in_run_overhead_s"] and asy["in_run_overhead_s"] is not None:
-        ratio = asy["in_run_overhead_s"] / stock["in_run_overhead_s"]
-        text += f"; in-run: {ratio:.3f}"
+    if stock["lost_s"] and asy["lost_s"] is not None:
+        text += f"; lost to saving, async / stock = {asy['lost_s'] / stock['lost_s']:.3f}"
+        if "sync" in summary and summary["sync"]["lost_s"] is not None:
+            text += f" (sync / stock {summary['sync']['lost_s'] / stock['lost_s']:.3f})"
     if asy["write_gb_s"]:
         text += f"; async write / dd = {asy['write_gb_s'] / dd_gb_s:.2f} (target >= 0.8)"
     return text, summary
@@ -476,10 +496,10 @@ def parent(args: argparse.Namespace) -> None:
             if kind not in args.only:
                 continue
             print(f"{kind}:", flush=True)
-            runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+            runs: dict[str, list[dict]] = {v: [] for v in args.variants}
             dds = []
             for _ in range(args.repeat):  # rounds interleave variants: load drifts hit all
-                for v in VARIANTS:
+                for v in args.variants:
                     runs[v].append(_child(kind, v, base, args))
                 nbytes = int(_med(runs["async"][-1].get("bytes")) or (1 << 30))
                 dds.append(dd_seconds(base, nbytes))
@@ -538,6 +558,11 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=None, help="where checkpoints go (temp)")
     p.add_argument("--layers", type=int, default=None, help="layers of (a)'s model (12: 86M)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of (a)/(b); median run kept")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="of (a)/(b): some of " + ",".join(VARIANTS) + " (none, stock and async always)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -556,10 +581,14 @@ def main() -> None:
         print(RESULT_TAG + json.dumps(res), flush=True)
         return
     args.only = set(args.only.split(","))
+    wanted = set(args.variants.split(",")) | {"none", "stock", "async"}
+    if wanted - set(VARIANTS):
+        p.error(f"--variants: unknown {','.join(sorted(wanted - set(VARIANTS)))}")
+    args.variants = [v for v in VARIANTS if v in wanted]
     quick = args.quick
     args.steps = {
         "full": args.steps or (6 if quick else 20),
-        "lora": args.steps or (10 if quick else 40),
+        "lora": args.steps or (10 if quick else 200),
         "writer": 5 if quick else 8,
         "busy": 6 if quick else 12,
     }

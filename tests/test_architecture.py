@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "validity",
             "store",
             "snapshot",
+            "staging",
             "writer",
             "foreign",
             "sharding",

@@ -18,7 +18,8 @@ import safepoint.store
 from safepoint import Checkpointer, SaveFailedError, latest_checkpoint
 from safepoint.format import read_safetensors
 from safepoint.records import read_events
-from safepoint.snapshot import Snapshot, StagingBuffers, TensorFile, capture
+from safepoint.snapshot import Snapshot, TensorFile, capture
+from safepoint.staging import StagingBuffers
 
 DEADLINE = 60.0
 

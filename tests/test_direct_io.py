@@ -22,9 +22,12 @@ from safepoint import directio
 from safepoint.directio import ALIGN, BUFFER_BYTES, FileStream
 from safepoint.fileio import hash_file, new_hasher
 from safepoint.format import write_safetensors
-from safepoint.snapshot import capture
+from safepoint.snapshot import TensorFile, capture
+from safepoint.staging import StagingBuffers
 from safepoint.store import Store
 from safepoint.validity import inspect
+
+PT = {"format": "pt"}
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -38,10 +41,16 @@ def _tensors() -> dict[str, torch.Tensor]:
     }
 
 
-def _write(path: Path, tensors: dict[str, torch.Tensor], *, direct: bool | None) -> tuple:
+def _write(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    *,
+    direct: bool | None,
+    metadata: dict[str, str] | None = PT,
+) -> tuple:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        size, digest = write_safetensors(fd, tensors, {"format": "pt"}, direct=direct)
+        size, digest = write_safetensors(fd, tensors, metadata, direct=direct)
         os.fsync(fd)
         o_direct = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
     finally:
@@ -187,3 +196,101 @@ def test_commit_is_valid_on_either_path(
     deep = inspect(info.path, deep=True)
     assert deep.valid, deep.problems
     assert torch.equal(load_file(str(info.path / "model.safetensors"))["big"], tensors["big"])
+
+
+def _staged(tensors: dict[str, torch.Tensor]) -> TensorFile:
+    """``tensors`` staged the way a background save stages them: into a file image."""
+    staged = StagingBuffers().stage(capture({"model": tensors}, step=1, copy=False))
+    content = staged.files["model.safetensors"]
+    assert isinstance(content, TensorFile) and content.image is not None
+    return content
+
+
+def _write_staged(path: Path, content: TensorFile, *, direct: bool | None) -> tuple:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        chunks: list[int] = []
+        size, digest = write_safetensors(
+            fd, content.tensors, content.metadata, image=content.image, direct=direct,
+            on_chunk=chunks.append,
+        )  # fmt: skip
+        os.fsync(fd)
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        assert os.lseek(fd, 0, os.SEEK_CUR) == size
+    finally:
+        os.close(fd)
+    assert chunks[-1] == size and len(chunks) == -(-size // BUFFER_BYTES)
+    return size, digest
+
+
+def test_a_file_image_is_the_file_byte_for_byte(tmp_path: Path) -> None:
+    tensors = _tensors()
+    content = _staged(tensors)
+    image = content.image
+    assert image.data().nbytes % ALIGN == 0 and image.size % ALIGN != 0
+    assert directio._address(image.data()) % ALIGN == 0  # O_DIRECT straight from it
+    for name, t in tensors.items():
+        assert torch.equal(content.tensors[name], t)
+    _write(tmp_path / "reference.safetensors", tensors, direct=False, metadata=content.metadata)
+    reference = (tmp_path / "reference.safetensors").read_bytes()
+    assert bytes(image.data()[: image.size]) == reference
+    assert not any(image.data()[image.size :])  # the padding O_DIRECT writes is zeros
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_an_image_writes_the_same_file_with_or_without_o_direct(
+    tmp_path: Path, direct: bool
+) -> None:
+    if direct and not _takes_o_direct(tmp_path):
+        pytest.skip("the test directory's file system refuses O_DIRECT")
+    tensors = _tensors()
+    content = _staged(tensors)
+    written = _write_staged(tmp_path / "image.safetensors", content, direct=direct)
+    streamed = _write(
+        tmp_path / "stream.safetensors", tensors, direct=False, metadata=content.metadata
+    )
+    assert written == streamed  # size and the checksum of the write pass
+    _check_file(tmp_path / "image.safetensors", tensors, *written)
+
+
+def test_ramfs_refuses_o_direct_for_an_image_and_it_falls_back(ramfs: Path) -> None:
+    tensors = _tensors()
+    written = _write_staged(ramfs / "image.safetensors", _staged(tensors), direct=True)
+    _check_file(ramfs / "image.safetensors", tensors, *written)
+
+
+def test_tmpfs_image_write_is_exact(tmpfs: Path) -> None:
+    tensors = _tensors()
+    written = _write_staged(tmpfs / "image.safetensors", _staged(tensors), direct=True)
+    _check_file(tmpfs / "image.safetensors", tensors, *written)
+
+
+def test_images_are_refilled_and_replaced_when_the_layout_changes() -> None:
+    buffers = StagingBuffers()
+    tensors = _tensors()
+    first = buffers.stage(capture({"model": tensors}, step=1, copy=False))
+    tensors["small"] += 1
+    again = buffers.stage(capture({"model": tensors}, step=2, copy=False))
+    one, two = (s.files["model.safetensors"] for s in (first, again))
+    assert one.image is two.image  # the same memory, refilled
+    assert torch.equal(two.tensors["small"], tensors["small"])
+    assert buffers.missing_bytes(capture({"model": tensors}, step=3, copy=False)) == 0
+    tensors["small"] = torch.zeros(4, 4)  # another shape: another layout
+    grown = capture({"model": tensors}, step=3, copy=False)
+    assert buffers.missing_bytes(grown) > tensors["big"].numel() * 4
+    three = buffers.stage(grown).files["model.safetensors"]
+    assert three.image is not one.image and torch.equal(three.tensors["small"], torch.zeros(4, 4))
+
+
+def test_views_and_aliases_are_written_as_the_stream_writes_them(tmp_path: Path) -> None:
+    shared = torch.arange(6.0)
+    tensors = {"a": shared, "b": shared, "c": shared[:3], "t": torch.ones(3, 2).t()}
+    content = _staged(tensors)
+    size, digest = _write_staged(tmp_path / "f.safetensors", content, direct=None)
+    assert hash_file(tmp_path / "f.safetensors") == (size, digest)
+    streamed = tmp_path / "stream.safetensors"
+    capture_files = capture({"model": tensors}, step=1, copy=False).files
+    plain = capture_files["model.safetensors"]
+    assert isinstance(plain, TensorFile)
+    _write(streamed, plain.tensors, direct=False, metadata=plain.metadata)
+    assert (tmp_path / "f.safetensors").read_bytes() == streamed.read_bytes()

@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("safepoint")
@@ -94,12 +95,7 @@ class FileStream:
         self.start = os.lseek(fd, 0, os.SEEK_CUR)
         self.size = 0  # bytes appended so far
         use = ENABLED if direct is None else direct
-        self.direct = (
-            use
-            and self.start % ALIGN == 0
-            and os.fstat(fd).st_dev not in _refused
-            and _set_direct(fd, True)
-        )
+        self.direct = use and self.start % ALIGN == 0 and _try_direct(fd)
         self._fill = 0
         self._buf = memoryview(_buffer()) if self.direct else None
 
@@ -130,19 +126,7 @@ class FileStream:
         self._fill = 0
 
     def _write_direct(self, view: memoryview) -> None:
-        while len(view):
-            try:
-                n = os.write(self.fd, view)
-            except OSError as e:
-                # A file system that takes O_DIRECT at open but not these writes (a block
-                # size above ALIGN): the rest goes through the page cache.
-                if e.errno != errno.EINVAL or not self.direct:
-                    raise
-                _refuse(self.fd, e)
-                _set_direct(self.fd, False)
-                self.direct = False
-                continue
-            view = view[n:]
+        self.direct = _write_blocks(self.fd, view, direct=self.direct)
 
     def close(self) -> int:
         """Write what is buffered, drop the tail padding; return the bytes appended.
@@ -151,14 +135,89 @@ class FileStream:
         if self._buf is not None:
             if self._fill:
                 self._flush()
-            end = self.start + self.size
-            if os.lseek(self.fd, 0, os.SEEK_CUR) != end:
-                os.ftruncate(self.fd, end)  # the zero padding of the last block
-                os.lseek(self.fd, end, os.SEEK_SET)
+            _finish(self.fd, self.start + self.size, direct=self.direct)
             self._buf = None
-            if self.direct:
-                _set_direct(self.fd, False)
         return self.size
+
+
+def write_image(
+    fd: int,
+    image: memoryview,
+    size: int,
+    hasher: Any,
+    *,
+    on_chunk: Callable[[int], None] | None = None,
+    direct: bool | None = None,
+) -> int:
+    """Append ``image[:size]`` to ``fd``, hashing it in the same pass; return ``size``.
+
+    ``image`` is a ``staging.FileImage``: page-aligned, and zero from ``size`` to its
+    block boundary. With ``O_DIRECT`` it goes to the disk from where it lies, no bounce
+    buffer: ``BUFFER_BYTES`` at a time, each piece hashed just before it is written, the
+    last block's padding truncated away at the end. Otherwise (``direct=False``, a file
+    system that refuses it, an unaligned offset) the same pieces go through the page
+    cache. ``on_chunk(bytes so far)`` after each piece. The fd stays open, at the end of
+    the file, not fsync'd.
+    """
+    start = os.lseek(fd, 0, os.SEEK_CUR)
+    blocks = -(-size // ALIGN) * ALIGN
+    use = (ENABLED if direct is None else direct) and len(image) >= blocks
+    on = use and start % ALIGN == 0 and _address(image) % ALIGN == 0 and _try_direct(fd)
+    pos = 0
+    while pos < size:
+        end = min(pos + BUFFER_BYTES, size)
+        hasher.update(image[pos:end])
+        if on:
+            on = _write_blocks(fd, image[pos : min(-(-end // ALIGN) * ALIGN, blocks)], direct=True)
+        else:
+            _write_all(fd, image[pos:end])
+        pos = end
+        if on_chunk is not None:
+            on_chunk(pos)
+    if on or os.lseek(fd, 0, os.SEEK_CUR) != start + size:
+        _finish(fd, start + size, direct=on)
+    return size
+
+
+def _try_direct(fd: int) -> bool:
+    return os.fstat(fd).st_dev not in _refused and _set_direct(fd, True)
+
+
+def _write_blocks(fd: int, view: memoryview, *, direct: bool) -> bool:
+    """Write all of ``view``; whether ``O_DIRECT`` is still on afterwards."""
+    while len(view):
+        try:
+            n = os.write(fd, view)
+        except OSError as e:
+            # A file system that takes O_DIRECT at open but not these writes (a block
+            # size above ALIGN): the rest goes through the page cache.
+            if e.errno != errno.EINVAL or not direct:
+                raise
+            _refuse(fd, e)
+            _set_direct(fd, False)
+            direct = False
+            continue
+        view = view[n:]
+    return direct
+
+
+def _finish(fd: int, end: int, *, direct: bool) -> None:
+    """Cut the zero padding of the last block (if written), leave the fd at ``end``,
+    clear ``O_DIRECT``."""
+    if os.lseek(fd, 0, os.SEEK_CUR) != end:
+        os.ftruncate(fd, end)
+        os.lseek(fd, end, os.SEEK_SET)
+    if direct:
+        _set_direct(fd, False)
+
+
+def _address(view: memoryview) -> int:
+    """The address of ``view``'s first byte (0 when empty)."""
+    if not len(view):
+        return 0
+    import numpy as np
+
+    return int(np.frombuffer(view, np.uint8).ctypes.data)
 
 
 def _copy(dst: memoryview, src: memoryview) -> None:

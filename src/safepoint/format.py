@@ -274,6 +274,7 @@ def write_safetensors(
     *,
     on_chunk: Callable[[int], None] | None = None,
     direct: bool | None = None,
+    image: Any = None,
 ) -> tuple[int, str]:
     """Write a safetensors file to ``fd`` in one pass, hashing as it goes.
 
@@ -282,12 +283,16 @@ def write_safetensors(
     whole file is built in memory. The bytes go to the disk with ``O_DIRECT`` where the
     file system allows it (``safepoint.directio``; ``direct=False``: page cache);
     ``fd`` is left at the end of the file, not fsync'd. Files load with the safetensors
-    library (tested). Returns (size, checksum hex).
+    library (tested). ``image``: a ``staging.FileImage`` that ``tensors`` are views of,
+    written as it lies (no copy). Returns (size, checksum hex).
     """
-    from safepoint.directio import FileStream
+    from safepoint.directio import FileStream, write_image
 
-    head, order = safetensors_layout(tensors, metadata)
     hasher = new_hasher()
+    if image is not None:
+        size = write_image(fd, image.data(), image.size, hasher, on_chunk=on_chunk, direct=direct)
+        return size, hasher.hexdigest()
+    head, order = safetensors_layout(tensors, metadata)
     stream = FileStream(fd, hasher, direct=direct)
     stream.write(memoryview(head))
     for name in order:

@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,9 @@ class TensorFile:
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str] | None = None
+    image: Any = None
+    """The ``staging.FileImage`` the tensors are views of, when a background save staged
+    them into one: the writer writes it as it lies."""
 
     @property
     def nbytes(self) -> int:
@@ -80,97 +83,6 @@ def copy_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
             copies[key] = t.detach().to("cpu", copy=True)
         out[name] = copies[key]
     return out
-
-
-class StagingBuffers:
-    """Reusable host-memory copies of a snapshot's tensors, for background saves.
-
-    A buffer is reused while the tensor under the same file and name keeps its shape and
-    dtype; buffers not used by the latest ``stage`` are released, so the memory held is at
-    most one checkpoint's worth. Buffers for CUDA tensors are pinned so that the copy is
-    a ``non_blocking`` DMA. Not thread-safe: the caller must not stage while a writer is
-    still reading the previous snapshot.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[str, str], torch.Tensor] = {}
-        self.pending: list[Any] = []  # CUDA events the writer must wait for
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
-    def missing_bytes(self, snapshot: Snapshot) -> int:
-        """Bytes ``stage(snapshot)`` would have to allocate (reuse not possible)."""
-        total = 0
-        for fname, name, t in _tensor_items(snapshot):
-            buf = self._buffers.get((fname, name))
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                total += t.numel() * t.element_size()
-        return total
-
-    def _buffer(self, key: tuple[str, str], t: torch.Tensor) -> torch.Tensor:
-        buf = self._buffers.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            pin = t.device.type == "cuda" and torch.cuda.is_available()
-            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
-            self._buffers[key] = buf
-        return buf
-
-    def stage(self, snapshot: Snapshot) -> Snapshot:
-        """A copy of ``snapshot`` whose tensors live in these buffers (a true copy).
-
-        CUDA copies are queued ``non_blocking`` on the current stream, so they are ordered
-        before the next step's kernels; ``ready()`` waits for them (the writer calls it).
-        """
-        files: dict[str, TensorFile | bytes] = {}
-        used: set[tuple[str, str]] = set()
-        self.pending = []
-        cuda = False
-        for fname, content in snapshot.files.items():
-            if not isinstance(content, TensorFile):
-                files[fname] = content
-                continue
-            copies: dict[int, torch.Tensor] = {}
-            out: dict[str, torch.Tensor] = {}
-            for name, t in content.tensors.items():
-                if id(t) not in copies:
-                    buf = self._buffer((fname, name), t)
-                    used.add((fname, name))
-                    non_blocking = t.device.type == "cuda"
-                    cuda = cuda or non_blocking
-                    with torch.no_grad():
-                        buf.copy_(t.detach(), non_blocking=non_blocking)
-                    copies[id(t)] = buf
-                out[name] = copies[id(t)]
-            files[fname] = TensorFile(out, content.metadata)
-        for key in set(self._buffers) - used:
-            del self._buffers[key]
-        if cuda:
-            event = torch.cuda.Event()
-            event.record()
-            self.pending.append(event)
-        return replace(snapshot, files=files)
-
-    def ready(self) -> None:
-        """Block until the queued device-to-host copies of the last ``stage`` are done."""
-        for event in self.pending:
-            event.synchronize()
-        self.pending = []
-
-    def release(self) -> None:
-        """Drop every buffer (memory goes back once the last snapshot using it is gone)."""
-        self._buffers.clear()
-
-
-def _tensor_items(snapshot: Snapshot) -> Iterator[tuple[str, str, torch.Tensor]]:
-    for fname, content in snapshot.files.items():
-        if isinstance(content, TensorFile):
-            seen: set[int] = set()
-            for name, t in content.tensors.items():
-                if id(t) not in seen:
-                    seen.add(id(t))
-                    yield fname, name, t
 
 
 def capture(

@@ -93,7 +93,7 @@ def _write_file(
                     abort()
 
             size, digest = write_safetensors(
-                fd, content.tensors, content.metadata, on_chunk=on_chunk
+                fd, content.tensors, content.metadata, on_chunk=on_chunk, image=content.image
             )
         else:
             write_all(fd, memoryview(content))

@@ -34,7 +34,8 @@ import psutil
 
 from safepoint.errors import ConfigError, SaveFailedError
 from safepoint.records import RunRecord
-from safepoint.snapshot import Snapshot, StagingBuffers
+from safepoint.snapshot import Snapshot
+from safepoint.staging import StagingBuffers
 from safepoint.units import format_size
 
 log = logging.getLogger("safepoint")
