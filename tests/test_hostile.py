@@ -7,6 +7,7 @@ import json
 import pathlib
 import pickle
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,27 @@ def test_a_symlinked_checkpoint_folder_is_never_followed(tmp_path: Path) -> None
         ckpt.save(20, small_state())  # retention runs: the link is not its to delete
     assert (out / "checkpoint-9").is_symlink()
     assert {p.name: hash_file(p) for p in target.iterdir()} == before
+
+
+def test_a_state_file_changed_after_a_passing_inspect_is_caught_again(tmp_path: Path) -> None:
+    """Shallow inspections skip re-parsing state files that passed and did not change
+    (retention inspects every kept checkpoint after each save); a change of the same size,
+    under a re-signed manifest, is a new file and is parsed again."""
+    make_run(tmp_path, steps=(5,))
+    folder = tmp_path / "checkpoint-5"
+    assert inspect(folder).valid and inspect(folder).valid  # the second from the cache
+    state = folder / "state.json"
+    text = state.read_bytes()
+    broken = text.replace(b'"step": 5', b'"step":-5')  # same length, fails its schema
+    assert broken != text and len(broken) == len(text)
+    time.sleep(0.05)  # file times tick in jiffies (4 ms); a cached pass is one tick old
+    state.write_bytes(broken)  # in place, manifest untouched: only its times changed
+    info = inspect(folder)
+    assert info.status == "corrupt" and "state.json" in "; ".join(info.problems)
+    state.write_bytes(text)
+    assert inspect(folder).valid
+    time.sleep(0.05)
+    state.write_bytes(broken)
+    resign(folder)  # and under a manifest that vouches for it
+    info = inspect(folder)
+    assert info.status == "corrupt" and "state.json" in "; ".join(info.problems)

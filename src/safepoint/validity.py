@@ -148,7 +148,8 @@ _checked: dict[tuple[object, ...], bool] = {}
 state file its manifest entry and its inode, size, mtime and ctime). Retention inspects
 every kept checkpoint after each save, and parsing a long run's ``trainer_state.json``
 under the hostile-input checks took most of a LoRA save's time (6 ms per checkpoint at
-200 steps, growing with the log history); a file changed in any way has a new ctime."""
+200 steps, growing with the log history). A file changed in any way gets a new ctime,
+one clock tick (a few ms) later at most; ``verify`` (deep) always parses and re-hashes."""
 
 
 def _state_key(path: Path, manifest: Manifest) -> tuple[object, ...] | None:
