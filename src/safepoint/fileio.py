@@ -31,9 +31,13 @@ def new_hasher() -> Any:
 # ---------------------------------------------------------------------------- JSON
 
 
-def dumps_json(obj: Any) -> bytes:
-    """Stable, human-readable JSON bytes."""
-    return (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+def dumps_json(obj: Any, *, indent: int | None = None) -> bytes:
+    """Stable JSON bytes (sorted keys, no NaN): compact by default, because only then
+    does ``json`` use its C encoder (``state.json`` with ``indent=1`` took 1.5 ms of a
+    LoRA save's 2.3 ms stall); ``indent`` for documents people read (the manifest)."""
+    separators = None if indent is not None else (",", ":")
+    text = json.dumps(obj, indent=indent, separators=separators, sort_keys=True, allow_nan=False)
+    return (text + "\n").encode()
 
 
 MAX_JSON_DEPTH = 64

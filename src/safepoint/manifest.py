@@ -68,7 +68,7 @@ class Manifest:
             "info": self.info,
         }
         body["manifest_checksum"] = _self_checksum(body)
-        return dumps_json(body)
+        return dumps_json(body, indent=1)
 
     @classmethod
     def from_json(cls, data: bytes, *, where: str) -> Manifest:

@@ -176,7 +176,9 @@ class RemoteDir:
             raise OSError(f"{path}: uploaded {found} bytes, expected {size}")
 
     def _point_to(self, step: int) -> None:
-        body = dumps_json({"checkpoint": f"checkpoint-{step}", "step": step, "t": time.time()})
+        body = dumps_json(
+            {"checkpoint": f"checkpoint-{step}", "step": step, "t": time.time()}, indent=1
+        )
         self.fs.pipe_file(self.path(LATEST_NAME), body)
 
     def delete(self, step: int) -> None:
