@@ -546,6 +546,8 @@ def parent(args: argparse.Namespace) -> None:
     name = "save_overhead" + ("_quick" if args.quick else "")
     if args.only != set(ALL_PARTS):
         name += "_" + "_".join(p for p in ALL_PARTS if p in args.only)
+    if args.layers:
+        name += f"_{args.layers}layers"
     write_results(name, "Save overhead during training", "\n\n".join(body), data)
 
 

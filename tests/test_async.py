@@ -244,3 +244,20 @@ def test_exception_in_loop_still_commits_the_save_in_flight(
         threading.Timer(0.1, gate.set).start()
         raise KeyError("loop bug")
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+
+
+def test_auto_saves_small_checkpoints_in_line_and_large_ones_in_the_background(
+    tmp_path: Path,
+) -> None:
+    """The default, async_save="auto": 32 MB is where a writer thread starts to pay."""
+    from safepoint.options import AUTO_ASYNC_BYTES, Options
+
+    assert Options().async_save == "auto"
+    small, large = _state(64), _state(int((AUTO_ASYNC_BYTES / 4) ** 0.5) + 8)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, small).wait()
+        ckpt.save(2, large).wait()
+        ckpt.save(3, small).wait()
+    modes = {e["step"]: e["mode"] for e in read_events(tmp_path) if e["event"] == "save"}
+    assert modes == {1: "sync", 2: "async", 3: "sync"}
+    assert torch.equal(_weights(tmp_path / "checkpoint-2"), large["model"].weight.detach())  # type: ignore[attr-defined]

@@ -21,7 +21,7 @@ from safepoint.engine.preflight import Preflight
 from safepoint.errors import SaveFailedError
 from safepoint.lock import RunLock
 from safepoint.manifest import library_versions
-from safepoint.options import Options
+from safepoint.options import AUTO_ASYNC_BYTES, Options
 from safepoint.records import RunRecord
 from safepoint.retention import Candidate, RetentionPolicy, free_before_commit, plan
 from safepoint.snapshot import Snapshot
@@ -146,9 +146,10 @@ class Saver:
     ) -> PendingSave:
         """Commit ``snapshot`` (its ``reason``, ``metrics`` set), then prune.
 
-        In line, or in the background with ``async_save`` (``urgent``: always in line,
-        for emergency saves). Raises ``SaveFailedError`` for an in-line save that failed.
-        Not the ``writer`` (a rank other than 0): the handle of what rank 0 commits.
+        In line, or in the background with ``async_save`` (``"auto"``: from
+        ``AUTO_ASYNC_BYTES`` on; ``urgent``: always in line, for emergency saves). Raises
+        ``SaveFailedError`` for an in-line save that failed. Not the ``writer`` (a rank
+        other than 0): the handle of what rank 0 commits.
         """
         path = self.store.path_for(snapshot.step)
         handle = PendingSave(snapshot.step, path, snapshot.reason, dict(snapshot.metrics))
@@ -167,8 +168,9 @@ class Saver:
                     log.error("%s", e)
             else:
                 self._raise_unobserved()
-            if urgent or not bg.fits(snapshot):
-                mode = "sync" if urgent else "inline"
+            small = self.options.async_save == "auto" and snapshot.nbytes < AUTO_ASYNC_BYTES
+            if urgent or small or not bg.fits(snapshot):
+                mode = "sync" if urgent or small else "inline"
                 handle._info = self.commit_now(snapshot, started, mode=mode)
             else:
                 handle._job = self._start(bg, snapshot, started, waited)
