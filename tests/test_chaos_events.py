@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -101,14 +102,19 @@ def test_random_folder_names_are_normalized() -> None:
     assert normalized("checkpoint-10/state.json") == "checkpoint-10/state.json"
 
 
-def _runner(tmp_path: Path) -> tuple[Runner, Path]:
+@pytest.fixture(params=["cold", "warm"])
+def runner(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Runner]:
+    """The writer's runner: fresh processes, or forked from a zygote."""
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    return Runner([PY, str(script), "{out}"], tmp_path / "work", timeout=60), script
+    warm = request.param == "warm"
+    run = Runner([PY, str(script), "{out}"], tmp_path / "work", timeout=60, warm=warm)
+    assert run.warm == warm
+    yield run
+    run.close()
 
 
-def test_hook_sees_every_file_event_under_the_output_dir(tmp_path: Path) -> None:
-    runner, _ = _runner(tmp_path)
+def test_hook_sees_every_file_event_under_the_output_dir(tmp_path: Path, runner: Runner) -> None:
     out = tmp_path / "work" / "out"
     ref = count_events(runner, out, timeout=60)
     assert [(e.kind, e.path) for e in ref.events] == [
@@ -134,9 +140,8 @@ def test_hook_sees_every_file_event_under_the_output_dir(tmp_path: Path) -> None
     ],
 )
 def test_hook_stops_the_run_at_the_kth_event(
-    tmp_path: Path, mode: str, at: int, rc: int, left: bytes
+    tmp_path: Path, runner: Runner, mode: str, at: int, rc: int, left: bytes
 ) -> None:
-    runner, _ = _runner(tmp_path)
     out, fired = tmp_path / "out", tmp_path / "fired"
     proc = runner.start(out, tmp_path / "log", f"{mode}:{at}:{out}:{tmp_path / 'ev'}:{fired}")
     assert proc.wait(60) == rc
@@ -145,8 +150,7 @@ def test_hook_stops_the_run_at_the_kth_event(
     assert len(read_event_log(tmp_path / "ev")) == at
 
 
-def test_hook_env_does_not_reach_the_commands_children(tmp_path: Path) -> None:
-    runner, _ = _runner(tmp_path)
+def test_hook_env_does_not_reach_the_commands_children(runner: Runner) -> None:
     env = runner.env("count:0:/x:/y:/z")
     code = "import os; print(os.environ.get('SAFEPOINT_CHAOS_HOOK'))"
     import subprocess

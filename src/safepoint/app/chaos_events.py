@@ -293,12 +293,37 @@ def file_events(
     pattern: str | None = None,
     only: Collection[int] | None = None,
     jobs: int = 1,
+    warm: bool = True,
     echo: Callable[[str], None] = print,
 ) -> bool:
     """The whole file-event test of ``command`` in ``work``; True if it passed.
 
-    ``only``: event numbers to crash at (default all); ``jobs``: points run at a time."""
-    runner = Runner(command, work, timeout or 3600)
+    ``only``: event numbers to crash at (default all); ``jobs``: points run at a time;
+    ``warm``: fork a Python command's runs from a process that has imported its
+    libraries (``chaos_zygote``), else every run is a fresh process."""
+    runner = Runner(command, work, timeout or 3600, warm=warm)
+    try:
+        return _file_events(runner, work, modes, k, grace, timeout, pattern, only, jobs, echo)
+    finally:
+        runner.close()
+
+
+def _file_events(
+    runner: Runner,
+    work: Path,
+    modes: Sequence[str],
+    k: int | None,
+    grace: float,
+    timeout: float | None,
+    pattern: str | None,
+    only: Collection[int] | None,
+    jobs: int,
+    echo: Callable[[str], None],
+) -> bool:
+    if runner.warm:
+        echo("chaos: runs start warm, forked from a Python with torch and transformers imported")
+    elif runner.asked_warm:
+        echo("chaos: not a Python program started plainly: every run is a fresh process")
     echo(f"chaos: fault-free run in {work / 'reference'}, counting file events")
     ref = count_events(runner, work / "reference", timeout=runner.timeout)
     runner.timeout = timeout or 3 * ref.seconds + 60

@@ -2,16 +2,20 @@
 
 ``Runner`` starts the user's command with ``{out}`` replaced by an output directory, its
 output into a log, in a session of its own so that a kill reaches every process the
-command starts; with a ``chaos_hook`` spec, under the file-event hook. The functions
-watch it, kill it and read back what it did: its log's last line, whether it said
-``resuming from <path> (step N)``, and its run record, split per process.
+command starts; with a ``chaos_hook`` spec, under the file-event hook. Started warm, a
+Python command is forked from a ``chaos_zygote`` that has imported its libraries already
+(``Zygote``, ``Forked``); otherwise it is a fresh process. The functions watch it, kill it
+and read back what it did: its log's last line, whether it said ``resuming from <path>
+(step N)``, and its run record, split per process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -19,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from safepoint.errors import ConfigError
 from safepoint.records import read_events
@@ -27,19 +31,64 @@ from safepoint.records import read_events
 HOOK_ENV = "SAFEPOINT_CHAOS_HOOK"
 RESUMING = re.compile(r"resuming from (\S+) \(step (\d+)\)")
 
-Process = subprocess.Popen[bytes]
+# What a warm start imports before forking: the field's libraries and safepoint's own
+# training path. A module the command's interpreter lacks is skipped.
+WARM_MODULES = (
+    "torch",
+    "safetensors.torch",
+    "transformers",
+    "transformers.trainer",
+    "accelerate",
+    "datasets",
+    "peft",
+    "safepoint.cli",
+    "safepoint.app.job",
+    "safepoint.app.progress",
+    "safepoint.integrations.hf",
+)
+_PYTHON = re.compile(r"python[0-9.]*$")
+
+
+class Process(Protocol):
+    """A started run: a ``subprocess.Popen`` or a ``Forked`` one."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
 
 
 class Runner:
-    """Starts the command in output directories; one folder of logs (and of the hook)."""
+    """Starts the command in output directories; one folder of logs (and of the hook).
 
-    def __init__(self, command: Sequence[str], work: Path, timeout: float) -> None:
+    ``warm``: start a Python command forked from zygotes (one per run at a time) when
+    ``python_target`` can say how to run it; ``self.warm`` says whether it does."""
+
+    def __init__(
+        self, command: Sequence[str], work: Path, timeout: float, *, warm: bool = False
+    ) -> None:
         self.command = list(command)
         self.work = work
         self.timeout = timeout  # seconds a run may take
         self.hook_dir = work / "hook"
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.asked_warm = warm
+        self.target = python_target(self.command) if warm else None
+        self._idle: list[Zygote] = []
+        self._all: list[Zygote] = []
+        self._lock = threading.Lock()
+
+    @property
+    def warm(self) -> bool:
+        return self.target is not None
+
+    def close(self) -> None:
+        """End the zygotes (each exits once its stdin closes)."""
+        with self._lock:
+            zygotes, self._all, self._idle = self._all, [], []
+        for zygote in zygotes:
+            zygote.close()
 
     def argv(self, out: Path) -> list[str]:
         return [arg.replace("{out}", str(out)) for arg in self.command]
@@ -68,6 +117,11 @@ class Runner:
     def start(self, out: Path, log: Path, spec: str | None = None) -> Process:
         """The command started in ``out``, its stdout and stderr into ``log``."""
         argv = self.argv(out)
+        if self.target is not None:
+            python, kind, what, argv0, skip = self.target
+            here = str(out)
+            run = (python, kind, what.replace("{out}", here), argv0.replace("{out}", here), skip)
+            return self._zygote().start(run, argv, log, spec, self._release)
         with open(log, "wb") as f:
             try:
                 # A session of its own: a kill reaches every process the command starts.
@@ -86,6 +140,145 @@ class Runner:
     def wait(self, proc: Process, seconds: float) -> int | None:
         """Exit code, or None after killing it ``seconds`` from now."""
         return finish(proc, time.monotonic() + seconds)
+
+    def _zygote(self) -> Zygote:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            number = len(self._all) + 1
+        assert self.target is not None
+        zygote = Zygote(self.target[0], self.env(None), self.logs / f"zygote-{number}.log")
+        with self._lock:
+            self._all.append(zygote)
+        return zygote
+
+    def _release(self, zygote: Zygote) -> None:
+        with self._lock:
+            if zygote in self._all:
+                self._idle.append(zygote)
+
+
+# interpreter, kind, what to run, the program's argv[0], where the rest of argv starts
+Target = tuple[str, str, str, str, int]
+
+
+def python_target(command: Sequence[str]) -> Target | None:
+    """How a zygote runs ``command``: (interpreter, kind, target, argv[0], start of the
+    arguments in ``command``), or None when it is not a Python program started plainly
+    (kind: ``path``, ``module``, ``code``).
+
+    ``python script.py ...``, ``python -m mod ...``, ``python -c code ...``, and a script
+    whose ``#!`` names a Python (a console script such as ``safepoint``) are; a Python
+    started with other options, a shell script or a binary are not."""
+    first = shutil.which(command[0]) if command else None
+    if first is None:
+        return None
+    if _PYTHON.match(Path(command[0]).name):
+        rest = list(command[1:])
+        if rest[:1] in (["-m"], ["-c"]) and len(rest) >= 2:
+            kind = "module" if rest[0] == "-m" else "code"
+            return first, kind, rest[1], rest[1] if kind == "module" else "-c", 3
+        if rest and not rest[0].startswith("-"):
+            return first, "path", rest[0], rest[0], 2
+        return None
+    try:
+        with open(first, "rb") as f:
+            line = f.readline(512)
+    except OSError:
+        return None
+    words = line[2:].decode(errors="replace").split() if line.startswith(b"#!") else []
+    if words and Path(words[0]).name == "env" and len(words) == 2:
+        words = [shutil.which(words[1]) or words[1]]
+    if len(words) != 1 or not _PYTHON.match(Path(words[0]).name):
+        return None
+    return words[0], "path", first, command[0], 1
+
+
+class Zygote:
+    """A ``chaos_zygote`` process: forks one run at a time from warm imports."""
+
+    def __init__(self, python: str, env: dict[str, str], log: Path) -> None:
+        here = Path(__file__).parent
+        self.log = log
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen(
+                [python, str(here / "chaos_zygote.py"), str(here / "chaos_hook.py"), *WARM_MODULES],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=f,
+                env=env,
+            )
+        self._buffer = b""
+
+    def start(
+        self,
+        target: Target,
+        argv: list[str],
+        log: Path,
+        spec: str | None,
+        release: Callable[[Zygote], None],
+    ) -> Forked:
+        _, kind, what, argv0, skip = target
+        args = [argv0, *argv[skip:]]
+        request = {"run": [kind, what], "argv": args, "log": str(log), "spec": spec}
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise self._died() from None
+        line = self.readline(None)
+        return Forked(int(line), self, release)
+
+    def readline(self, timeout: float | None) -> str:
+        """The zygote's next answer; ``TimeoutExpired`` if none comes in ``timeout`` s."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if not select.select([fd], [], [], left)[0]:
+                raise subprocess.TimeoutExpired(self.proc.args, timeout or 0.0)
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise self._died()
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode()
+
+    def _died(self) -> ConfigError:
+        return ConfigError(
+            f"the warm-start process ended ({last_line(self.log)}); see {self.log}, or rerun "
+            "with --cold"
+        )
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+class Forked:
+    """A run forked by a zygote, waited on through the zygote's answers."""
+
+    def __init__(self, pid: int, zygote: Zygote, release: Callable[[Zygote], None]) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._zygote = zygote
+        self._release = release
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = int(self._zygote.readline(timeout))
+            self._release(self._zygote)
+        return self.returncode
 
 
 def kill_group(proc: Process, sig: signal.Signals) -> None:
