@@ -251,3 +251,42 @@ def test_missing_ranking_metric_warning_names_what_a_trainer_user_sets(
     (note,) = [r.getMessage() for r in caplog.records if "no such metric" in r.getMessage()]
     assert "eval_dataset" in note and "eval_strategy" in note and "metric=" in note, note
     assert "metrics=" not in note and "--metric" not in note, note
+
+
+def test_a_non_finite_logged_value_leaves_the_checkpoints_valid(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """fp16 runs log grad_norm inf (or nan) while the loss scale settles; the Trainer
+    writes it into trainer_state.json as Python's json does (``Infinity``). Every
+    checkpoint after it was ``corrupt`` ("NaN is not a JSON number"): resume skipped them
+    all. A checkpoint holding one is complete, verifies, and is resumed from."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from safepoint import SafepointCallback
+    from safepoint.validity import inspect as inspect_checkpoint
+
+    class Overflow(TrainerCallback):
+        def on_step_end(self, args: object, state: object, control: object, **kw: object):
+            if state.global_step == 1:  # type: ignore[attr-defined]
+                trainer.log({"grad_norm": float("inf"), "learning_rate": float("nan")})
+
+    def build(cb: SafepointCallback) -> Trainer:
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "hf"), report_to="none", use_cpu=True, max_steps=4,
+            per_device_train_batch_size=2, logging_steps=1,
+        )  # fmt: skip
+        data = [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}] * 8
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        return Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+
+    out = tmp_path / "run"
+    trainer = build(SafepointCallback(output_dir=out, save_every="2"))
+    trainer.add_callback(Overflow())
+    trainer.train()
+    for step in (2, 4):
+        info = inspect_checkpoint(out / f"checkpoint-{step}", deep=True)
+        assert info.status == "valid", info.problems
+        assert "Infinity" in (out / f"checkpoint-{step}" / "trainer_state.json").read_text()
+    again = SafepointCallback(output_dir=out, save_every="2")
+    build(again).train()
+    assert again.resumed_from is not None and again.resumed_from.step == 4

@@ -79,12 +79,14 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def loads_json(data: bytes, *, where: str) -> Any:
+def loads_json(data: bytes, *, where: str, nonfinite: bool = False) -> Any:
     """Parse JSON, turning any failure into ``CorruptCheckpointError``.
 
     Bounded: nesting at most ``MAX_JSON_DEPTH``, integers below ``MAX_JSON_INT`` in
     magnitude, floats finite (no ``NaN``/``Infinity``, no ``1e400``), so that no value
-    read from a checkpoint can overflow or recurse later.
+    read from a checkpoint can overflow or recurse later. ``nonfinite``: a document that
+    Python's ``json`` wrote for another program (the Trainer's ``trainer_state.json``
+    logs ``grad_norm`` inf) may hold ``NaN`` and ``Infinity``; they are read as floats.
     """
     if json_depth(data) > MAX_JSON_DEPTH:
         raise CorruptCheckpointError(
@@ -94,8 +96,8 @@ def loads_json(data: bytes, *, where: str) -> Any:
         return json.loads(
             data,
             parse_int=_bounded_int,
-            parse_float=_finite_float,
-            parse_constant=_no_constant,
+            parse_float=float if nonfinite else _finite_float,
+            parse_constant=float if nonfinite else _no_constant,
         )
     except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{where}: not valid JSON ({e})") from e

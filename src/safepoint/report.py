@@ -337,9 +337,10 @@ def _trainer_state(infos: Iterable[CheckpointInfo], directory: Path) -> dict[str
     for path in paths:
         try:
             # Another tool's folder is untrusted: a regular file only (no link, no FIFO),
-            # bounded in size and in JSON depth and numbers.
+            # bounded in size and in JSON depth and numbers; NaN and Infinity as the
+            # Trainer writes them (a non-finite value is left out of the plots).
             data = read_regular(path, max_size=MAX_TRAINER_STATE_BYTES)
-            state = loads_json(bytes(data), where=str(path))
+            state = loads_json(bytes(data), where=str(path), nonfinite=True)
         except (OSError, CorruptCheckpointError):
             continue
         step = state.get("global_step") if isinstance(state, dict) else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from collections.abc import Collection
 from typing import Any
 
@@ -193,8 +194,12 @@ def _check_b64(value: object, field: str, size: int | None) -> None:
 
 
 def parse_trainer_state(data: bytes, *, step: int, where: str) -> dict[str, Any]:
-    """Parse and check the bytes of a ``trainer_state.json`` (see ``check_trainer_state_doc``)."""
-    return check_trainer_state_doc(loads_json(data, where=where), step=step, where=where)
+    """Parse and check the bytes of a ``trainer_state.json`` (see ``check_trainer_state_doc``).
+
+    ``NaN`` and ``Infinity`` are read: the Trainer writes them (a ``grad_norm`` of inf in
+    an fp16 run's log) and reads them back itself."""
+    doc = loads_json(data, where=where, nonfinite=True)
+    return check_trainer_state_doc(doc, step=step, where=where)
 
 
 def check_trainer_state_doc(doc: Any, *, step: int, where: str) -> dict[str, Any]:
@@ -215,7 +220,7 @@ def check_trainer_state_doc(doc: Any, *, step: int, where: str) -> dict[str, Any
         for name, ok in (
             ("train_batch_size", lambda v: is_int(v, 1, _BIG)),
             ("best_global_step", lambda v: is_int(v, 0, _BIG)),
-            ("best_metric", lambda v: is_number(v, -1e300, 1e300)),
+            ("best_metric", lambda v: is_number(v, -1e300, 1e300) or _nonfinite(v)),
             ("trial_name", lambda v: isinstance(v, str)),
             ("trial_params", _flat_object),
             ("best_model_checkpoint", lambda v: isinstance(v, str)),
@@ -232,6 +237,10 @@ def check_trainer_state_doc(doc: Any, *, step: int, where: str) -> dict[str, Any
     except SchemaError as e:
         raise CorruptCheckpointError(f"{where}: {e}") from None
     return doc
+
+
+def _nonfinite(value: object) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _flat_object(value: Any) -> bool:
