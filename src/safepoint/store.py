@@ -31,6 +31,7 @@ from safepoint.validity import (
     CheckpointInfo,
     checkpoint_step,
     inspect,
+    note_written,
     scan,
 )
 
@@ -238,6 +239,7 @@ class Store:
         os.replace(staging, target)
         crash_point("after_rename")
         _fsync_committed(self.directory, target)
+        note_written(target, manifest)
         return CheckpointInfo(target, snapshot.step, "valid", (), manifest, manifest.total_bytes)
 
     def discard(self, staging: Path) -> None:

@@ -181,6 +181,17 @@ def _check_state(path: Path, manifest: Manifest, *, deep: bool) -> list[str]:
     return problems
 
 
+def note_written(path: Path, manifest: Manifest) -> None:
+    """``path`` was just committed by this process from state files it made itself: they
+    are as ``_parse_state`` would pass them, so the shallow check skips parsing them (1-3
+    ms of every save's retention scan, on the writer thread holding the GIL)."""
+    key = _state_key(path, manifest)
+    if key is not None:
+        if len(_checked) >= 1024:
+            _checked.clear()
+        _checked[key] = True
+
+
 def _parse_state(path: Path, manifest: Manifest, *, deep: bool) -> list[str]:
     """Problems of ``state.json``: listed, readable, and valid against its schema, so
     that a checkpoint resume would fail on is ``corrupt`` in ``ls`` already."""
