@@ -238,8 +238,10 @@ def test_file_events_on_a_short_safepoint_train(
 def test_file_events_every_point_of_safepoint_train(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
 ) -> None:
-    """Every file event of a 30-step run (hours on 2 cores: ~370 events, 2 runs each)."""
-    args = ["chaos", "--file-events", "--modes", mode, "--workdir", str(tmp_path), "--"]
+    """Every file event of a 30-step run: 274 events, 2 runs each, forked warm (one
+    mode 10-20 minutes on 2 cores; all three: benchmarks/results/chaos_file_events.md)."""
+    args = ["chaos", "--file-events", "--modes", mode, "--jobs", "2"]
+    args += ["--workdir", str(tmp_path), "--"]
     args += [PY, "-m", "safepoint", "train", "--max-steps", "30", "--save-every", "5"]
     args += ["--seed", "0", "--output-dir", "{out}"]
     rc = main(args)
