@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import torch
 from safepoint.errors import ConfigError
 from safepoint.fileio import dumps_json, is_safe_name
 from safepoint.format import encode_tree
-from safepoint.rng import capture_rng
+from safepoint.rng import capture_rng_json
 from safepoint.schema import STATE_NAME, STATE_VERSION
 from safepoint.sharding import is_sharded, local_pieces, shard_file
 
@@ -127,11 +128,20 @@ def capture(
         "version": STATE_VERSION,
         "step": step,
         "entries": entries,
-        "rng": capture_rng() if rng else None,
+        "rng": None,
         "progress": dict(progress or {}),
     }
-    files[STATE_NAME] = dumps_json(doc)
+    files[STATE_NAME] = _state_json(doc, capture_rng_json() if rng else "null")
     return Snapshot(step=step, files=files, shards=shards)
+
+
+def _state_json(doc: dict[str, Any], rng: str) -> bytes:
+    """``dumps_json(doc)`` with ``rng`` (JSON text) as the value of ``doc["rng"]``."""
+    parts = [
+        f"{json.dumps(key)}:{rng if key == 'rng' else dumps_json(doc[key]).decode()[:-1]}"
+        for key in sorted(doc)
+    ]
+    return ("{" + ",".join(parts) + "}\n").encode()
 
 
 def _rank_and_world() -> tuple[int, int]:
