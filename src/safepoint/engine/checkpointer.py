@@ -244,8 +244,7 @@ class Checkpointer:
 
     def list(self) -> list[CheckpointInfo]:
         """All checkpoint folders of the directory, oldest first, with their status."""
-        self.saver.settle()
-        return [i for i in self.store.scan() if i.status != "staging"]
+        return self.saver.listing()
 
     # -------------------------------------------------------------------- close
 

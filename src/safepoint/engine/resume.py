@@ -36,7 +36,7 @@ from safepoint.store import Store
 from safepoint.validity import CheckpointInfo, inspect, newest_first, scan
 
 if TYPE_CHECKING:
-    from safepoint.engine.saver import Replica
+    from safepoint.engine.replica import Replica
 
 log = logging.getLogger("safepoint")
 

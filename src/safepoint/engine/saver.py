@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from safepoint.disk import is_recoverable
 from safepoint.engine.preflight import Preflight
@@ -30,36 +30,10 @@ from safepoint.units import format_size
 from safepoint.validity import CheckpointInfo
 from safepoint.writer import AsyncSaver, as_save_failed
 
+if TYPE_CHECKING:
+    from safepoint.engine.replica import Replica
+
 log = logging.getLogger("safepoint")
-
-
-class Replica(Protocol):
-    """A second copy of an output directory's checkpoints, kept beside the local store.
-
-    The engine holds one through this protocol only: it hands over each committed
-    checkpoint and asks for one back on a fresh machine. ``remote.Mirror`` is the one
-    in use.
-    """
-
-    def submit(self, info: CheckpointInfo) -> None:
-        """Queue the committed local checkpoint ``info``; never blocks, never raises."""
-        ...
-
-    def resubmit_newest(self) -> None:
-        """Queue the newest valid local checkpoint (a previous process may have died
-        before replicating it)."""
-        ...
-
-    def fetch_if_empty(self) -> CheckpointInfo | None:
-        """Bring the newest valid replicated checkpoint into an empty local directory and
-        return it; None when the local directory has one or the replica has none.
-        Raises ``RemoteUnavailableError`` when the replica cannot be read."""
-        ...
-
-    def close(self) -> bool:
-        """Wait, within the replica's own timeout, for queued work; True if all finished.
-        Never raises."""
-        ...
 
 
 @dataclass
@@ -403,6 +377,11 @@ class Saver:
         """The newest valid checkpoint (shallow check), or None."""
         self.settle()
         return next((i for i in reversed(self.store.scan()) if i.valid), None)
+
+    def listing(self) -> list[CheckpointInfo]:
+        """Every checkpoint folder, oldest first, once retention in flight is done."""
+        self.settle()
+        return [i for i in self.store.scan() if i.status != "staging"]
 
     def settle(self) -> None:
         """Wait for the retention after an in-line save if it still runs (a few ms), so
