@@ -261,34 +261,3 @@ def test_auto_saves_small_checkpoints_in_line_and_large_ones_in_the_background(
     modes = {e["step"]: e["mode"] for e in read_events(tmp_path) if e["event"] == "save"}
     assert modes == {1: "sync", 2: "async", 3: "sync"}
     assert torch.equal(_weights(tmp_path / "checkpoint-2"), large["model"].weight.detach())  # type: ignore[attr-defined]
-
-
-@pytest.mark.parametrize("async_save", ["auto", False])
-def test_retention_after_an_in_line_save_runs_on_the_writer_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, async_save: object
-) -> None:
-    """A small checkpoint is saved in line ("auto"), but its retention (unlinks: half of
-    a LoRA save in line) runs on the idle writer thread; wait(), list() and latest() see
-    it done. With async_save=False there is no writer: retention stays in line."""
-    deleted_by: list[str] = []
-    real_delete = safepoint.store.Store.delete
-
-    def spy(self: safepoint.store.Store, info: object) -> None:
-        deleted_by.append(threading.current_thread().name)
-        real_delete(self, info)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(safepoint.store.Store, "delete", spy)
-    state = _state()
-    with Checkpointer(tmp_path, keep_last=1, async_save=async_save, signals=None) as ckpt:  # type: ignore[arg-type]
-        ckpt.save(1, state)
-        ckpt.save(2, state).wait()
-        assert [i.step for i in ckpt.list()] == [2]
-        ckpt.save(3, state)
-        latest = ckpt.latest()
-        assert latest is not None and latest.step == 3
-        assert [i.step for i in ckpt.list()] == [3]
-    where = "safepoint-writer" if async_save == "auto" else "MainThread"
-    assert deleted_by == [where, where]
-    saves = [e for e in read_events(tmp_path) if e["event"] == "save"]
-    assert [e["mode"] for e in saves] == ["sync"] * 3
-    assert not any(e["event"] == "save_busy" for e in read_events(tmp_path))

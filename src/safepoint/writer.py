@@ -56,9 +56,6 @@ class PendingSave:
     """One save handed to the writer. ``result`` or ``error`` is set once ``done``."""
 
     step: int
-    kind: str = "save"
-    """``save``, or ``retention``: the deletes after an in-line save, run here so that
-    training does not wait for them (never a reason to skip a save)."""
     submitted: float = field(default_factory=time.perf_counter)
     finished: float | None = None
     result: Any = None
@@ -99,12 +96,12 @@ class BackgroundWriter:
         """The last save submitted (running or finished and not yet taken)."""
         return self._pending
 
-    def submit(self, step: int, job: Callable[[], Any], *, kind: str = "save") -> PendingSave:
+    def submit(self, step: int, job: Callable[[], Any]) -> PendingSave:
         """Start ``job`` in the background. Raises ``RuntimeError`` if a save is in flight."""
         if self.busy:
             raise RuntimeError("a save is already in flight; wait() for it first")
         self._abandon.clear()
-        pending = PendingSave(step, kind)
+        pending = PendingSave(step)
         self._pending = pending
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -238,8 +235,7 @@ class AsyncSaver:
             reason = f"{self.deferred}, deferred while a save was in flight"
         if reason is None:
             return None
-        busy = self.writer.busy and self.writer.pending.kind == "save"  # type: ignore[union-attr]
-        if self.on_busy == "skip" and busy and not must:
+        if self.on_busy == "skip" and self.writer.busy and not must:
             if self.deferred is None:
                 self.deferred = reason
             self.record.event("save_skipped", step=step, busy_step=self.writer.pending.step)
@@ -251,12 +247,10 @@ class AsyncSaver:
         """Wait for the save in flight, if any; the seconds waited (recorded when > 0)."""
         if not self.writer.busy:
             return 0.0
-        kind = self.writer.pending.kind  # type: ignore[union-attr]
         t0 = time.perf_counter()
         self.writer.wait()
         waited = time.perf_counter() - t0
-        if kind == "save":  # a retention job is not a save in flight
-            self.record.event("save_busy", step=step, action="wait", wait_s=round(waited, 6))
+        self.record.event("save_busy", step=step, action="wait", wait_s=round(waited, 6))
         return waited
 
     def fits(self, snapshot: Snapshot) -> bool:

@@ -53,7 +53,6 @@ class PendingSave:
     """How long training was blocked by this save (the host copy, for a background one)."""
     _info: CheckpointInfo | None = None
     _job: Any = None  # writer.PendingSave of a background save
-    _retention: Any = None  # writer.PendingSave of the retention after an in-line save
     _observed: list[bool] = field(default_factory=lambda: [False])
 
     @property
@@ -68,15 +67,11 @@ class PendingSave:
     def wait_done(self, timeout: float | None = None) -> bool:
         """Block until the save has finished, well or not (True), or ``timeout`` passed;
         raises nothing: a failure still surfaces through ``wait()`` or the next step."""
-        job = self._job or self._retention
-        return job is None or job.done.wait(timeout)
+        return self._job is None or self._job.done.wait(timeout)
 
     def wait(self, timeout: float | None = None) -> CheckpointInfo:
         """The committed checkpoint; raises ``SaveFailedError`` if the save failed, or
-        ``TimeoutError`` if it is still being written after ``timeout`` seconds. Returns
-        once retention after it is done too, as for a background save."""
-        if self._retention is not None:
-            self._retention.done.wait(timeout)  # it never fails: it logs
+        ``TimeoutError`` if it is still being written after ``timeout`` seconds."""
         if self._job is not None:
             if not self._job.done.wait(timeout):
                 raise TimeoutError(f"checkpoint-{self.step} is still being written")
@@ -150,11 +145,7 @@ class Saver:
             small = self.options.async_save == "auto" and snapshot.nbytes < AUTO_ASYNC_BYTES
             if urgent or small or not bg.fits(snapshot):
                 mode = "sync" if urgent or small else "inline"
-                # retention's deletes (half of a LoRA save in line) go to the idle writer
-                retire = None if urgent else bg
-                handle._info = self.commit_now(snapshot, started, mode=mode, retire_in=retire)
-                if retire is not None:
-                    handle._retention = retire.writer.pending
+                handle._info = self.commit_now(snapshot, started, mode=mode)
             else:
                 handle._job = self._start(bg, snapshot, started, waited)
         handle.stall_s = time.perf_counter() - started
@@ -185,12 +176,10 @@ class Saver:
         abort: Callable[[], None] | None = None,
         timing: dict[str, float] | None = None,
         store_commit: Callable[..., CheckpointInfo] | None = None,
-        retire_in: AsyncSaver | None = None,
     ) -> CheckpointInfo:
         """The commit itself, in the training thread or on the writer thread (async);
         ``timing`` (async) was measured in the training thread when the save started;
-        ``store_commit`` replaces ``store.commit`` (a sharded save: no retry);
-        ``retire_in``: run retention and the replica's hand-off on that idle writer."""
+        ``store_commit`` replaces ``store.commit`` (a sharded save: no retry)."""
         try:
             self.lock.check()  # safepoint.lock deleted under us: still the only writer?
             info = self._store_commit(
@@ -229,24 +218,10 @@ class Saver:
             **({"writers": writers} if (writers := _writers(info)) else {}),
         )
         self.last_commit_s = done
-        if retire_in is not None:
-            retire_in.writer.submit(info.step, lambda: self._retire(info), kind="retention")
-        else:
-            self._retire(info, background=False)
-        return info
-
-    def _retire(self, info: CheckpointInfo, *, background: bool = True) -> None:
-        """After ``info`` is committed: retention, then the replica's upload."""
-        try:
-            self._prune()
-        except Exception as e:
-            if not background:
-                raise
-            # checkpoint-N is committed; a scan that failed deletes nothing: say so, go on
-            log.warning("retention after %s failed (%s); nothing was deleted", info.name, e)
-            self.record.event("error", where="retention", step=info.step, error=str(e))
+        self._prune()
         if self.replica is not None:
             self.replica.submit(info)
+        return info
 
     def _store_commit(
         self,
@@ -375,21 +350,11 @@ class Saver:
 
     def latest(self) -> CheckpointInfo | None:
         """The newest valid checkpoint (shallow check), or None."""
-        self.settle()
         return next((i for i in reversed(self.store.scan()) if i.valid), None)
 
     def listing(self) -> list[CheckpointInfo]:
-        """Every checkpoint folder, oldest first, once retention in flight is done."""
-        self.settle()
+        """Every checkpoint folder, oldest first, with its status."""
         return [i for i in self.store.scan() if i.status != "staging"]
-
-    def settle(self) -> None:
-        """Wait for the retention after an in-line save if it still runs (a few ms), so
-        that what a caller lists is what the policy keeps."""
-        bg = self.background
-        pending = bg.writer.pending if bg is not None else None
-        if pending is not None and pending.kind == "retention" and bg is not None:
-            bg.writer.wait()
 
     # ------------------------------------------------------------- background
 
