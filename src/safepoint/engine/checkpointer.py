@@ -244,7 +244,7 @@ class Checkpointer:
 
     def list(self) -> list[CheckpointInfo]:
         """All checkpoint folders of the directory, oldest first, with their status."""
-        return self.saver.listing()
+        return [i for i in self.store.scan() if i.status != "staging"]
 
     # -------------------------------------------------------------------- close
 

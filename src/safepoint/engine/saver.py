@@ -352,10 +352,6 @@ class Saver:
         """The newest valid checkpoint (shallow check), or None."""
         return next((i for i in reversed(self.store.scan()) if i.valid), None)
 
-    def listing(self) -> list[CheckpointInfo]:
-        """Every checkpoint folder, oldest first, with its status."""
-        return [i for i in self.store.scan() if i.status != "staging"]
-
     # ------------------------------------------------------------- background
 
     def _raise_unobserved(self) -> None:
