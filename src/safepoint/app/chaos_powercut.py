@@ -20,8 +20,10 @@ already tested (same paths, same bytes) is not rerun: the command is determinist
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,13 +137,40 @@ def power_cut(
     seed: int = 0,
     timeout: float | None = None,
     pattern: str | None = None,
+    jobs: int = 1,
+    warm: bool = True,
     echo: Callable[[str], None] = print,
 ) -> bool:
-    """The whole power-cut test of ``command`` in ``work``; True if it passed."""
+    """The whole power-cut test of ``command`` in ``work``; True if it passed.
+
+    ``jobs``: reruns at a time; ``warm``: fork a Python command's runs from a process
+    that has imported its libraries (``chaos_zygote``), else every run is fresh."""
     why = available()
     if why is not None:
         raise ConfigError(f"--power-cut: {why}")
-    run = Runner(command, work, timeout or 3600)
+    run = Runner(command, work, timeout or 3600, warm=warm)
+    try:
+        return _power_cut(run, work, k, samples, kills, seed, timeout, pattern, jobs, echo)
+    finally:
+        run.close()
+
+
+def _power_cut(
+    run: Runner,
+    work: Path,
+    k: int | None,
+    samples: int,
+    kills: int,
+    seed: int,
+    timeout: float | None,
+    pattern: str | None,
+    jobs: int,
+    echo: Callable[[str], None],
+) -> bool:
+    if run.warm:
+        echo("chaos: runs start warm, forked from a Python with torch and transformers imported")
+    elif run.asked_warm:
+        echo("chaos: not a Python program started plainly: every run is a fresh process")
     echo(f"chaos: fault-free run on the power-cut file system, output in {work / 'reference'}")
     ref, journal, seconds = record(run, "reference")
     run.timeout = timeout or 3 * seconds + 60
@@ -162,32 +191,49 @@ def power_cut(
         tail = live.numbered()
         what = f"after {tail[-1]}" if tail else "(no event yet)"
         sources.append((live, None, f"t={at:.1f}s", what))
+    # Every surviving state first (cheap), then one rerun per distinct state.
     cases: list[Case] = []
-    seen: dict[str, Case] = {}
+    states: dict[str, tuple[Case, Path]] = {}
+    twins: list[tuple[Case, str]] = []
     for journal_, before, label, what in sources:
         for mode, s in _modes(samples, seed):
             name = f"{label.replace('=', '-')}-{mode}" + (f"-{s}" if mode == "reordered" else "")
             case = Case(label, what, mode if mode == "strict" else f"reordered#{s}")
             state = journal_.materialise(work / "states" / name, before=before, mode=mode, seed=s)
             digest = tree_digest(state)
-            if digest in seen:
-                done = seen[digest]
-                case.expected, case.resumed = done.expected, done.resumed
-                case.verdict = done.verdict
-                case.same_as = f"{done.point} {done.mode}"
+            if digest in states:
+                twins.append((case, digest))
+                shutil.rmtree(state)
             else:
-                rerun(run, case, state, ref, pattern)
-                seen[digest] = case
+                states[digest] = (case, state)
             cases.append(case)
-            if case.same_as is None:
-                echo(f"  {label} {case.mode} ({what[:60]}): {case.verdict}")
+    echo(
+        f"chaos: {len(cases)} surviving states, {len(states)} distinct"
+        + (f", {jobs} reruns at a time" if jobs > 1 else "")
+    )
+
+    def one(item: tuple[Case, Path]) -> Case:
+        case, state = item
+        rerun(run, case, state, ref, pattern)
+        if not case.failed:  # the rerun has trained on in it: nothing left to look at
+            shutil.rmtree(state, ignore_errors=True)
+        return case
+
+    # Each state has its own folder and log; threads only wait on child processes.
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="chaos-cut") as pool:
+        for i, case in enumerate(pool.map(one, states.values()), 1):
+            echo(f"  {i}/{len(states)} {case.point} {case.mode} ({case.what[:60]}): {case.verdict}")
+    for case, digest in twins:
+        done = states[digest][0]
+        case.expected, case.resumed, case.verdict = done.expected, done.resumed, done.verdict
+        case.same_as = f"{done.point} {done.mode}"
     for line in table(cases):
         echo(line)
     failed = sum(c.failed for c in cases)
     resumed = sum(c.resumed not in ("start", "?") for c in cases)
     echo(
         f"chaos: {len(cases) - failed} of {len(cases)} surviving states passed "
-        f"({len(seen)} distinct, rerun), {resumed} resumed from a checkpoint"
+        f"({len(states)} distinct, rerun), {resumed} resumed from a checkpoint"
     )
     if not failed and not resumed:
         echo("chaos: no surviving state held a checkpoint: no resume was tested")

@@ -60,13 +60,14 @@ from safepoint.units import parse_duration
     default=1,
     show_default=True,
     type=click.IntRange(1, 64),
-    help="With --file-events: crash points run at a time (each is two runs, one after the other).",
+    help="With --file-events: crash points run at a time (each is two runs, one after the "
+    "other); with --power-cut: reruns at a time.",
 )
 @click.option(
     "--cold",
     is_flag=True,
-    help="With --file-events: start every run as a fresh process. By default a Python "
-    "command's runs are forked from one that has imported torch and transformers (2-3x "
+    help="With --file-events or --power-cut: start every run as a fresh process. By default "
+    "a Python command's runs are forked from one that has imported torch and transformers (2-3x "
     "faster; they share its hash seed).",
 )
 @click.option(
@@ -139,9 +140,11 @@ def chaos_cmd(
             seed=seed,
             timeout=limit,
             pattern=pattern,
+            jobs=jobs,
+            warm=not cold,
             echo=click.echo,
         )
-        kept = "runs, surviving states and logs"
+        kept = "runs, failed surviving states and logs"
     elif file_events:
         ok = run_file_events(
             command,
