@@ -129,6 +129,39 @@ def test_warm_runs_in_parallel_take_a_zygote_each(tmp_path: Path, warm: Runner) 
     assert len(list((tmp_path / "work" / "logs").glob("zygote-*.log"))) == 2
 
 
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_runs_side_by_side_share_the_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, warm_start: bool
+) -> None:
+    """``--jobs 2``: each run gets half the cores for torch (a thread per core in each
+    oversubscribed the machine, 10x slower); a user's own OMP_NUM_THREADS stays."""
+    from safepoint.app.chaos_process import threads_per_job
+
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "import os, torch\n"
+        "print('threads', torch.get_num_threads(), os.environ.get('OMP_NUM_THREADS'), flush=True)\n"
+    )
+    cores = len(os.sched_getaffinity(0))
+
+    def threads(jobs: int, name: str) -> tuple[int, str]:
+        runner = Runner([PY, str(script)], tmp_path / name, 60, warm=warm_start, jobs=jobs)
+        try:
+            log = tmp_path / f"{name}.log"
+            assert runner.start(tmp_path / name, log).wait(120) == 0, log.read_text()
+            torch_threads, env = log.read_text().split("threads")[1].split()[:2]
+            return int(torch_threads), env
+        finally:
+            runner.close()
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads_per_job(2) == max(1, cores // 2)
+    assert threads(2, "two") == (max(1, cores // 2), str(max(1, cores // 2)))
+    assert threads(1, "one") == (cores, "None")
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    assert threads(2, "mine")[1] == "7"
+
+
 def test_a_zygote_that_died_is_a_clear_error(tmp_path: Path, warm: Runner) -> None:
     from safepoint.errors import ConfigError
 

@@ -148,7 +148,7 @@ def power_cut(
     why = available()
     if why is not None:
         raise ConfigError(f"--power-cut: {why}")
-    run = Runner(command, work, timeout or 3600, warm=warm)
+    run = Runner(command, work, timeout or 3600, warm=warm, jobs=jobs)
     try:
         return _power_cut(run, work, k, samples, kills, seed, timeout, pattern, jobs, echo)
     finally:

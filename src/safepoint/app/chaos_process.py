@@ -65,9 +65,16 @@ class Runner:
     ``python_target`` can say how to run it; ``self.warm`` says whether it does."""
 
     def __init__(
-        self, command: Sequence[str], work: Path, timeout: float, *, warm: bool = False
+        self,
+        command: Sequence[str],
+        work: Path,
+        timeout: float,
+        *,
+        warm: bool = False,
+        jobs: int = 1,
     ) -> None:
         self.command = list(command)
+        self.jobs = jobs
         self.work = work
         self.timeout = timeout  # seconds a run may take
         self.hook_dir = work / "hook"
@@ -97,6 +104,9 @@ class Runner:
         """The child's environment: with ``spec``, the hook first on its ``PYTHONPATH``
         as ``sitecustomize`` (installed on first use) and told ``spec``."""
         env = {k: v for k, v in os.environ.items() if k != HOOK_ENV}
+        if self.jobs > 1:  # runs side by side: each its share of the cores (torch would
+            # start a thread per core in each; 2 jobs on 2 cores ran 10x slower)
+            env.setdefault("OMP_NUM_THREADS", str(threads_per_job(self.jobs)))
         if spec is not None:
             self.install_hook()
             path = env.get("PYTHONPATH")
@@ -156,6 +166,12 @@ class Runner:
         with self._lock:
             if zygote in self._all:
                 self._idle.append(zygote)
+
+
+def threads_per_job(jobs: int) -> int:
+    """Threads each of ``jobs`` runs side by side gets: this machine's cores shared."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // jobs)
 
 
 # interpreter, kind, what to run, the program's argv[0], where the rest of argv starts

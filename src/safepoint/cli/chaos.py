@@ -61,7 +61,8 @@ from safepoint.units import parse_duration
     show_default=True,
     type=click.IntRange(1, 64),
     help="With --file-events: crash points run at a time (each is two runs, one after the "
-    "other); with --power-cut: reruns at a time.",
+    "other); with --power-cut: reruns at a time. Each run gets its share of the cores "
+    "(OMP_NUM_THREADS, unless set).",
 )
 @click.option(
     "--cold",
