@@ -15,9 +15,13 @@ usage: python benchmarks/save_overhead.py [--quick] [--only full,lora,writer,bus
     ``on_busy="wait"`` vs ``"skip"``: total time, saves done, stall.
 
 Each variant runs in its own process (clean peak RSS). Per variant: per-save training
-stall (median, max; the time ``Trainer`` spent in ``_save_checkpoint`` for the stock
-one, the run record's ``stall_s`` for safepoint), total train() time and its overhead
-over no saving, save start -> durable commit, write throughput next to
+stall (median, max: the wall time of the save call, ``Trainer._save_checkpoint`` for the
+stock one, ``SafepointCallback._save`` for safepoint; the run record's ``stall_s``, the
+capture-to-handover part, as a column of its own), total train() time and its overhead
+over no saving, the time lost to saving measured two ways ("lost": the run's time off its
+median step less the no-saving run's; "slowed steps": inside each run, how much longer
+than its median step the save step and the 3 after it took, less the same steps of the
+no-saving runs), save start -> durable commit, write throughput next to
 ``dd conv=fsync`` of the same size measured in the same run, peak RSS. ``--quick``
 shrinks everything to check that the script works (numbers meaningless).
 """
@@ -103,9 +107,11 @@ def _callbacks(variant: str, save_every: int, out: Path) -> list[Any]:
     return []
 
 
-def _time_stock_saves(trainer: Any) -> list[float]:
+def _time_calls(owner: Any, name: str) -> list[float]:
+    """Wall seconds of each call of ``owner.<name>`` from now on (the training thread
+    waits for all of it): the stock Trainer's ``_save_checkpoint``, safepoint's save."""
     stalls: list[float] = []
-    real = trainer._save_checkpoint
+    real = getattr(owner, name)
 
     def timed(*a: Any, **kw: Any) -> Any:
         t0 = time.perf_counter()
@@ -114,28 +120,34 @@ def _time_stock_saves(trainer: Any) -> list[float]:
         finally:
             stalls.append(time.perf_counter() - t0)
 
-    trainer._save_checkpoint = timed
+    setattr(owner, name, timed)
     return stalls
 
 
 def _run_trainer(trainer: Any, variant: str, out: Path) -> dict[str, Any]:
     clock = _StepClock()
     trainer.add_callback(clock)
-    stock = _time_stock_saves(trainer) if variant == "stock" else []
+    stalls = _time_calls(trainer, "_save_checkpoint") if variant == "stock" else []
+    if variant in SAFEPOINT_VARIANTS:
+        from safepoint import SafepointCallback
+
+        cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SafepointCallback))
+        stalls = _time_calls(cb, "_save")  # measured as the stock one: the whole call
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
     result: dict[str, Any] = {
         "total_s": total,
         "step_s": statistics.median(clock.times) if clock.times else None,
+        "step_times": clock.times,
         "peak_rss": _peak_rss(),
-        "stalls": stock,
+        "stalls": stalls,
     }
     if variant in SAFEPOINT_VARIANTS:
         from safepoint.records import read_events
 
         saves = [e for e in read_events(out) if e["event"] == "save" and "stall_s" in e]
-        result["stalls"] = [e["stall_s"] for e in saves]
+        result["recorded_stalls"] = [e["stall_s"] for e in saves]  # capture to handover
         result["commit_s"] = [e.get("commit_s") for e in saves]
         result["write_s"] = [e.get("write_s") for e in saves]
         result["bytes"] = [e.get("bytes") for e in saves]
@@ -419,7 +431,34 @@ def _median_run(runs: list[dict]) -> dict:
     """The run of median total time (the lower middle one of an even count)."""
     total = statistics.median_low(r["total_s"] for r in runs)
     run = next(r for r in runs if r["total_s"] == total)
-    return {**run, "all_total_s": [r["total_s"] for r in runs]}
+    return {**run, "all_total_s": [r["total_s"] for r in runs], "all_runs": runs}
+
+
+# Steps around a save whose time it may lengthen: the saving step (safepoint saves in
+# on_step_end), the next (the stock Trainer saves after the callbacks) and two more (a
+# background write of 1 GB takes a step or two).
+WINDOW = 4
+
+
+def _window_excess(times: list[float], save_every: int) -> float:
+    """Seconds the steps around each save took over this run's median step, summed."""
+    if not times:
+        return 0.0
+    median = statistics.median(times)
+    excess = 0.0
+    for s in range(save_every, len(times) + 1, save_every):
+        excess += sum(t - median for t in times[s - 1 : s - 1 + WINDOW])
+    return excess
+
+
+def _slowed(runs: list[dict], base_runs: list[dict], save_every: int) -> float | None:
+    """Training time lost to saving, measured inside each run (immune to one process
+    running faster than another): the excess of the steps around the saves, less the
+    same steps' excess in the runs that do not save (ordinary jitter); median of runs."""
+    if not runs or not all(r.get("step_times") for r in runs + base_runs):
+        return None
+    jitter = statistics.median(_window_excess(r["step_times"], save_every) for r in base_runs)
+    return statistics.median(_window_excess(r["step_times"], save_every) for r in runs) - jitter
 
 
 def _med(xs: list[float] | None) -> float | None:
@@ -427,7 +466,9 @@ def _med(xs: list[float] | None) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def _trainer_table(res: dict[str, dict], dd_gb_s: float, steps: int) -> tuple[str, dict]:
+def _trainer_table(
+    res: dict[str, dict], dd_gb_s: float, steps: int, save_every: int
+) -> tuple[str, dict]:
     base = res["none"]
     rows, summary = [], {}
     base_in_run = base["total_s"] - steps * base["step_s"]
@@ -443,6 +484,7 @@ def _trainer_table(res: dict[str, dict], dd_gb_s: float, steps: int) -> tuple[st
             "saves": len(stalls),
             "stall_med_s": _med(stalls),
             "stall_max_s": max(stalls) if stalls else None,
+            "recorded_stall_s": _med(r.get("recorded_stalls")),
             "total_s": r["total_s"],
             "overhead_s": overhead if v != "none" else None,
             # robust to load changes between runs: this run's time over its own median step
@@ -451,6 +493,9 @@ def _trainer_table(res: dict[str, dict], dd_gb_s: float, steps: int) -> tuple[st
             # the first steps): the time the saves cost
             "lost_s": r["total_s"] - steps * r["step_s"] - base_in_run
             if r.get("step_s") and v != "none"
+            else None,
+            "slowed_s": _slowed(r.get("all_runs", []), base.get("all_runs", []), save_every)
+            if v != "none"
             else None,
             "commit_s": _med(r.get("commit_s")),
             "write_gb_s": nbytes / write / 1e9 if nbytes and write else None,
@@ -463,8 +508,9 @@ def _trainer_table(res: dict[str, dict], dd_gb_s: float, steps: int) -> tuple[st
         summary[v] = row
         rows.append(list(row.values()))
     headers = [
-        "variant", "saves", "stall median s", "stall max s", "train s", "overhead s",
-        "in-run overhead s", "lost to saving s",
+        "variant", "saves", "stall median s", "stall max s", "recorded stall s", "train s",
+        "overhead s",
+        "in-run overhead s", "lost to saving s", "slowed steps s",
         "start->durable s", "write GB/s", "dd GB/s", "peak RSS GB", "extra RSS / ckpt",
         "ckpt GB", "busy waits",
     ]  # fmt: skip
@@ -482,6 +528,13 @@ def _trainer_table(res: dict[str, dict], dd_gb_s: float, steps: int) -> tuple[st
         text += f"; lost to saving, async / stock = {asy['lost_s'] / stock['lost_s']:.3f}"
         if "sync" in summary and summary["sync"]["lost_s"] is not None:
             text += f" (sync / stock {summary['sync']['lost_s'] / stock['lost_s']:.3f})"
+    if stock["slowed_s"] and asy["slowed_s"] is not None:
+        text += (
+            f"; steps around the saves slowed, async / stock = "
+            f"{asy['slowed_s'] / stock['slowed_s']:.3f}"
+        )
+        if "sync" in summary and summary["sync"]["slowed_s"] is not None:
+            text += f" (sync / stock {summary['sync']['slowed_s'] / stock['slowed_s']:.3f})"
     if asy["write_gb_s"]:
         text += f"; async write / dd = {asy['write_gb_s'] / dd_gb_s:.2f} (target >= 0.8)"
     return text, summary
@@ -505,7 +558,9 @@ def parent(args: argparse.Namespace) -> None:
                 dds.append(dd_seconds(base, nbytes))
             res = {v: _median_run(rs) for v, rs in runs.items()}
             dd_s = statistics.median(dds)
-            text, summary = _trainer_table(res, nbytes / dd_s / 1e9, args.steps[kind])
+            text, summary = _trainer_table(
+                res, nbytes / dd_s / 1e9, args.steps[kind], args.save_every[kind]
+            )
             title = {
                 "full": f"(a) full fine-tune, GPT-2 style {res['none'].get('params', 0) / 1e6:.0f}M"
                 f" params, {args.steps[kind]} steps, save every {args.save_every[kind]}",

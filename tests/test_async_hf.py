@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -67,3 +68,29 @@ def test_background_failure_stops_the_trainer_at_the_next_step(
         trainer.train()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".staging")]
     assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_trainer_state_json_is_the_state_at_the_save_not_at_the_write(tmp_path: Path) -> None:
+    """The writer encodes ``trainer_state.json`` while training goes on: it holds the
+    state when the save was taken (the log, the step, the callbacks' states)."""
+    from safepoint.integrations.hf_layout import trainer_state_json, trainer_state_later
+
+    trainer = _trainer(tmp_path / "unit")
+    trainer.state.log_history.append({"loss": 1.0, "step": 1})
+    trainer.state.global_step = 1
+    now = trainer_state_json(trainer)
+    later = trainer_state_later(trainer)
+    trainer.state.log_history.append({"loss": 0.5, "step": 2})
+    trainer.state.global_step = 2
+    trainer.state.stateful_callbacks["TrainerControl"]["args"]["should_save"] = True
+    assert later() == now
+
+    trainer = _trainer(tmp_path / "run", async_save=True)
+    trainer.args.logging_steps = 1
+    trainer.train()
+    for step in (2, 4, 6):
+        doc = json.loads(
+            (tmp_path / "run" / f"checkpoint-{step}" / "trainer_state.json").read_text()
+        )
+        assert doc["global_step"] == step
+        assert doc["log_history"][-1]["step"] == step

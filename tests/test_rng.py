@@ -38,10 +38,29 @@ def test_state_json_is_the_plain_encoding_and_restores() -> None:
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
     snap = capture({"model": model, "optimizer": opt}, step=7, copy=False, progress={"b": 1})
-    data = snap.files[STATE_NAME]
+    assert STATE_NAME not in snap.files  # made by the thread that writes it
+    data = snap.resolve().files[STATE_NAME]
     doc = json.loads(data)
     assert data == dumps_json(doc)  # sorted, compact, as every reader expects
     expected = capture_rng()
     random.random(), np.random.rand(), torch.rand(1)
     restore_rng(doc["rng"])
     assert capture_rng() == expected
+
+
+def test_state_json_made_later_holds_the_state_at_capture() -> None:
+    """The writer encodes ``state.json`` while training goes on: what it holds is what
+    was true when the snapshot was taken, not when it is written."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)
+    progress = {"sampler": {"position": 3}}
+    before = capture_rng()
+    snap = capture({"model": model, "optimizer": opt}, step=7, copy=False, progress=progress)
+    random.random(), np.random.rand(), np.random.standard_normal(), torch.rand(1)
+    progress["sampler"]["position"] = 4
+    opt.param_groups[0]["lr"] = 0.25
+    doc = json.loads(snap.resolve().files[STATE_NAME])
+    assert doc["rng"] == json.loads(json.dumps(before))
+    assert doc["progress"] == {"sampler": {"position": 3}}
+    assert doc["entries"]["optimizer"]["tree"]["param_groups"][0]["lr"] == 0.5
+    assert snap.resolve().files[STATE_NAME] is snap.files[STATE_NAME]  # made once

@@ -76,3 +76,26 @@ def test_stop_joins_the_thread_and_a_later_submit_restarts_it() -> None:
     w.submit(2, lambda: 2)
     assert w.wait(DEADLINE).result == 2
     w.stop()
+
+
+def test_a_held_job_waits_for_release_or_any_wait() -> None:
+    """``held``: the writer thread is not even woken until the save call is over
+    (``release``); a wait for the job, or an abandon, hands it over too: never a hang."""
+    w = BackgroundWriter()
+    ran = threading.Event()
+    pending = w.submit(1, lambda: ran.set() or "ok", held=True)
+    assert w.busy and not ran.wait(0.2)  # held: not started
+    w.release()
+    w.release()  # idempotent: one run
+    assert pending.wait(5) and pending.result == "ok" and ran.is_set()
+
+    pending = w.submit(2, lambda: "waited", held=True)
+    assert pending.wait(5) and pending.result == "waited"  # a wait releases it
+
+    def job() -> None:
+        w.check_abandon()
+
+    pending = w.submit(3, job, held=True)
+    assert w.abandon(5)  # released, then stopped at its first check
+    assert isinstance(pending.error, SaveAbandoned)
+    w.stop()

@@ -183,7 +183,9 @@ def estimate_file_sizes(
     manifest: Mapping[str, Any] | None = None,
 ) -> dict[str, int]:
     """``estimate_checkpoint_bytes`` file by file (``safepoint.json`` included)."""
-    snapshot = capture(projected_state(state), step=0, copy=False, rng=True, progress=progress)
+    snapshot = capture(
+        projected_state(state), step=0, copy=False, rng=True, progress=progress
+    ).resolve()
     files = {**snapshot.files, **(extra_files or {})}
     sizes = {name: files_bytes({name: content}) for name, content in files.items()}
     sizes |= _other_ranks_pieces(snapshot, sizes) | _ranks_doc(snapshot)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 from safepoint.errors import ConfigError
 from safepoint.fileio import dumps_json, is_safe_name
 from safepoint.format import encode_tree
-from safepoint.rng import capture_rng_json
+from safepoint.rng import FrozenRng, freeze_rng, rng_json
 from safepoint.schema import STATE_NAME, STATE_VERSION
 from safepoint.sharding import is_sharded, local_pieces, shard_file
 
@@ -44,7 +44,11 @@ class TensorFile:
 @dataclass
 class Snapshot:
     """Everything one checkpoint holds, in memory. ``files`` maps a file name to a
-    ``TensorFile`` or to the exact bytes of any other file (JSON, configs)."""
+    ``TensorFile`` or to the exact bytes of any other file (JSON, configs); ``deferred``
+    maps a file name to what makes its bytes, run by ``resolve`` on the thread that
+    writes the checkpoint (a background save's writer), so encoding costs the training
+    thread nothing. What it reads must be frozen when the snapshot is taken (copies,
+    immutable values): training goes on meanwhile."""
 
     step: int
     files: dict[str, TensorFile | bytes]
@@ -52,6 +56,7 @@ class Snapshot:
     reason: str = "step"
     fingerprint: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    deferred: dict[str, Callable[[], bytes]] = field(default_factory=dict)
     shards: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     """Of a sharded state (DTensors): per entry, the pieces this rank writes
     (``sharding.local_pieces``). Every rank writes its own files; rank 0 adds the index."""
@@ -62,8 +67,16 @@ class Snapshot:
 
     @property
     def nbytes(self) -> int:
-        """Payload bytes (tensor data plus other files), a close estimate of the size."""
+        """Payload bytes (tensor data plus other files), a close estimate of the size;
+        ``deferred`` files count once resolved."""
         return sum(f.nbytes if isinstance(f, TensorFile) else len(f) for f in self.files.values())
+
+    def resolve(self) -> Snapshot:
+        """Make the ``deferred`` files' bytes (once); returns ``self``."""
+        deferred, self.deferred = self.deferred, {}
+        for name, make in deferred.items():
+            self.files[name] = make()
+        return self
 
 
 def _state_dict(value: Any) -> tuple[str, Any]:
@@ -131,17 +144,22 @@ def capture(
         "rng": None,
         "progress": dict(progress or {}),
     }
-    files[STATE_NAME] = _state_json(doc, capture_rng_json() if rng else "null")
-    return Snapshot(step=step, files=files, shards=shards)
+    # Encoded now but for the RNG states (frozen now, encoded by the writer): a user's
+    # ``progress`` may be changed in place once this returns.
+    texts = {key: dumps_json(doc[key]).decode()[:-1] for key in doc if key != "rng"}
+    frozen = freeze_rng() if rng else None
+    return Snapshot(
+        step=step,
+        files=files,
+        deferred={STATE_NAME: lambda: _state_json(texts, frozen)},
+        shards=shards,
+    )
 
 
-def _state_json(doc: dict[str, Any], rng: str) -> bytes:
-    """``dumps_json(doc)`` with ``rng`` (JSON text) as the value of ``doc["rng"]``."""
-    parts = [
-        f"{json.dumps(key)}:{rng if key == 'rng' else dumps_json(doc[key]).decode()[:-1]}"
-        for key in sorted(doc)
-    ]
-    return ("{" + ",".join(parts) + "}\n").encode()
+def _state_json(texts: dict[str, str], rng: FrozenRng | None) -> bytes:
+    """``dumps_json(doc)`` from the JSON text of each key of ``doc`` but ``"rng"``."""
+    parts = {**texts, "rng": "null" if rng is None else rng_json(rng)}
+    return ("{" + ",".join(f"{json.dumps(k)}:{parts[k]}" for k in sorted(parts)) + "}\n").encode()
 
 
 def _rank_and_world() -> tuple[int, int]:

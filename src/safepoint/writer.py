@@ -61,10 +61,19 @@ class PendingSave:
     result: Any = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    release: Callable[[], None] | None = None
+    """Of a job submitted ``held``: hands it to the writer thread (once)."""
 
     @property
     def failed(self) -> bool:
         return self.done.is_set() and self.error is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Hand it to the writer if it is held, then wait until it finished (True) or
+        ``timeout`` passed (False)."""
+        if self.release is not None:
+            self.release()
+        return self.done.wait(timeout)
 
 
 class BackgroundWriter:
@@ -96,19 +105,43 @@ class BackgroundWriter:
         """The last save submitted (running or finished and not yet taken)."""
         return self._pending
 
-    def submit(self, step: int, job: Callable[[], Any]) -> PendingSave:
-        """Start ``job`` in the background. Raises ``RuntimeError`` if a save is in flight."""
+    def submit(self, step: int, job: Callable[[], Any], *, held: bool = False) -> PendingSave:
+        """Start ``job`` in the background. Raises ``RuntimeError`` if a save is in flight.
+
+        ``held``: not yet; ``release()`` (or any wait for it) starts it. Waking the
+        thread wakes a third thread on cores torch keeps busy: the scheduler's ping-pong
+        with the training thread, which holds the GIL, doubled a LoRA save's stall; held
+        until the save call returns, it runs once training is back to its own work."""
         if self.busy:
             raise RuntimeError("a save is already in flight; wait() for it first")
         self._abandon.clear()
         pending = PendingSave(step)
         self._pending = pending
+        if held:
+            once = threading.Lock()
+
+            def release() -> None:
+                if once.acquire(blocking=False):
+                    pending.release = None
+                    self._start(pending, job)
+
+            pending.release = release
+        else:
+            self._start(pending, job)
+        return pending
+
+    def release(self) -> None:
+        """Start the held job, if any (idempotent)."""
+        pending = self._pending
+        if pending is not None and pending.release is not None:
+            pending.release()
+
+    def _start(self, pending: PendingSave, job: Callable[[], Any]) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
             atexit.register(self.stop)  # a Checkpointer never closed: still end cleanly
         self._jobs.put((pending, job))
-        return pending
 
     def _run(self) -> None:
         _lower_priority()
@@ -143,7 +176,7 @@ class BackgroundWriter:
         pending = self._pending
         if pending is None:
             return None
-        pending.done.wait(timeout)
+        pending.wait(timeout)
         return pending
 
     def take_failure(self) -> PendingSave | None:
@@ -290,7 +323,7 @@ class AsyncSaver:
             self.buffers.ready()
             return job(staged, self.writer.check_abandon)
 
-        self.writer.submit(snapshot.step, run)
+        self.writer.submit(snapshot.step, run, held=True)  # Saver.go releases it
         return staged
 
     def close(self) -> None:

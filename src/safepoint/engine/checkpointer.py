@@ -206,6 +206,7 @@ class Checkpointer:
         else:  # rank 0 writes
             handle = self.saver.commit(snapshot, started=started, urgent=urgent, writer=writer)
         self.decider.saved(snapshot.step, handle.stall_s)
+        self.saver.go()  # a background save starts as this returns (else at close, flush)
         return handle
 
     def commit_or_continue(self, snapshot: Snapshot, **kwargs: Any) -> PendingSave | None:
@@ -264,8 +265,7 @@ class Checkpointer:
         background failure or a stop signal that came after the last step."""
         if self._closed:
             return
-        self._closed = True
-        failure = stopped = None
+        self._closed, failure, stopped = True, None, None
         try:
             stopped = self.emergency.pending_at_close(self._last_step)  # after the last step
             failure = self.saver.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,13 +66,13 @@ class PendingSave:
     def wait_done(self, timeout: float | None = None) -> bool:
         """Block until the save has finished, well or not (True), or ``timeout`` passed;
         raises nothing: a failure still surfaces through ``wait()`` or the next step."""
-        return self._job is None or self._job.done.wait(timeout)
+        return self._job is None or self._job.wait(timeout)
 
     def wait(self, timeout: float | None = None) -> CheckpointInfo:
         """The committed checkpoint; raises ``SaveFailedError`` if the save failed, or
         ``TimeoutError`` if it is still being written after ``timeout`` seconds."""
         if self._job is not None:
-            if not self._job.done.wait(timeout):
+            if not self._job.wait(timeout):
                 raise TimeoutError(f"checkpoint-{self.step} is still being written")
             if self._job.error is not None:
                 self._observed[0] = True
@@ -125,6 +124,7 @@ class Saver:
         ``SaveFailedError`` for an in-line save that failed. Not the ``writer`` (a rank
         other than 0): the handle of what rank 0 commits.
         """
+        self.go()
         path = self.store.path_for(snapshot.step)
         handle = PendingSave(snapshot.step, path, snapshot.reason, dict(snapshot.metrics))
         bg = self.background
@@ -155,17 +155,21 @@ class Saver:
     def _start(self, bg: AsyncSaver, snapshot: Snapshot, started: float, waited: float) -> Any:
         t_copy = time.perf_counter()
         timing: dict[str, float] = {"wait_s": round(waited, 6)}
-        staged = threading.Event()  # the timings of the copy are known once start returns
 
         def job(copy: Snapshot, abort: Callable[[], None]) -> CheckpointInfo:
-            staged.wait()
             return self.commit_now(copy, started, mode="async", abort=abort, timing=timing)
 
-        bg.start(snapshot, job)
+        bg.start(snapshot, job)  # held until go()
         now = time.perf_counter()
         timing |= {"snapshot_s": round(now - t_copy, 6), "stall_s": round(now - started, 6)}
-        staged.set()
         return bg.writer.pending
+
+    def go(self) -> None:
+        """Hand the background save just started to the writer thread: the save call
+        does this as it returns (``BackgroundWriter.submit``, ``held``); any wait for
+        the save does it too."""
+        if self.background is not None:
+            self.background.writer.release()
 
     def commit_now(
         self,
@@ -181,6 +185,7 @@ class Saver:
         ``timing`` (async) was measured in the training thread when the save started;
         ``store_commit`` replaces ``store.commit`` (a sharded save: no retry)."""
         try:
+            snapshot.resolve()  # its deferred files are encoded here, on this thread
             self.lock.check()  # safepoint.lock deleted under us: still the only writer?
             info = self._store_commit(
                 snapshot,
@@ -371,6 +376,7 @@ class Saver:
 
     def flush(self) -> None:
         """Wait for the background save in flight; raise ``SaveFailedError`` if it failed."""
+        self.go()
         if self.background is not None:
             self.background.wait_idle(self._last.step if self._last else 0)
             self._raise_unobserved()
@@ -378,6 +384,7 @@ class Saver:
     def abandon(self) -> None:
         """Give up the background save in flight: it stops at its next chunk and its
         staging folder is removed (a save past its last chunk still commits)."""
+        self.go()
         bg = self.background
         if bg is not None and bg.writer.busy:
             step = bg.writer.pending.step
@@ -386,6 +393,7 @@ class Saver:
     def close(self) -> SaveFailedError | None:
         """Finish the save in flight and the replica's upload; the failure, if any."""
         failure = None
+        self.go()
         if self.background is not None:
             self.background.close()
             unobserved = self.take_failure()

@@ -45,7 +45,7 @@ from safepoint.integrations.hf_layout import (
     model_files,
     trainer_schedule,
     trainer_state_bytes,
-    trainer_state_json,
+    trainer_state_later,
     weight_files,
 )
 from safepoint.integrations.hf_trainer import (
@@ -407,7 +407,7 @@ class SafepointCallback(TrainerCallback):
             progress=progress_of(trainer, state),
         )
         snapshot.files.update(weight_files(kw.get("model") or trainer.model, copy_data=False))
-        snapshot.files[TRAINER_STATE_NAME] = trainer_state_json(trainer)
+        snapshot.deferred[TRAINER_STATE_NAME] = trainer_state_later(trainer)
         snapshot.info.update(self.info)
         snapshot.info["epoch"] = state.epoch
         commit = ckpt.commit_or_continue if scheduled else ckpt.commit
