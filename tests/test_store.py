@@ -256,3 +256,26 @@ def test_ls_json_and_table(store: Store) -> None:
 def test_inspect_of_missing_path_raises(tmp_path: Path) -> None:
     with pytest.raises(CheckpointNotFoundError):
         inspect(tmp_path / "checkpoint-3")
+
+
+@pytest.mark.parametrize("how", ["in place", "replaced"])
+def test_a_manifest_changed_after_a_shallow_check_is_read_again(store: Store, how: str) -> None:
+    """The shallow check reuses a manifest it parsed only while the file is unchanged
+    (inode, size, mtime, ctime): rewritten in place (a clock tick later) or replaced by
+    another file, it is read again."""
+    import time
+
+    ckpt = store.directory / "checkpoint-20"
+    assert inspect(ckpt).status == "valid"
+    data = (ckpt / MANIFEST_NAME).read_bytes()
+    bad = data.replace(b'"step": 20', b'"step": 21')
+    assert len(bad) == len(data) and bad != data
+    if how == "in place":
+        time.sleep(0.05)  # file times move by clock ticks (a few ms)
+        with open(ckpt / MANIFEST_NAME, "r+b") as f:
+            f.write(bad)
+    else:
+        (ckpt / "new.json").write_bytes(bad)
+        os.replace(ckpt / "new.json", ckpt / MANIFEST_NAME)
+    info = inspect(ckpt)
+    assert info.status == "corrupt", info.problems

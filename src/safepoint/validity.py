@@ -103,19 +103,28 @@ def inspect(path: str | os.PathLike[str], *, deep: bool = False) -> CheckpointIn
         return CheckpointInfo(path, step, "corrupt", ("is not a folder",))
     mpath = path / MANIFEST_NAME
     try:
-        mpath.lstat()
+        mst = mpath.lstat()
     except FileNotFoundError:
         if (path / "trainer_state.json").exists():
             return bad("foreign", "written by another tool (no safepoint.json)")
         return bad("incomplete", "no safepoint.json: never committed")
-    try:
-        manifest = Manifest.from_json(
-            bytes(read_regular(mpath, max_size=_MAX_MANIFEST_BYTES)), where=str(mpath)
-        )
-    except IncompatibleCheckpointError as e:
-        return bad("foreign", str(e))
-    except (CorruptCheckpointError, OSError) as e:
-        return bad("corrupt", str(e))
+    # A manifest parsed before and unchanged since (same inode, size, mtime and ctime,
+    # as for _checked below) is not read again by a shallow check: retention inspects
+    # every kept checkpoint after each save.
+    mkey = (str(mpath), mst.st_dev, mst.st_ino, mst.st_size, mst.st_mtime_ns, mst.st_ctime_ns)
+    manifest = None if deep or not stat.S_ISREG(mst.st_mode) else _manifests.get(mkey)
+    if manifest is None:
+        try:
+            manifest = Manifest.from_json(
+                bytes(read_regular(mpath, max_size=_MAX_MANIFEST_BYTES)), where=str(mpath)
+            )
+        except IncompatibleCheckpointError as e:
+            return bad("foreign", str(e))
+        except (CorruptCheckpointError, OSError) as e:
+            return bad("corrupt", str(e))
+        if len(_manifests) >= 1024:
+            _manifests.clear()
+        _manifests[mkey] = manifest
     if manifest.step != step:
         return bad(
             "corrupt", f"manifest says step {manifest.step}, folder says {step}", manifest=manifest
@@ -141,6 +150,8 @@ def inspect(path: str | os.PathLike[str], *, deep: bool = False) -> CheckpointIn
         path, step, status, tuple(problems), manifest, manifest.total_bytes, extra
     )
 
+
+_manifests: dict[tuple[object, ...], Manifest] = {}
 
 _STATE_FILES = ("state.json", "trainer_state.json", "shards.json")
 _checked: dict[tuple[object, ...], bool] = {}
@@ -268,12 +279,13 @@ def _special_files(path: Path) -> list[str]:
             problems.append(f"cannot list {folder.name} ({e.strerror})")
             continue
         for e in entries:
-            rel = os.path.relpath(e.path, path)
             if e.is_symlink():
+                rel = os.path.relpath(e.path, path)
                 problems.append(f"{rel} is a symlink; a checkpoint holds only real files")
             elif e.is_dir(follow_symlinks=False):
                 stack.append(Path(e.path))
             elif not e.is_file(follow_symlinks=False):
+                rel = os.path.relpath(e.path, path)
                 problems.append(f"{rel} is not a regular file (FIFO, socket or device)")
     return problems
 
