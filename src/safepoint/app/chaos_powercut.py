@@ -181,8 +181,9 @@ def _power_cut(
         (j, f"k={j}", str(events[j - 1]) if j <= len(events) else "(after the end)")
         for j in (i + 1 for i in spread(len(events) + 1, k))
     ]
-    sources: list[tuple[Journal, int | None, str, str]] = [
-        (journal, before, label, what) for before, label, what in points
+    # (journal, cut before, label, what it came before, the states' folder prefix)
+    sources: list[tuple[Journal, int | None, str, str, str]] = [
+        (journal, before, label, what, f"k-{before}") for before, label, what in points
     ]
     rng = random.Random(seed)
     first, last = events[0].rec["t"], events[-1].rec["t"]
@@ -190,14 +191,14 @@ def _power_cut(
         live, at = live_cut(run, f"live-{i + 1}", rng.uniform(0, last - first))
         tail = live.numbered()
         what = f"after {tail[-1]}" if tail else "(no event yet)"
-        sources.append((live, None, f"t={at:.1f}s", what))
+        sources.append((live, None, f"t={at:.1f}s", what, f"live-{i + 1}"))
     # Every surviving state first (cheap), then one rerun per distinct state.
     cases: list[Case] = []
     states: dict[str, tuple[Case, Path]] = {}
     twins: list[tuple[Case, str]] = []
-    for journal_, before, label, what in sources:
+    for journal_, before, label, what, prefix in sources:
         for mode, s in _modes(samples, seed):
-            name = f"{label.replace('=', '-')}-{mode}" + (f"-{s}" if mode == "reordered" else "")
+            name = f"{prefix}-{mode}" + (f"-{s}" if mode == "reordered" else "")
             case = Case(label, what, mode if mode == "strict" else f"reordered#{s}")
             state = journal_.materialise(work / "states" / name, before=before, mode=mode, seed=s)
             digest = tree_digest(state)
