@@ -108,10 +108,10 @@ class BackgroundWriter:
     def submit(self, step: int, job: Callable[[], Any], *, held: bool = False) -> PendingSave:
         """Start ``job`` in the background. Raises ``RuntimeError`` if a save is in flight.
 
-        ``held``: not yet; ``release()`` (or any wait for it) starts it. Waking the
-        thread wakes a third thread on cores torch keeps busy: the scheduler's ping-pong
-        with the training thread, which holds the GIL, doubled a LoRA save's stall; held
-        until the save call returns, it runs once training is back to its own work."""
+        ``held``: not yet; ``release()`` (or any wait for it) starts it. A save call
+        holds its job until it returns: started at once, the job's Python work (encoding
+        the deferred files, the record) took the GIL from the rest of the call, 2.4 ms
+        instead of 1.0 for a LoRA save on a busy machine."""
         if self.busy:
             raise RuntimeError("a save is already in flight; wait() for it first")
         self._abandon.clear()
