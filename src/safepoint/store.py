@@ -169,6 +169,7 @@ class Store:
         """
         t0 = time.perf_counter()
         staging = None
+        snapshot.resolve()  # its deferred files (state.json) are made by the writing thread
         try:
             staging = self.begin(snapshot.step)
             files = self.write_files(staging, snapshot.files, abort=abort)

@@ -48,7 +48,6 @@ def save_sharded(saver: Saver, ranks: Ranks, snapshot: Snapshot, *, started: flo
     all ranks together, after rank 0 freed what retention will delete anyway.
     Raises ``SaveFailedError`` on every rank alike."""
     step, store = snapshot.step, saver.store
-    snapshot.resolve()
     handle = PendingSave(step, store.path_for(step), snapshot.reason, dict(snapshot.metrics))
     if not ranks.is_writer:
         try:
@@ -97,6 +96,7 @@ def commit_sharded(
     rank when any rank failed."""
     t0 = time.perf_counter()
     step = snapshot.step
+    snapshot.resolve()
     opened: dict[str, str] = {}
     if ranks.is_writer:
         try:
