@@ -44,12 +44,22 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import dd_seconds, table, write_results
 
-VARIANTS = ("none", "stock", "sync", "async-cache", "async-nice", "async-bounce", "async")
+VARIANTS = (
+    "none",
+    "stock",
+    "sync",
+    "async-cache",
+    "async-nice",
+    "async-bounce",
+    "async-other",
+    "async",
+)
 # environment of a variant's child process (read by safepoint at import)
 VARIANT_ENV = {
     "async-cache": {"SAFEPOINT_DIRECT_IO": "0"},  # the write path before issue #14
     "async-nice": {"SAFEPOINT_WRITER_NICE": "10"},
     "async-bounce": {"SAFEPOINT_FILE_IMAGES": "0"},  # O_DIRECT through a bounce buffer
+    "async-other": {"SAFEPOINT_WRITER_BATCH": "0"},  # the writer thread before SCHED_BATCH
 }
 VARIANT_NAMES = {
     "none": "no saving",
@@ -58,9 +68,10 @@ VARIANT_NAMES = {
     "async-cache": "safepoint async, page cache",
     "async-nice": "safepoint async, writer nice 10",
     "async-bounce": "safepoint async, O_DIRECT via bounce buffer",
+    "async-other": "safepoint async, writer SCHED_OTHER",
     "async": "safepoint async (file images, O_DIRECT)",
 }
-SAFEPOINT_VARIANTS = ("sync", "async-cache", "async-nice", "async-bounce", "async")
+SAFEPOINT_VARIANTS = ("sync", "async-cache", "async-nice", "async-bounce", "async-other", "async")
 ALL_PARTS = ("full", "lora", "writer", "busy")
 RESULT_TAG = "RESULT "
 

@@ -5,7 +5,8 @@ xxh3 hashing and ``os.write`` release the GIL (a Python ticker thread saw at mos
 gaps while 256 MB were hashed), so a training step slowed down alike with a writer
 thread (2.8x) and a writer process (2.8x) on 2 busy cores: the cost is CPU, not the
 GIL. A process would also need the staging buffers in shared memory. Priority trades
-step speed for write time: see ``WRITER_NICE``. Tensor files go out with ``O_DIRECT``
+step speed for write time: see ``WRITER_NICE``; waking the writer must not preempt the
+training thread: see ``WRITER_BATCH``. Tensor files go out with ``O_DIRECT``
 (``safepoint.directio``): the writer thread then used 0.15 CPU s per GB instead of
 1.03 through the page cache, and a step next to it slowed 1.34x instead of 1.87x
 (``save_overhead.py --only writer``, 2 loaded cores). Numbers: benchmarks/README.md.
@@ -19,7 +20,6 @@ Invariants:
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 import queue
@@ -45,6 +45,17 @@ WRITER_NICE = int(os.environ.get("SAFEPOINT_WRITER_NICE", "0"))
 a niced writer leaves more CPU to training but on 2 saturated cores it then needed
 4-7 s for 1 GB instead of ~2 s, longer than 5 steps, so the next save waited for it
 (stall 1.6 s instead of 0.08 s; benchmarks/README.md)."""
+
+
+WRITER_BATCH = os.environ.get("SAFEPOINT_WRITER_BATCH", "1") != "0"
+"""Wait for a job under ``SCHED_BATCH`` (Linux; ``SAFEPOINT_WRITER_BATCH=0``: not): a
+thread of that policy, woken up, never preempts a running one. Without it the writer,
+woken as the save call returned, took a core from the training thread on 2 busy cores
+(torch's OpenMP threads spin on the other) and then held the GIL: a LoRA save call took
+2.3 ms instead of 1.1. It runs each job under the normal policy again: kept in
+``SCHED_BATCH``, each of a small save's ~20 wake-ups (a write done, an fsync done) waited
+for a scheduler tick, and the save took 155 ms to become durable instead of 10
+(``save_overhead.py --only lora``, rows "async" and "async, writer SCHED_OTHER")."""
 
 
 class SaveAbandoned(Exception):
@@ -144,8 +155,12 @@ class BackgroundWriter:
         self._jobs.put((pending, job))
 
     def _run(self) -> None:
-        _lower_priority()
-        while (item := self._jobs.get()) is not None:
+        policy = _Policy()
+        while True:
+            policy.wait()
+            if (item := self._jobs.get()) is None:
+                return
+            policy.work()
             pending, job = item
             try:
                 pending.result = job()
@@ -205,13 +220,35 @@ class BackgroundWriter:
         return pending is None or pending.done.is_set()
 
 
-def _lower_priority() -> None:
-    # Linux: nice applies per thread (elsewhere this is a no-op). Off by default: see
-    # WRITER_NICE; worth it where saves are far apart compared with the write time.
-    if not WRITER_NICE:
-        return
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+class _Policy:
+    """The writer thread's scheduling: ``SCHED_BATCH`` while it waits for a job, the
+    normal policy while it runs one (``WRITER_BATCH``), at nice ``WRITER_NICE``. Linux
+    sets both per thread; elsewhere this does nothing. A refusal (a seccomp profile) only
+    costs speed: it is logged and that setting left alone."""
+
+    def __init__(self) -> None:
+        self.tid = threading.get_native_id()
+        self.batch = WRITER_BATCH and hasattr(os, "SCHED_BATCH")
+        if WRITER_NICE:
+            try:
+                os.setpriority(os.PRIO_PROCESS, self.tid, WRITER_NICE)
+            except OSError as e:
+                log.info("safepoint writer: nice %d refused (%s)", WRITER_NICE, e)
+
+    def wait(self) -> None:
+        if self.batch:
+            self._set(os.SCHED_BATCH)
+
+    def work(self) -> None:
+        if self.batch:
+            self._set(os.SCHED_OTHER)
+
+    def _set(self, policy: int) -> None:
+        try:
+            os.sched_setscheduler(self.tid, policy, os.sched_param(0))
+        except OSError as e:
+            self.batch = False
+            log.info("safepoint writer: scheduling policy %d refused (%s)", policy, e)
 
 
 # ------------------------------------------------------------------- the async engine
