@@ -52,6 +52,7 @@ VARIANTS = (
     "async-nice",
     "async-bounce",
     "async-other",
+    "async-free",
     "async",
 )
 # environment of a variant's child process (read by safepoint at import)
@@ -69,9 +70,18 @@ VARIANT_NAMES = {
     "async-nice": "safepoint async, writer nice 10",
     "async-bounce": "safepoint async, O_DIRECT via bounce buffer",
     "async-other": "safepoint async, writer SCHED_OTHER",
+    "async-free": "safepoint async, copy-free (optimizer.step waits)",
     "async": "safepoint async (file images, O_DIRECT)",
 }
-SAFEPOINT_VARIANTS = ("sync", "async-cache", "async-nice", "async-bounce", "async-other", "async")
+SAFEPOINT_VARIANTS = (
+    "sync",
+    "async-cache",
+    "async-nice",
+    "async-bounce",
+    "async-other",
+    "async-free",
+    "async",
+)
 ALL_PARTS = ("full", "lora", "writer", "busy")
 RESULT_TAG = "RESULT "
 
@@ -112,6 +122,7 @@ def _callbacks(variant: str, save_every: int, out: Path) -> list[Any]:
                 save_every=str(save_every),
                 keep_last=2,
                 async_save=variant.startswith("async"),
+                copy_free=variant == "async-free",  # no staging copy: optimizer.step() waits
                 resume=False,
             )
         ]
@@ -163,6 +174,8 @@ def _run_trainer(trainer: Any, variant: str, out: Path) -> dict[str, Any]:
         result["write_s"] = [e.get("write_s") for e in saves]
         result["bytes"] = [e.get("bytes") for e in saves]
         result["waits"] = sum(1 for e in read_events(out) if e["event"] == "save_busy")
+        fences = [e["wait_s"] for e in read_events(out) if e["event"] == "save_fence"]
+        result["fence_s"] = sum(fences)  # copy-free: optimizer.step() waiting for the writer
         result["modes"] = sorted({e.get("mode") for e in saves})
     if variant == "stock":
         ck = sorted(out.glob("checkpoint-*"))
@@ -515,6 +528,7 @@ def _trainer_table(
             "extra_rss_x_ckpt": extra_rss / nbytes if nbytes and v != "none" else None,
             "ckpt_gb": nbytes / 1e9 if nbytes else None,
             "busy_waits": r.get("waits"),
+            "fence_s": r.get("fence_s") if v == "async-free" else None,
         }
         summary[v] = row
         rows.append(list(row.values()))
@@ -523,7 +537,7 @@ def _trainer_table(
         "overhead s",
         "in-run overhead s", "lost to saving s", "slowed steps s",
         "start->durable s", "write GB/s", "dd GB/s", "peak RSS GB", "extra RSS / ckpt",
-        "ckpt GB", "busy waits",
+        "ckpt GB", "busy waits", "step() waited s",
     ]  # fmt: skip
     text = table(headers, rows)
     stock, asy = summary["stock"], summary["async"]
@@ -548,6 +562,14 @@ def _trainer_table(
             text += f" (sync / stock {summary['sync']['slowed_s'] / stock['slowed_s']:.3f})"
     if asy["write_gb_s"]:
         text += f"; async write / dd = {asy['write_gb_s'] / dd_gb_s:.2f} (target >= 0.8)"
+    free = summary.get("async-free")
+    if free and stock["stall_med_s"] and stock["lost_s"] and stock["slowed_s"]:
+        text += (
+            f"\n\ncopy-free / stock: stall {free['stall_med_s'] / stock['stall_med_s']:.3f}, "
+            f"lost to saving {free['lost_s'] / stock['lost_s']:.3f}, slowed steps "
+            f"{free['slowed_s'] / stock['slowed_s']:.3f}; optimizer.step() waited "
+            f"{free['fence_s']:.3f} s in all"
+        )
     return text, summary
 
 

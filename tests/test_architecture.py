@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "store",
             "snapshot",
             "staging",
+            "fence",
             "writer",
             "foreign",
             "sharding",

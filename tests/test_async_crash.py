@@ -71,23 +71,30 @@ def _kill_while_writing(out: Path, args: tuple[str, ...], kills: int, seed: int)
     return done
 
 
-def test_kill_while_writing_in_background(tmp_path: Path, reference_run) -> None:
+@pytest.mark.parametrize("mode", [(), ("--copy-free",)], ids=["staged", "copy-free"])
+def test_kill_while_writing_in_background(
+    tmp_path: Path, reference_run, mode: tuple[str, ...]
+) -> None:
     out = tmp_path / "run"
-    assert _kill_while_writing(out, ARGS, kills=4, seed=7) >= 3
-    run_toy(out, *ARGS)
+    args = (*ARGS, *mode)
+    assert _kill_while_writing(out, args, kills=4, seed=7) >= 3
+    run_toy(out, *args)
     _check(out)
     assert not [n for n in os.listdir(out) if n.startswith((".staging", ".trash"))]
     assert same_tensors(out / "final.safetensors", reference_run(*ARGS))
 
 
 @pytest.mark.slow
-def test_kill_while_writing_many_times(tmp_path: Path, reference_run) -> None:
+@pytest.mark.parametrize("mode", [(), ("--copy-free",)], ids=["staged", "copy-free"])
+def test_kill_while_writing_many_times(
+    tmp_path: Path, reference_run, mode: tuple[str, ...]
+) -> None:
     out = tmp_path / "run"
-    long_args = ("--steps", "150", *ARGS[2:])
+    long_args = ("--steps", "150", *ARGS[2:], *mode)
     assert _kill_while_writing(out, long_args, kills=22, seed=11) >= 20
     run_toy(out, *long_args)
     _check(out)
-    assert same_tensors(out / "final.safetensors", reference_run(*long_args))
+    assert same_tensors(out / "final.safetensors", reference_run("--steps", "150", *ARGS[2:]))
 
 
 def test_kill_inside_the_writer_thread_at_a_named_point(tmp_path: Path, reference_run) -> None:

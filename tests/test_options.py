@@ -23,6 +23,7 @@ from safepoint.retention import RetentionPolicy
         ({"mode": "best"}, "'min' or 'max'"),
         ({"on_busy": "later"}, "'wait' or 'skip'"),
         ({"on_busy": "skip", "async_save": False}, "async_save=True"),
+        ({"copy_free": True, "async_save": False}, "async_save=True"),
         ({"async_save": "yes"}, "True, False or 'auto'"),
         ({"on_save_error": "retry"}, "'stop' or 'continue'"),
         ({"max_disk": "lots"}, "not a size"),

@@ -99,6 +99,16 @@ class Options:
             thread would pay off)."""
         ),
     )
+    copy_free: bool = field(
+        default=False,
+        metadata=_doc(
+            """With async_save, write the tensors an optimizer owns (its parameters and
+            state, on the CPU) as they are instead of copying them first: no copy, no
+            second checkpoint in RAM; the next optimizer.step() waits until they are
+            written. A tensor changed in place outside optimizer.step() meanwhile fails
+            that save loudly (nothing is committed); a change through .data is not seen."""
+        ),
+    )
     on_busy: Literal["wait", "skip"] = field(
         default="wait",
         metadata=_doc(
@@ -185,6 +195,8 @@ class Options:
             raise ConfigError(f"async_save={self.async_save!r} must be True, False or 'auto'")
         if self.on_busy == "skip" and self.async_save is False:
             raise ConfigError("on_busy='skip' applies to background saves: set async_save=True")
+        if self.copy_free and self.async_save is False:
+            raise ConfigError("copy_free applies to background saves: set async_save=True")
         if not isinstance(self.metric, str) or not self.metric:
             raise ConfigError(f"metric={self.metric!r} must be the name of a metric")
 

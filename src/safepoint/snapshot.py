@@ -60,6 +60,11 @@ class Snapshot:
     shards: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     """Of a sharded state (DTensors): per entry, the pieces this rank writes
     (``sharding.local_pieces``). Every rank writes its own files; rank 0 adds the index."""
+    optimizers: list[Any] = field(default_factory=list)
+    """The optimizers of the state: a copy-free background save (``safepoint.fence``)
+    writes the tensors they own as they are and holds their ``step()`` meanwhile."""
+    on_written: Callable[[], None] | None = None
+    """Called by ``written()``: the store has written every file, the tensors are free."""
 
     @property
     def sharded(self) -> bool:
@@ -70,6 +75,12 @@ class Snapshot:
         """Payload bytes (tensor data plus other files), a close estimate of the size;
         ``deferred`` files count once resolved."""
         return sum(f.nbytes if isinstance(f, TensorFile) else len(f) for f in self.files.values())
+
+    def written(self) -> None:
+        """The store has written every file: ``on_written`` (once), which may raise."""
+        hook, self.on_written = self.on_written, None
+        if hook is not None:
+            hook()
 
     def resolve(self) -> Snapshot:
         """Make the ``deferred`` files' bytes (once); returns ``self``."""
@@ -153,6 +164,7 @@ def capture(
         files=files,
         deferred={STATE_NAME: lambda: _state_json(texts, frozen)},
         shards=shards,
+        optimizers=[v for v in state.values() if isinstance(v, torch.optim.Optimizer)],
     )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from safepoint.directio import ALIGN
+from safepoint.fence import can_stay_live
 from safepoint.format import safetensors_layout
 from safepoint.snapshot import Snapshot, TensorFile
 
@@ -100,10 +101,12 @@ class StagingBuffers:
             image.nbytes for image in self._images.values()
         )
 
-    def missing_bytes(self, snapshot: Snapshot) -> int:
-        """Bytes ``stage(snapshot)`` would have to allocate (reuse not possible)."""
+    def missing_bytes(self, snapshot: Snapshot, *, live: set[int] | None = None) -> int:
+        """Bytes ``stage(snapshot, live=live)`` would have to allocate (no reuse)."""
         total = 0
         for fname, content in _tensor_files(snapshot):
+            if live and all(can_stay_live(t, live) for t in content.tensors.values()):
+                continue
             if _imaged(content):
                 image = self._images.get(fname)
                 head, _ = self._layout(content)
@@ -116,11 +119,13 @@ class StagingBuffers:
                     total += t.numel() * t.element_size()
         return total
 
-    def stage(self, snapshot: Snapshot) -> Snapshot:
+    def stage(self, snapshot: Snapshot, *, live: set[int] | None = None) -> Snapshot:
         """A copy of ``snapshot`` whose tensors live in these buffers (a true copy).
 
         CUDA copies are queued ``non_blocking`` on the current stream, so they are ordered
         before the next step's kernels; ``ready()`` waits for them (the writer calls it).
+        ``live``: storages that may be written as they are (``fence.owned_storages``); a
+        file whose every tensor is in it is not copied.
         """
         files: dict[str, TensorFile | bytes] = dict(snapshot.files)
         used: set[tuple[str, str]] = set()
@@ -128,6 +133,8 @@ class StagingBuffers:
         self.pending = []
         cuda = False
         for fname, content in _tensor_files(snapshot):
+            if live and all(can_stay_live(t, live) for t in content.tensors.values()):
+                continue  # written as it is, under the fence
             image = self._image(fname, content) if _imaged(content) else None
             if image is not None:
                 with torch.no_grad():

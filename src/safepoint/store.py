@@ -173,6 +173,7 @@ class Store:
         try:
             staging = self.begin(snapshot.step)
             files = self.write_files(staging, snapshot.files, abort=abort)
+            snapshot.written()  # a copy-free save's live tensors are free (or changed)
             return self.finish(staging, snapshot, files, t0=t0, versions=versions, info=info)
         except BaseException as e:
             if staging is not None:

@@ -33,8 +33,9 @@ from typing import Any, Literal
 import psutil
 
 from safepoint.errors import ConfigError, SaveFailedError
+from safepoint.fence import OptimizerFence, owned_storages
 from safepoint.records import RunRecord
-from safepoint.snapshot import Snapshot
+from safepoint.snapshot import Snapshot, TensorFile
 from safepoint.staging import StagingBuffers
 from safepoint.units import format_size
 
@@ -268,6 +269,7 @@ class AsyncSaver:
         *,
         on_busy: Literal["wait", "skip"] = "wait",
         reserve_bytes: int = 512 << 20,
+        copy_free: bool = False,
     ) -> None:
         if on_busy not in ("wait", "skip"):
             raise ConfigError(f"on_busy={on_busy!r}: use 'wait' or 'skip'")
@@ -278,6 +280,9 @@ class AsyncSaver:
         """Free RAM to leave untouched; below it, saves go in-line instead of staged."""
         self.writer = BackgroundWriter()
         self.buffers = StagingBuffers()
+        self.fence = OptimizerFence() if copy_free else None
+        """Copy-free saves (``safepoint.fence``): the tensors optimizers own are not staged."""
+        self._fence_waited = 0.0
         self.deferred: str | None = None
         self.reasons: dict[int, str] = {}
         self._short_of_memory = False
@@ -325,7 +330,7 @@ class AsyncSaver:
 
     def fits(self, snapshot: Snapshot) -> bool:
         """True if host memory allows staging ``snapshot``; says so once when it does not."""
-        need = self.buffers.missing_bytes(snapshot)
+        need = self.buffers.missing_bytes(snapshot, live=self._live(snapshot))
         if need == 0:
             return True
         free = psutil.virtual_memory().available
@@ -353,15 +358,41 @@ class AsyncSaver:
 
         The caller must have waited for the previous save (``wait_idle``).
         """
-        staged = self.buffers.stage(snapshot)
+        self._record_fence_wait(snapshot.step)
+        staged = self.buffers.stage(snapshot, live=self._live(snapshot))
         self.reasons = {snapshot.step: snapshot.reason}  # for on_save_error, if it fails
+        fence = self.fence
+        if fence is not None:  # the tensors not copied: optimizer.step() waits for them
+            fence.hold(
+                (f"{fname}: {name}", t)
+                for fname, content in staged.files.items()
+                if isinstance(content, TensorFile) and content is snapshot.files[fname]
+                for name, t in content.tensors.items()
+            )
+            staged.on_written = fence.release
 
         def run() -> Any:
-            self.buffers.ready()
-            return job(staged, self.writer.check_abandon)
+            try:
+                self.buffers.ready()
+                return job(staged, self.writer.check_abandon)
+            finally:
+                if fence is not None:  # whatever happened: training must not stay held
+                    fence.release(check=False)
 
         self.writer.submit(snapshot.step, run, held=True)  # Saver.go releases it
         return staged
+
+    def _live(self, snapshot: Snapshot) -> set[int] | None:
+        """Storages a copy-free save writes as they are (None: copy everything)."""
+        if self.fence is None or not snapshot.optimizers:
+            return None
+        return owned_storages(snapshot.optimizers)
+
+    def _record_fence_wait(self, step: int) -> None:
+        if self.fence is not None and self.fence.waited_s > self._fence_waited:
+            waited = self.fence.waited_s - self._fence_waited
+            self._fence_waited = self.fence.waited_s
+            self.record.event("save_fence", step=step, wait_s=round(waited, 6))
 
     def close(self) -> None:
         """Wait for the save in flight (abandon it if interrupted); free the buffers."""
@@ -372,6 +403,10 @@ class AsyncSaver:
                 self.writer.abandon()
             self.writer.stop()
             self.buffers.release()
+            if self.fence is not None:
+                pending = self.writer.pending
+                self._record_fence_wait(pending.step if pending else 0)
+                self.fence.close()
 
 
 def as_save_failed(pending: PendingSave, directory: Path) -> SaveFailedError:

@@ -1,7 +1,7 @@
 """A small plain-PyTorch training loop on safepoint, run as a real process by the tests.
 
 usage: python toy_train.py OUT_DIR [--steps N] [--save-every S] [--keep-last K]
-       [--width W] [--step-sleep SECONDS] [--async-save] [--on-busy wait|skip]
+       [--width W] [--step-sleep SECONDS] [--async-save] [--copy-free] [--on-busy wait|skip]
 
 Draws its data and dropout masks from the torch and numpy RNGs, so a resume that does
 not restore every RNG exactly ends with different weights. At the end it writes the
@@ -56,6 +56,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--async-save", action="store_true")
+    p.add_argument("--copy-free", action="store_true")
     p.add_argument("--on-busy", default="wait", choices=["wait", "skip"])
     args = p.parse_args(argv)
 
@@ -69,6 +70,7 @@ def main(argv: list[str]) -> int:
         keep_last=args.keep_last,
         total_steps=args.steps,
         async_save=args.async_save,
+        copy_free=args.copy_free,
         on_busy=args.on_busy,
     ) as ckpt:
         start = ckpt.restore(state) or 0

@@ -101,7 +101,9 @@ class Saver:
         self.preflight = preflight
         self.replica: Replica | None = None
         self.background = (
-            AsyncSaver(store.directory, record, on_busy=options.on_busy)
+            AsyncSaver(
+                store.directory, record, on_busy=options.on_busy, copy_free=options.copy_free
+            )
             if (options.async_save)
             else None
         )
