@@ -162,6 +162,9 @@ class StagingBuffers:
             event = torch.cuda.Event()
             event.record()
             self.pending.append(event)
+        # A new Snapshot, sharing ``deferred`` with the original: ``resolve`` rebinds its
+        # own ``deferred`` (never changes the dict), so resolving the staged copy on the
+        # writer leaves the original's untouched, and it is never encoded.
         return replace(snapshot, files=files)
 
     def _layout(self, content: TensorFile) -> tuple[bytes, list[str]]:

@@ -10,7 +10,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from safepoint.errors import (
     CheckpointNotFoundError,
@@ -122,9 +122,7 @@ def inspect(path: str | os.PathLike[str], *, deep: bool = False) -> CheckpointIn
             return bad("foreign", str(e))
         except (CorruptCheckpointError, OSError) as e:
             return bad("corrupt", str(e))
-        if len(_manifests) >= 1024:
-            _manifests.clear()
-        _manifests[mkey] = manifest
+        _remember(_manifests, mkey, manifest)
     if manifest.step != step:
         return bad(
             "corrupt", f"manifest says step {manifest.step}, folder says {step}", manifest=manifest
@@ -152,6 +150,17 @@ def inspect(path: str | os.PathLike[str], *, deep: bool = False) -> CheckpointIn
 
 
 _manifests: dict[tuple[object, ...], Manifest] = {}
+_CACHE_ENTRIES = 1024
+
+
+def _remember(cache: dict[tuple[object, ...], Any], key: tuple[object, ...], value: Any) -> None:
+    """``cache[key] = value``, emptied first once it holds ``_CACHE_ENTRIES``: the caches
+    of file identities (``_manifests``, ``_checked``) must stay bounded in a process that
+    inspects many folders (a long run, ``ls`` of a big tree)."""
+    if len(cache) >= _CACHE_ENTRIES:
+        cache.clear()
+    cache[key] = value
+
 
 _STATE_FILES = ("state.json", "trainer_state.json", "shards.json")
 _checked: dict[tuple[object, ...], bool] = {}
@@ -186,9 +195,7 @@ def _check_state(path: Path, manifest: Manifest, *, deep: bool) -> list[str]:
         return []
     problems = _parse_state(path, manifest, deep=deep)
     if not problems and key is not None:
-        if len(_checked) >= 1024:
-            _checked.clear()
-        _checked[key] = True
+        _remember(_checked, key, True)
     return problems
 
 
@@ -198,9 +205,7 @@ def note_written(path: Path, manifest: Manifest) -> None:
     ms of every save's retention scan, on the writer thread holding the GIL)."""
     key = _state_key(path, manifest)
     if key is not None:
-        if len(_checked) >= 1024:
-            _checked.clear()
-        _checked[key] = True
+        _remember(_checked, key, True)
 
 
 def _parse_state(path: Path, manifest: Manifest, *, deep: bool) -> list[str]:

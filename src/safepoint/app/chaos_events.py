@@ -301,11 +301,8 @@ def file_events(
     ``only``: event numbers to crash at (default all); ``jobs``: points run at a time;
     ``warm``: fork a Python command's runs from a process that has imported its
     libraries (``chaos_zygote``), else every run is a fresh process."""
-    runner = Runner(command, work, timeout or 3600, warm=warm, jobs=jobs)
-    try:
+    with Runner(command, work, timeout or 3600, warm=warm, jobs=jobs) as runner:
         return _file_events(runner, work, modes, k, grace, timeout, pattern, only, jobs, echo)
-    finally:
-        runner.close()
 
 
 def _file_events(

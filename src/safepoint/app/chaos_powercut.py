@@ -148,11 +148,8 @@ def power_cut(
     why = available()
     if why is not None:
         raise ConfigError(f"--power-cut: {why}")
-    run = Runner(command, work, timeout or 3600, warm=warm, jobs=jobs)
-    try:
+    with Runner(command, work, timeout or 3600, warm=warm, jobs=jobs) as run:
         return _power_cut(run, work, k, samples, kills, seed, timeout, pattern, jobs, echo)
-    finally:
-        run.close()
 
 
 def _power_cut(

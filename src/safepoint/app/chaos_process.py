@@ -90,6 +90,12 @@ class Runner:
     def warm(self) -> bool:
         return self.target is not None
 
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """End the zygotes (each exits once its stdin closes)."""
         with self._lock:
