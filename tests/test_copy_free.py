@@ -3,6 +3,7 @@ optimizer owns are written as they are while ``optimizer.step()`` waits."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -161,3 +162,34 @@ def test_trainer_checkpoints_equal_sync_ones_with_a_slow_writer(
     events = list(read_events(tmp_path / "free"))
     assert {e["mode"] for e in events if e["event"] == "save"} == {"async"}
     assert [e for e in events if e["event"] == "save_fence"], "optimizer.step() never waited"
+
+
+def test_a_retry_after_a_full_disk_writes_the_tensors_of_the_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk after the tensor files were written: the retry writes the live tensors
+    again, so optimizer.step() must still be held until the retry has committed."""
+    real = safepoint.store.Store.finish
+    calls: list[int] = []
+
+    def full_once(self: safepoint.store.Store, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.3)  # the training thread tries to step meanwhile
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(safepoint.store.Store, "finish", full_once)
+    state = _state()
+    model, opt = state["model"], state["optimizer"]
+    assert isinstance(model, torch.nn.Module) and isinstance(opt, torch.optim.Optimizer)
+    weight = model.weight.detach().clone()
+    with Checkpointer(tmp_path, async_save=True, copy_free=True) as ckpt:
+        pending = ckpt.save(1, state)
+        stepping = _in_thread(lambda: _step(model, opt))
+        assert pending.wait().valid
+        stepping.join(DEADLINE)
+    assert len(calls) == 2  # failed once, retried once
+    tensors, _ = read_safetensors(tmp_path / "checkpoint-1" / "model.safetensors")
+    assert torch.equal(tensors["weight"], weight)
+    assert not torch.equal(model.weight, weight)

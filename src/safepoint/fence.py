@@ -58,10 +58,11 @@ def can_stay_live(t: torch.Tensor, owned: set[int]) -> bool:
 class OptimizerFence:
     """Holds every ``optimizer.step()`` of the process while live tensors are written.
 
-    ``hold(tensors)`` before the writer starts (training thread); ``release()`` once they
-    are written (writer thread): it checks their version counters first and raises
-    ``SaveFailedError`` if one changed. ``release`` is idempotent; the writer's job calls
-    it again when it ends, whatever happened, so training can never stay held.
+    ``hold(tensors)`` before the writer starts (training thread). On the writer thread:
+    ``check()`` once they are written, before the commit (``SaveFailedError`` if a
+    version counter moved; a full-disk retry writes them again and checks again), then
+    ``release()`` once the commit is done or failed. The writer's job releases it again
+    when it ends, whatever happened, so training can never stay held.
     """
 
     def __init__(self) -> None:
@@ -78,13 +79,9 @@ class OptimizerFence:
         self._versions = [(name, t, t._version) for name, t in tensors]
         self._clear.clear()
 
-    def release(self, *, check: bool = True) -> None:
-        if self._clear.is_set():
-            return
-        versions, self._versions = self._versions, []
-        self._clear.set()
-        changed = [name for name, t, v in versions if t._version != v]
-        if check and changed:
+    def check(self) -> None:
+        changed = [name for name, t, v in self._versions if t._version != v]
+        if changed:
             what = changed[0] + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
             raise SaveFailedError(
                 f"{what} changed in place outside optimizer.step() while the copy-free "
@@ -92,8 +89,13 @@ class OptimizerFence:
                 "before such a change, or set copy_free=False"
             )
 
+    def release(self) -> None:
+        """Let ``optimizer.step()`` go on (idempotent)."""
+        self._versions = []
+        self._clear.set()
+
     def close(self) -> None:
-        self.release(check=False)
+        self.release()
         if self._handle is not None:
             self._handle.remove()
             self._handle = None

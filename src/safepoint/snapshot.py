@@ -63,8 +63,11 @@ class Snapshot:
     optimizers: list[Any] = field(default_factory=list)
     """The optimizers of the state: a copy-free background save (``safepoint.fence``)
     writes the tensors they own as they are and holds their ``step()`` meanwhile."""
-    on_written: Callable[[], None] | None = None
-    """Called by ``written()``: the store has written every file, the tensors are free."""
+    fence: Any = None
+    """A copy-free save's ``fence.OptimizerFence``: some tensors are the live ones.
+    ``Store.commit`` calls ``fence.check()`` once every file is written, before the
+    commit (raises if one changed); the Saver ``fence.release()``s it once committed or
+    failed, retries included (a retry writes the live tensors again)."""
 
     @property
     def sharded(self) -> bool:
@@ -75,12 +78,6 @@ class Snapshot:
         """Payload bytes (tensor data plus other files), a close estimate of the size;
         ``deferred`` files count once resolved."""
         return sum(f.nbytes if isinstance(f, TensorFile) else len(f) for f in self.files.values())
-
-    def written(self) -> None:
-        """The store has written every file: ``on_written`` (once), which may raise."""
-        hook, self.on_written = self.on_written, None
-        if hook is not None:
-            hook()
 
     def resolve(self) -> Snapshot:
         """Make the ``deferred`` files' bytes (once); returns ``self``."""

@@ -173,7 +173,8 @@ class Store:
         try:
             staging = self.begin(snapshot.step)
             files = self.write_files(staging, snapshot.files, abort=abort)
-            snapshot.written()  # a copy-free save's live tensors are free (or changed)
+            if snapshot.fence is not None:  # copy-free: the live tensors written unchanged?
+                snapshot.fence.check()
             return self.finish(staging, snapshot, files, t0=t0, versions=versions, info=info)
         except BaseException as e:
             if staging is not None:

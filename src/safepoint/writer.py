@@ -369,7 +369,7 @@ class AsyncSaver:
                 if isinstance(content, TensorFile) and content is snapshot.files[fname]
                 for name, t in content.tensors.items()
             )
-            staged.on_written = fence.release
+            staged.fence = fence
 
         def run() -> Any:
             try:
@@ -377,7 +377,7 @@ class AsyncSaver:
                 return job(staged, self.writer.check_abandon)
             finally:
                 if fence is not None:  # whatever happened: training must not stay held
-                    fence.release(check=False)
+                    fence.release()
 
         self.writer.submit(snapshot.step, run, held=True)  # Saver.go releases it
         return staged

@@ -205,6 +205,9 @@ class Saver:
             self.record.event("save", step=snapshot.step, reason=snapshot.reason, result="failed")
             self.record.event("error", where="save", step=snapshot.step, error=str(e))
             raise
+        finally:
+            if snapshot.fence is not None:  # copy-free: committed or failed, retries done
+                snapshot.fence.release()
         done = time.perf_counter() - started
         stall = timing["stall_s"] if timing else done
         write_s = info.manifest.info.get("write_s") if info.manifest else None
