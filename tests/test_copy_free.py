@@ -103,6 +103,21 @@ def test_a_change_outside_optimizer_step_fails_the_save_and_commits_nothing(
         assert ckpt.save(2, state).wait().valid
 
 
+def test_a_state_without_an_optimizer_holds_no_step(tmp_path: Path, gate: threading.Event) -> None:
+    """Nothing is written live, so nothing waits: another optimizer steps freely."""
+    state = _state()
+    model, opt = state.pop("model"), state.pop("optimizer")
+    assert isinstance(model, torch.nn.Module) and isinstance(opt, torch.optim.Optimizer)
+    state["weights"] = {"w": model.weight.detach()}
+    with Checkpointer(tmp_path, async_save=True, copy_free=True) as ckpt:
+        pending = ckpt.save(1, state)
+        stepping = _in_thread(lambda: _step(model, opt))
+        stepping.join(DEADLINE / 2)
+        assert not stepping.is_alive(), "optimizer.step() waited for a save it is not in"
+        gate.set()
+        assert pending.wait().valid
+
+
 def test_the_fence_is_released_when_the_write_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -283,6 +283,7 @@ class AsyncSaver:
         self.fence = OptimizerFence() if copy_free else None
         """Copy-free saves (``safepoint.fence``): the tensors optimizers own are not staged."""
         self._fence_waited = 0.0
+        self._owned: tuple[Snapshot, set[int]] | None = None
         self.deferred: str | None = None
         self.reasons: dict[int, str] = {}
         self._short_of_memory = False
@@ -360,15 +361,17 @@ class AsyncSaver:
         """
         self._record_fence_wait(snapshot.step)
         staged = self.buffers.stage(snapshot, live=self._live(snapshot))
+        self._owned = None
         self.reasons = {snapshot.step: snapshot.reason}  # for on_save_error, if it fails
-        fence = self.fence
-        if fence is not None:  # the tensors not copied: optimizer.step() waits for them
-            fence.hold(
-                (f"{fname}: {name}", t)
-                for fname, content in staged.files.items()
-                if isinstance(content, TensorFile) and content is snapshot.files[fname]
-                for name, t in content.tensors.items()
-            )
+        live = [
+            (f"{fname}: {name}", t)
+            for fname, content in staged.files.items()
+            if isinstance(content, TensorFile) and content is snapshot.files[fname]
+            for name, t in content.tensors.items()
+        ]  # the tensors not copied (copy_free): optimizer.step() waits for them
+        fence = self.fence if live else None
+        if fence is not None:
+            fence.hold(live)
             staged.fence = fence
 
         def run() -> Any:
@@ -383,10 +386,13 @@ class AsyncSaver:
         return staged
 
     def _live(self, snapshot: Snapshot) -> set[int] | None:
-        """Storages a copy-free save writes as they are (None: copy everything)."""
+        """Storages a copy-free save writes as they are (None: copy everything); found
+        once per snapshot (``fits`` and ``start`` both ask)."""
         if self.fence is None or not snapshot.optimizers:
             return None
-        return owned_storages(snapshot.optimizers)
+        if self._owned is None or self._owned[0] is not snapshot:
+            self._owned = (snapshot, owned_storages(snapshot.optimizers))
+        return self._owned[1]
 
     def _record_fence_wait(self, step: int) -> None:
         if self.fence is not None and self.fence.waited_s > self._fence_waited:
