@@ -177,11 +177,12 @@ def test_warm_and_cold_runs_make_the_same_file_events(tmp_path: Path) -> None:
     toy = [PY, str(PROGRAMS / "toy_train.py"), "{out}", "--steps", "4", "--save-every", "2"]
     events = {}
     for name in ("cold", "warm"):
-        runner = Runner(toy, tmp_path / f"work-{name}", 120, warm=name == "warm")
-        try:
+        with Runner(toy, tmp_path / f"work-{name}", 120, warm=name == "warm") as runner:
             ref = count_events(runner, tmp_path / name, timeout=120)
-        finally:
-            runner.close()
-        events[name] = [(e.kind, e.path, e.nth) for e in ref.events]
+        # The run record may hold a warning more or less (it depends on measured save
+        # times: a cold process's first save is slower); a point in it is found by its
+        # place among the record's own events, as test_every_run_makes_the_same_file_events
+        # says. Every other file event must be the same.
+        events[name] = [(e.kind, e.path) for e in ref.events if e.path != "safepoint.log.jsonl"]
     assert events["warm"] == events["cold"]
     assert len(events["warm"]) > 20
