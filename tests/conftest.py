@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+import safepoint.store
 
 TESTS = Path(__file__).parent
 TOY = TESTS / "programs" / "toy_train.py"
@@ -107,3 +110,21 @@ def launcher(name: str, *, port: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return cmd + ([] if port is None else ["--main_process_port", str(port)])
+
+
+GATE_DEADLINE = 60.0
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Hold every tensor-file write until the test sets the event (a slow disk, on cue)."""
+    release = threading.Event()
+    real = safepoint.store.write_safetensors
+
+    def held(*args: object, **kwargs: object) -> tuple[int, str]:
+        assert release.wait(GATE_DEADLINE), "the test never released the writer"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safepoint.store, "write_safetensors", held)
+    yield release
+    release.set()

@@ -47,21 +47,6 @@ def _staging(directory: Path) -> list[str]:
     return [n for n in os.listdir(directory) if n.startswith(".staging-")]
 
 
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """Hold every tensor-file write until the test sets the event (a slow disk, on cue)."""
-    release = threading.Event()
-    real = safepoint.store.write_safetensors
-
-    def held(*args: object, **kwargs: object) -> tuple[int, str]:
-        assert release.wait(DEADLINE), "the test never released the writer"
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(safepoint.store, "write_safetensors", held)
-    yield release
-    release.set()
-
-
 def test_snapshot_is_a_true_copy(tmp_path: Path, gate: threading.Event) -> None:
     state = _state()
     model = state["model"]

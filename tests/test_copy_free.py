@@ -7,7 +7,6 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,21 +18,6 @@ from safepoint.format import read_safetensors
 from safepoint.records import read_events
 
 DEADLINE = 60.0
-
-
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """Hold every tensor-file write until the test sets the event (a slow disk, on cue)."""
-    release = threading.Event()
-    real = safepoint.store.write_safetensors
-
-    def held(*args: object, **kwargs: object) -> tuple[int, str]:
-        assert release.wait(DEADLINE), "the test never released the writer"
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(safepoint.store, "write_safetensors", held)
-    yield release
-    release.set()
 
 
 def _state() -> dict[str, object]:
