@@ -128,3 +128,20 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     monkeypatch.setattr(safepoint.store, "write_safetensors", held)
     yield release
     release.set()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in tiny model, built once per test module in a home of its own."""
+    from safepoint.app import tiny
+
+    home = tmp_path_factory.mktemp("home")
+    saved = os.environ.get("SAFEPOINT_HOME")
+    os.environ["SAFEPOINT_HOME"] = str(home)
+    try:
+        return tiny.tiny_model_path()
+    finally:
+        if saved is None:
+            os.environ.pop("SAFEPOINT_HOME")
+        else:
+            os.environ["SAFEPOINT_HOME"] = saved

@@ -43,23 +43,6 @@ def _launcher(name: str) -> list[str]:
     return launcher(name, port=None if name == "torchrun" else _free_port())
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in tiny model, built once for this module in a home of its own."""
-    from safepoint.app import tiny
-
-    home = tmp_path_factory.mktemp("home")
-    saved = os.environ.get("SAFEPOINT_HOME")
-    os.environ["SAFEPOINT_HOME"] = str(home)
-    try:
-        return tiny.tiny_model_path()
-    finally:
-        if saved is None:
-            os.environ.pop("SAFEPOINT_HOME")
-        else:
-            os.environ["SAFEPOINT_HOME"] = saved
-
-
 def launch(
     launcher: str, out: Path, model: Path, *args: str, timeout: float
 ) -> tuple[int | str, str]:
@@ -161,9 +144,11 @@ def check_ranks_agree(
 
 # One case small enough for the default run (< 90 s when it passes, on 2 CPU cores).
 def test_torchrun_two_ranks_save_every_second_commit_the_same_steps(
-    tmp_path: Path, model: Path
+    tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    check_ranks_agree("torchrun", tmp_path, model, "--save-every", "1s", steps=120, timeout=150)
+    check_ranks_agree(
+        "torchrun", tmp_path, tiny_model_dir, "--save-every", "1s", steps=120, timeout=150
+    )
 
 
 @pytest.mark.slow
@@ -180,12 +165,19 @@ def test_torchrun_two_ranks_save_every_second_commit_the_same_steps(
     ids=["torchrun-1s", "torchrun-auto", "accelerate-1s", "accelerate-auto", "torchrun-1s-async"],
 )
 def test_two_ranks_hundreds_of_steps_commit_the_same_steps(
-    tmp_path: Path, model: Path, launcher: str, save_every: str, extra: tuple[str, ...]
+    tmp_path: Path, tiny_model_dir: Path, launcher: str, save_every: str, extra: tuple[str, ...]
 ) -> None:
     if save_every == "auto":
         # A tiny model saves in milliseconds: with the default 24 h MTBF, auto would save
         # once a minute or so; a 60 s MTBF makes it save every few seconds of this run.
         extra = (*extra, "--mtbf", "60s", "--max-overhead", "0.1")
     check_ranks_agree(
-        launcher, tmp_path, model, "--save-every", save_every, *extra, steps=400, timeout=420
+        launcher,
+        tmp_path,
+        tiny_model_dir,
+        "--save-every",
+        save_every,
+        *extra,
+        steps=400,
+        timeout=420,
     )

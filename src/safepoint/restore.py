@@ -185,6 +185,20 @@ def _read_sharded(key: str, value: Any, files: _Files) -> dict[str, torch.Tensor
     return out
 
 
+def whole_entry(path: Path, manifest: Manifest, key: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the sharded entry ``key`` of the checkpoint ``path``, whole
+    (assembled from the pieces of every rank, each file checked against ``manifest``)."""
+    files = _Files(path, manifest)
+    specs = files.index().get(key)
+    where = str(path / SHARDS_NAME)
+    if specs is None:
+        raise CorruptCheckpointError(f"{where}: no pieces for the sharded entry {key!r}")
+    return {
+        name: assemble(name, spec, target_box(None, spec.shape), files.read, where=where)
+        for name, spec in specs.items()
+    }
+
+
 def _fit_to_live(value: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Whole tensors (saved by one process) as pieces of the live DTensors they load into."""
     templates = _templates(value)

@@ -18,6 +18,7 @@ from safepoint.app.runs import best_checkpoint, by_metric, run_directory
 from safepoint.app.tiny import TINY_MODEL
 from safepoint.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from safepoint.fileio import loads_json, read_regular
+from safepoint.schema import SHARDS_NAME
 from safepoint.units import format_size
 from safepoint.validity import CheckpointInfo, inspect, scan
 
@@ -76,9 +77,11 @@ class Base:
 
 
 def is_adapter(info: CheckpointInfo) -> bool:
-    """Whether the manifest of ``info`` lists a LoRA adapter (only listed files count)."""
+    """Whether the manifest of ``info`` lists a LoRA adapter (only listed files count):
+    its weights, or the pieces of a sharded save of them."""
     files = info.manifest.files if info.manifest else {}
-    return all(name in files for name in _ADAPTER_FILES)
+    weights, config = _ADAPTER_FILES
+    return config in files and (weights in files or SHARDS_NAME in files)
 
 
 def listed_files(info: CheckpointInfo) -> tuple[str, ...]:
@@ -86,6 +89,8 @@ def listed_files(info: CheckpointInfo) -> tuple[str, ...]:
     (e.g. a plain-loop checkpoint: its weights are no Hugging Face model folder)."""
     names = _ADAPTER_FILES if is_adapter(info) else _MODEL_FILES
     files = info.manifest.files if info.manifest else {}
+    if names[0] not in files and SHARDS_NAME in files:
+        names = names[1:]  # a sharded model's: assembled from its pieces (``_assembled``)
     if missing := [n for n in names if n not in files]:
         raise ConfigError(
             f"{info.path}: no {', '.join(missing)} in its manifest; export takes the "
@@ -135,6 +140,9 @@ def export(info: CheckpointInfo, out: Path, *, merge: bool, base: Base | None = 
     if adapter and merge and base is None:
         raise ConfigError(_no_base(info, "merge"))
     content = {name: _read_listed(info, name) for name in names}
+    weights = (_ADAPTER_FILES if adapter else _MODEL_FILES)[0]
+    if weights not in content:
+        content[weights] = _assembled(info)
     if adapter:
         content["adapter_config.json"] = _adapter_config(info, content, base)
     else:
@@ -246,6 +254,18 @@ def _named_base(info: CheckpointInfo) -> str | None:
         return None
     named = doc.get("base_model_name_or_path")
     return named if isinstance(named, str) and len(named) < 4096 else None
+
+
+def _assembled(info: CheckpointInfo) -> bytes:
+    """The weights file of a sharded model's checkpoint (``SafepointCallback`` under
+    FSDP): the whole tensors of its state entry ``model``, from every rank's pieces."""
+    from safetensors.torch import save
+
+    from safepoint.restore import whole_entry
+
+    assert info.manifest is not None
+    tensors = whole_entry(info.path, info.manifest, "model")
+    return save(tensors, metadata={"format": "pt"})
 
 
 def _read_listed(info: CheckpointInfo, name: str) -> bytes:

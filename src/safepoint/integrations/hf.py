@@ -38,15 +38,14 @@ from transformers import Trainer, TrainerCallback
 
 from safepoint.engine import Checkpointer, PendingSave
 from safepoint.errors import ConfigError, IncompatibleCheckpointError
-from safepoint.integrations.hf_data import layout_of, progress_of, resume_warning
+from safepoint.integrations import hf_sharded as sharded
+from safepoint.integrations.hf_data import progress_of, resume_warning
 from safepoint.integrations.hf_layout import (
     TRAINER_STATE_NAME,
     adapter_files,
     model_files,
     trainer_schedule,
-    trainer_state_bytes,
     trainer_state_later,
-    weight_files,
 )
 from safepoint.integrations.hf_trainer import (
     find_trainer,
@@ -55,6 +54,7 @@ from safepoint.integrations.hf_trainer import (
     load_finished,
     metrics_at,
     patience_spent,
+    preflight,
     shows,
 )
 from safepoint.integrations.hf_view import make_view, remove_view
@@ -109,6 +109,7 @@ class SafepointCallback(TrainerCallback):
         self.last_commit: PendingSave | None = None
         self.last_commit_seconds: float | None = None
         self._view: Path | None = None  # the verified view the Trainer resumes from
+        self._weights: str | None = None  # who loads the weights (hf_sharded.weights_source)
         self._saved_state: dict[str, Any] = {}  # its checked trainer_state.json
         self._pending: str | None = None  # a due save waiting for the step's log/eval
         self._rng: dict[str, Any] | None = None
@@ -140,9 +141,10 @@ class SafepointCallback(TrainerCallback):
             try:
                 # A finished run (the Trainer would run one more step) as it ended.
                 if (finished := self._finished(trainer.args)) is not None:
-                    load_finished(trainer, path)
+                    self._load_finished(path)
                     return finished
-                return original(path, *a, **kw)
+                with sharded.weights_loaded_here(trainer, path if self._weights else None):
+                    return original(path, *a, **kw)
             except Exception as e:  # OOM, data error: save the last step if consistent
                 if self.checkpointer is not None:
                     self.checkpointer.on_exception(
@@ -199,10 +201,17 @@ class SafepointCallback(TrainerCallback):
         if self.trainer is None:  # not attached: there is no Trainer to resume
             return info
         remove_view(self._view)
+        self._weights = sharded.weights_source(info, self.trainer)
         self._view, self._saved_state = make_view(
-            info, self.trainer.model, self.checkpointer.directory
+            info, self.trainer.model, self.checkpointer.directory, weights=self._weights != "state"
         )
         return info
+
+    def _load_finished(self, view: str | None) -> None:
+        trainer, info = self.trainer, self.resumed_from
+        assert trainer is not None and info is not None and self._view is not None
+        sharded.load_weights(trainer.model, self._require(), info, self._weights, self._view)
+        load_finished(trainer, view, weights=self._weights is None)
 
     def _finished(self, args: Any) -> Any:
         """A ``TrainOutput`` if the checkpoint resumed from already ends this same run."""
@@ -233,29 +242,16 @@ class SafepointCallback(TrainerCallback):
         ckpt.decider.begin(step=state.global_step, total_steps=state.max_steps)  # known only now
         self._eval, self._pending, self._stop_at = (-1, {}), None, None
         trainables = {"optimizer": kw["optimizer"], "scheduler": kw["lr_scheduler"]}
-        # Disk pre-flight before the first step, with every file this callback adds and
-        # trainer_state.json as it will be at the end of the run.
         model = kw["model"]
-        typical = 1 / 3  # a float of full precision, like the epoch
-        ckpt.preflight(
-            trainables,
-            extra_files={
-                **weight_files(model, copy_data=False),
-                TRAINER_STATE_NAME: b" " * trainer_state_bytes(self.trainer, args, state),
-            },
-            progress={
-                "global_step": state.max_steps,
-                "epoch": typical,
-                "max_steps": state.max_steps,
-                "data": layout_of(self.trainer),
-            },
-            info={**self.info, "epoch": typical},
-        )
+        preflight(ckpt, self.trainer, trainables, model, state, self.info)
         info = self.resumed_from
         if info is None:
             return
         # The Trainer restored the weights and trainer_state.json; optimizer, scheduler
         # and RNG live in safepoint's pickle-free files. The RNG waits (see on_step_begin).
+        if self._weights is not None:  # the Trainer did not load them: a sharded model
+            assert self._view is not None
+            sharded.load_weights(model, ckpt, info, self._weights, self._view)
         ckpt.load(info, trainables, rng=False)
         if state.global_step != info.step:
             raise IncompatibleCheckpointError(
@@ -397,16 +393,19 @@ class SafepointCallback(TrainerCallback):
         t0 = time.perf_counter()
         # No copy here, even with async_save: the engine stages the tensors into its
         # reused host buffers (a true copy) before it returns; a copy here would be a second.
+        # A sharded model's weights are a state entry: every rank writes its pieces.
+        entries, weights = sharded.model_state(kw.get("model") or trainer.model)
         snapshot = capture(
             {
                 "optimizer": kw.get("optimizer") or trainer.optimizer,
                 "scheduler": kw.get("lr_scheduler") or trainer.lr_scheduler,
+                **entries,
             },
             step=state.global_step,
             copy=False,
             progress=progress_of(trainer, state),
         )
-        snapshot.files.update(weight_files(kw.get("model") or trainer.model, copy_data=False))
+        snapshot.files.update(weights)
         snapshot.deferred[TRAINER_STATE_NAME] = trainer_state_later(trainer)
         snapshot.info.update(self.info)
         snapshot.info["epoch"] = state.epoch

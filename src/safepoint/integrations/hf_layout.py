@@ -19,6 +19,7 @@ from typing import Any
 from transformers import Trainer
 from transformers.trainer_callback import ExportableState
 
+from safepoint.sharding import is_sharded
 from safepoint.snapshot import TensorFile, copy_tensors
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -37,12 +38,12 @@ def adapter_files(model: Any, *, copy_data: bool) -> dict[str, TensorFile | byte
     """``adapter_model.safetensors`` + ``adapter_config.json`` as ``PeftModel.save_pretrained``
     writes them, so ``PeftModel.from_pretrained(folder)`` loads the folder as is."""
     name = model.active_adapter
-    tensors = {k: v.contiguous() for k, v in _adapter_tensors(model, name).items()}
+    tensors = {k: v.contiguous() for k, v in adapter_tensors(model, name).items()}
     return {
         "adapter_model.safetensors": TensorFile(
             copy_tensors(tensors) if copy_data else tensors, dict(_SAFETENSORS_META)
         ),
-        "adapter_config.json": _adapter_config(model, name),
+        "adapter_config.json": adapter_config_json(model, name),
     }
 
 
@@ -58,7 +59,7 @@ _adapter_sources: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], list[_Sou
 )
 
 
-def _adapter_tensors(model: Any, name: str) -> dict[str, Any]:
+def adapter_tensors(model: Any, name: str) -> dict[str, Any]:
     """``get_peft_model_state_dict(model, name)``, from the found parameters when it can."""
     from peft import get_peft_model_state_dict
 
@@ -113,7 +114,7 @@ _adapter_configs: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], bytes]] =
 )
 
 
-def _adapter_config(model: Any, name: str) -> bytes:
+def adapter_config_json(model: Any, name: str) -> bytes:
     key = (name, id(model.peft_config[name]))
     cached = _adapter_configs.get(model, {}).get(key)
     if cached is not None:
@@ -151,6 +152,12 @@ def _embedding_decision(model: Any, name: str) -> bool:
     return decision
 
 
+def storage_of(t: Any) -> int:
+    """What tied tensors share: their storage (a DTensor's: its local piece's)."""
+    local = t.to_local() if is_sharded(t) else t
+    return local.untyped_storage().data_ptr() if local.numel() else id(t)
+
+
 def model_files(model: Any, *, copy_data: bool) -> dict[str, TensorFile | bytes]:
     """``model.safetensors`` (tied weights stored once) + ``config.json``, loadable with
     ``AutoModelForCausalLM.from_pretrained(folder)``."""
@@ -159,7 +166,7 @@ def model_files(model: Any, *, copy_data: bool) -> dict[str, TensorFile | bytes]
     for key, t in model.state_dict().items():
         # Tied weights (lm_head = embeddings) share storage; keep the first name, as
         # save_pretrained does, and from_pretrained ties them again.
-        ptr = t.untyped_storage().data_ptr() if t.numel() else id(t)
+        ptr = storage_of(t)
         if ptr in seen:
             continue
         seen.add(ptr)

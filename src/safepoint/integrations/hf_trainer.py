@@ -1,5 +1,6 @@
 """What ``SafepointCallback`` reads from a Trainer: the Trainer itself, the metrics of a
-step, early-stopping patience, whether a checkpoint already ends the run. Pure reads."""
+step, early-stopping patience, whether a checkpoint already ends the run; and the disk
+pre-flight of its first step."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from typing import Any
 
 from transformers import Trainer
 
+from safepoint.integrations.hf_data import layout_of
+from safepoint.integrations.hf_layout import TRAINER_STATE_NAME, trainer_state_bytes
+from safepoint.integrations.hf_sharded import model_state
 from safepoint.validity import CheckpointInfo
 
 log = logging.getLogger("safepoint")
@@ -91,18 +95,49 @@ def finished_run(info: CheckpointInfo, args: Any, saved: dict[str, Any]) -> Any:
     return TrainOutput(saved["global_step"], losses[-1] if losses else 0.0, {})
 
 
-def load_finished(trainer: Any, view: str | None) -> None:
+def load_finished(trainer: Any, view: str | None, *, weights: bool = True) -> None:
     """After a resume from a checkpoint that already ends the run: the Trainer's model
     and state as the run left them, from the verified ``view``. A script that saves,
     evaluates or pushes the model after ``train()`` must get the trained one, not the
     weights it started from (a kill between the last checkpoint and the script's own save
-    made the rerun save the untrained adapter)."""
+    made the rerun save the untrained adapter). ``weights=False``: the caller loaded the
+    weights (``hf_sharded``)."""
     if view is None:
         return
     from transformers import TrainerState
 
-    trainer._load_from_checkpoint(view)
+    if weights:
+        trainer._load_from_checkpoint(view)
     trainer.state = TrainerState.load_from_json(os.path.join(view, "trainer_state.json"))
+
+
+def preflight(
+    ckpt: Any,
+    trainer: Any,
+    trainables: dict[str, Any],
+    model: Any,
+    state: Any,
+    info: dict[str, Any],
+) -> None:
+    """The disk pre-flight before the first step (``Checkpointer.preflight``), with every
+    file the callback adds (a sharded model: every rank's pieces) and trainer_state.json
+    as it will be at the end of the run."""
+    entries, weights = model_state(model)
+    typical = 1 / 3  # a float of full precision, like the epoch
+    ckpt.preflight(
+        {**trainables, **entries},
+        extra_files={
+            **weights,
+            TRAINER_STATE_NAME: b" " * trainer_state_bytes(trainer, trainer.args, state),
+        },
+        progress={
+            "global_step": state.max_steps,
+            "epoch": typical,
+            "max_steps": state.max_steps,
+            "data": layout_of(trainer),
+        },
+        info={**info, "epoch": typical},
+    )
 
 
 def shows(logger: logging.Logger, level: int) -> bool:

@@ -98,17 +98,20 @@ def _check_tensors(saved: dict[str, Any], live: dict[str, Any], where: str) -> N
             )
 
 
-def make_view(info: CheckpointInfo, model: Any, directory: Path) -> tuple[Path, dict[str, Any]]:
+def make_view(
+    info: CheckpointInfo, model: Any, directory: Path, *, weights: bool = True
+) -> tuple[Path, dict[str, Any]]:
     """Build the verified view of ``info`` for ``model`` under ``directory``; return its
     path and the checked ``trainer_state.json`` document. The caller removes the view
     with ``remove_view``. Raises ``CorruptCheckpointError`` (damaged or invalid files)
     or ``IncompatibleCheckpointError`` (weights that do not fit ``model``); nothing is
-    left behind then.
+    left behind then. ``weights=False``: ``trainer_state.json`` alone (the weights are
+    a state entry of a sharded save, loaded by safepoint, not by the Trainer).
     """
     manifest = info.manifest
     assert manifest is not None
-    weights_name, live, config = _live_weights(model)
-    for name in (weights_name, TRAINER_STATE_NAME):
+    weights_name, live, config = _live_weights(model) if weights else ("", {}, b"")
+    for name in (weights_name, TRAINER_STATE_NAME) if weights else (TRAINER_STATE_NAME,):
         if name not in manifest.files:
             raise IncompatibleCheckpointError(
                 f"{info.path}: the manifest lists no {name}; this model needs it to resume"
@@ -125,6 +128,9 @@ def make_view(info: CheckpointInfo, model: Any, directory: Path) -> tuple[Path, 
     view = directory / f"{VIEW_PREFIX}{secrets.token_hex(4)}"
     os.mkdir(view, 0o700)
     try:
+        (view / TRAINER_STATE_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True))
+        if not weights:
+            return view, doc
         entry = manifest.files[weights_name]
         _link_or_copy(info.path / weights_name, view / weights_name, entry.size)
         # Re-read from the view: what the Trainer will load is what is verified here.
@@ -132,7 +138,6 @@ def make_view(info: CheckpointInfo, model: Any, directory: Path) -> tuple[Path, 
         _check_tensors(tensors, live, str(info.path / weights_name))
         del tensors
         (view / _config_name(weights_name)).write_bytes(config)
-        (view / TRAINER_STATE_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True))
     except BaseException:
         remove_view(view)
         raise

@@ -1,0 +1,124 @@
+"""#16: SafepointCallback in a user's SFTTrainer script whose model is sharded (FSDP2,
+transformers' ``DistributedConfig``; gloo on CPU under torchrun), which the stock Trainer
+refuses to checkpoint. Every rank writes its own pieces; a rank killed mid-run loses
+nothing and the rerun ends bit-identical; a checkpoint resumes on another number of
+processes (2 -> 3, 2 -> 1, 1 -> 2) with the whole weights and optimizer state equal to
+the saved ones; ``export`` assembles the pieces into a model ``from_pretrained`` loads.
+
+The program, tests/programs/fsdp_sft.py, dumps the gathered state where asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from safepoint.validity import inspect
+
+pytestmark = [pytest.mark.distributed, pytest.mark.crash]
+
+PROGRAM = Path(__file__).parent / "programs" / "fsdp_sft.py"
+
+
+def run(out: Path, model: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    """The program on ``nproc`` processes (torchrun; 1: a plain process, whole weights)."""
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd += [str(PROGRAM), str(out), str(model), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def ok(proc: subprocess.CompletedProcess[str], nproc: int = 2) -> None:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count(" done ") == nproc, proc.stdout[-2000:]
+
+
+def same_state(a: Path, b: Path) -> None:
+    """The two dumps hold the same tensors, bit for bit."""
+    x, y = load_file(a), load_file(b)
+    assert sorted(x) == sorted(y)
+    assert any(k.startswith("optimizer.") for k in x), "no optimizer state in the dump"
+    differ = [k for k in x if not (x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]))]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+def exported_equal_saved(run_dir: Path, saved: Path, exported: Path) -> None:
+    """``safepoint export`` of the run's latest checkpoint: a model folder that
+    ``from_pretrained`` loads, with the saved weights (assembled from the pieces)."""
+    from transformers import AutoModelForCausalLM
+
+    cmd = [sys.executable, "-m", "safepoint", "export", str(run_dir), "--checkpoint", "latest"]
+    proc = subprocess.run([*cmd, "--out", str(exported)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = AutoModelForCausalLM.from_pretrained(exported).state_dict()
+    weights = {k[6:]: v for k, v in load_file(saved).items() if k.startswith("model.")}
+    assert sorted(loaded) == sorted(weights)
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+    assert json.loads((exported / "config.json").read_text())["model_type"] == "gpt2"
+
+
+def test_each_rank_writes_its_pieces_and_a_rank_killed_mid_run_resumes_bit_identical(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    ok(run(reference, tiny_model_dir, "--dump-end", str(tmp_path / "reference.st")))
+    ckpt = inspect(reference / "checkpoint-8")
+    assert ckpt.status == "valid" and ckpt.manifest is not None
+    files = set(ckpt.manifest.files)
+    pieces = {f"model.shard-0000{r}-of-00002.safetensors" for r in (1, 2)}
+    assert pieces <= files
+    assert "optimizer.shard-00002-of-00002.safetensors" in files
+    assert "model.safetensors" not in files and "config.json" in files
+    writers = {w["rank"]: set(w["files"]) for w in ckpt.manifest.info["writers"]}
+    assert "model.shard-00002-of-00002.safetensors" in writers[1]
+    assert "model.shard-00001-of-00002.safetensors" in writers[0]
+
+    killed = run(crashed, tiny_model_dir, "--kill-at", "10")
+    assert killed.returncode != 0
+    left = sorted(p.name for p in crashed.glob("checkpoint-*"))
+    assert left == ["checkpoint-4", "checkpoint-8"]
+    proc = run(crashed, tiny_model_dir, "--dump-end", str(tmp_path / "resumed.st"))
+    ok(proc)
+    assert "resuming from" in proc.stderr and "checkpoint-8 (step 8)" in proc.stderr
+    same_state(tmp_path / "reference.st", tmp_path / "resumed.st")
+
+
+def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    two = tmp_path / "two"
+    ok(run(two, tiny_model_dir, "--steps", "8", "--dump-end", str(tmp_path / "saved.st")))
+    exported_equal_saved(two, tmp_path / "saved.st", tmp_path / "exported")
+    # 2 -> 3 and 2 -> 1: the state the loop resumes with is the one saved
+    for nproc in (3, 1):
+        out = tmp_path / f"from-two-on-{nproc}"
+        shutil.copytree(two, out)
+        dump = tmp_path / f"begin-{nproc}.st"
+        end = tmp_path / f"end-{nproc}.st"
+        ok(
+            run(
+                out, tiny_model_dir, "--dump-begin", str(dump), "--dump-end", str(end), nproc=nproc
+            ),
+            nproc,
+        )
+        same_state(tmp_path / "saved.st", dump)
+    three = inspect(tmp_path / "from-two-on-3" / "checkpoint-12").manifest
+    assert three is not None and "model.shard-00003-of-00003.safetensors" in three.files
+    one = inspect(tmp_path / "from-two-on-1" / "checkpoint-12").manifest
+    assert one is not None and "model.safetensors" in one.files  # one process: whole weights
+    # 1 -> 2: the Hugging Face files of one process, into the sharded model
+    out = tmp_path / "from-one-on-two"
+    shutil.copytree(tmp_path / "from-two-on-1", out)
+    ok(run(out, tiny_model_dir, "--steps", "16", "--dump-begin", str(tmp_path / "begin-back.st")))
+    same_state(tmp_path / "end-1.st", tmp_path / "begin-back.st")
