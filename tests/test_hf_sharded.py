@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +126,63 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(
     shutil.copytree(tmp_path / "from-two-on-1", out)
     ok(run(out, tiny_model_dir, "--steps", "16", "--dump-begin", str(tmp_path / "begin-back.st")))
     same_state(tmp_path / "end-1.st", tmp_path / "begin-back.st")
+
+
+def test_safepoint_train_fsdp_saves_sharded_reports_once_and_resumes_on_three(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    out = tmp_path / "run"
+    train = ["-m", "safepoint", "train", "--full", "--fsdp", "--save-every", "4"]
+    train += ["--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAFEPOINT_HOME": str(tiny_model_dir.parents[1])}
+
+    def torchrun(nproc: int, steps: int) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc_per_node", str(nproc), *train, "--max-steps", str(steps)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return proc
+
+    first = torchrun(2, 8)
+    assert first.stdout.count("done: 8 steps") == 1  # rank 0 reports, not every rank
+    assert first.stdout.count(f"saved {out / 'checkpoint-4'}") == 1
+    manifest = inspect(out / "checkpoint-8").manifest
+    assert manifest is not None
+    assert {f"model.shard-0000{r}-of-00002.safetensors" for r in (1, 2)} <= set(manifest.files)
+    again = torchrun(3, 12)
+    assert again.stdout.count(f"resuming from {out / 'checkpoint-8'} (step 8)") == 1
+    assert again.stderr.count("was saved by 2 process(es), this run has 3") == 1
+    manifest = inspect(out / "checkpoint-12").manifest
+    assert manifest is not None and "model.shard-00003-of-00003.safetensors" in manifest.files
+    verify = subprocess.run(
+        [sys.executable, "-m", "safepoint", "verify", str(out)], capture_output=True, text=True
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(6))
+def test_hunt_a_rank_killed_at_a_random_instant_resumes_bit_identical(
+    tmp_path: Path, tiny_model_dir: Path, seed: int
+) -> None:
+    """SIGKILL of one rank (either) at a random instant of a run that saves every 2
+    steps: mid-save, between saves, while resuming. The reruns end bit-identical."""
+    rng = random.Random(seed)
+    args = ("--steps", "40", "--save-every", "2")
+    ok(run(tmp_path / "reference", tiny_model_dir, *args, "--dump-end", str(tmp_path / "ref.st")))
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(PROGRAM), str(out), str(tiny_model_dir), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 120
+        while len(pids := re.findall(r"rank (\d) pid (\d+)", log.read_text())) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.2, 3.0))  # the run loads, then trains for ~4-6 s
+        os.kill(int(rng.choice(pids)[1]), signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0, "the run ended before the kill"
+    proc_done = run(out, tiny_model_dir, *args, "--dump-end", str(tmp_path / "end.st"))
+    ok(proc_done)
+    same_state(tmp_path / "ref.st", tmp_path / "end.st")

@@ -152,7 +152,7 @@ class Ranks:
             doc = {"world_size": 1, "rng": []}
         saved = doc.get("world_size") if isinstance(doc, dict) else None
         states = doc.get("rng") if isinstance(doc, dict) else None
-        if saved != self.world_size:
+        if saved != self.world_size and self.is_writer:  # once, not once per rank
             log.warning(
                 "%s was saved by %s process(es), this run has %d: training continues from "
                 "the same step and sample position, but the order in which data reaches "

@@ -69,6 +69,7 @@ def apply(
     *,
     rng: bool = True,
     manifest: Manifest | None = None,
+    partial: bool = False,
 ) -> dict[str, Any]:
     """Load the checkpoint folder ``path`` into ``state`` in place; return its progress.
 
@@ -79,6 +80,7 @@ def apply(
     and every entry against the live object it goes into (kind, keys, shapes), before
     anything is changed. Raises ``CorruptCheckpointError`` (damaged or hostile files) or
     ``IncompatibleCheckpointError`` (does not fit ``state``), with ``state`` untouched.
+    ``partial``: ``state`` is meant to hold only some entries (no warning for the others).
     """
     manifest = manifest or read_manifest(path)
     doc = read_state_doc(path, manifest)
@@ -91,7 +93,7 @@ def apply(
             "state keys it was saved with"
         )
     for key in entries:
-        if key not in state:
+        if key not in state and not partial:
             log.warning(
                 "%s: checkpoint entry %r has no place in the state; not restored", path, key
             )

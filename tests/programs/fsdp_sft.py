@@ -82,6 +82,7 @@ def main(argv: list[str]) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
+    print(f"rank {os.environ.get('RANK', '0')} pid {os.getpid()}", flush=True)
     sharded = {"distributed_config": DistributedConfig(fsdp_size=world)} if world > 1 else {}
     model = AutoModelForCausalLM.from_pretrained(args.model, **sharded)
     tokenizer = AutoTokenizer.from_pretrained(args.model)

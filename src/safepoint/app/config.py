@@ -47,6 +47,8 @@ class _Job:
     """Module names LoRA adapts; unset: PEFT's default for the architecture."""
     full: bool = False
     """Fine-tune every weight instead of a LoRA adapter."""
+    fsdp: bool = False
+    """Under torchrun: shard the model over the processes (FSDP2); each saves its pieces."""
     seed: int = 42
     eval_split: float = 0.1
     """Fraction of the data held out for evaluation (0: none)."""

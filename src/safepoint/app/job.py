@@ -357,7 +357,7 @@ def build_trainer(p: Plan, callback: Any) -> Any:
     cfg = p.config
     try:
         tokenizer = AutoTokenizer.from_pretrained(p.model_path)
-        model = AutoModelForCausalLM.from_pretrained(p.model_path)
+        model = AutoModelForCausalLM.from_pretrained(p.model_path, **_sharding(cfg))
     except (OSError, ValueError, KeyError) as e:  # missing or unreadable model files
         raise ConfigError(
             f"--model {cfg.model}: cannot load it ({_root_reason(e)}); give a folder "
@@ -407,6 +407,18 @@ def build_trainer(p: Plan, callback: Any) -> Any:
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def _sharding(cfg: TrainConfig) -> dict[str, Any]:
+    """``from_pretrained`` arguments that shard the model over the processes of a
+    torchrun launch (``--fsdp``): FSDP2 by transformers, one shard per process. The
+    callback then saves it sharded; one process loads it whole."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not cfg.fsdp or world < 2:
+        return {}
+    from transformers.distributed.configuration_utils import DistributedConfig
+
+    return {"distributed_config": DistributedConfig(fsdp_size=world)}
 
 
 def stdout_is_tty() -> bool:

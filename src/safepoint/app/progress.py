@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import time
@@ -111,7 +112,8 @@ class _NewLineFirst(logging.Filter):
 
 class JobCallback(SafepointCallback):
     """``SafepointCallback`` that reports to the terminal (a live line on a TTY, a line
-    every 5 steps otherwise) and counts its commits."""
+    every 5 steps otherwise) and counts its commits. Under several processes only rank
+    0 reports (``RANK``); errors reach stderr from every rank."""
 
     def __init__(self, cfg: TrainConfig, *, tty: bool, **options: Any) -> None:
         super().__init__(**options)
@@ -122,6 +124,7 @@ class JobCallback(SafepointCallback):
         self.line_open = False  # the live line is on screen without its newline
         self._t0 = self.started
         self._step0 = 0
+        self.reports = int(os.environ.get("RANK", "0")) == 0
         if tty and sys.stderr.isatty():
             logging.getLogger("safepoint").addFilter(_NewLineFirst(self))
 
@@ -136,7 +139,7 @@ class JobCallback(SafepointCallback):
             if self.resumed_from
             else "starting fresh"
         )
-        click.echo(
+        self._echo(
             f"safepoint train: {where}; {state.max_steps} steps, saving {self.cfg.save_every}"
         )
 
@@ -162,10 +165,10 @@ class JobCallback(SafepointCallback):
             last_save=self._last_save(),
         )
         if self.tty:
-            click.echo(_CLEAR_LINE + line, nl=False)
-            self.line_open = True
+            self._echo(_CLEAR_LINE + line, nl=False)
+            self.line_open = self.reports
         else:
-            click.echo(line)
+            self._echo(line)
 
     def _next_save(self, step: int, total: int) -> str:
         assert self.checkpointer is not None
@@ -188,8 +191,12 @@ class JobCallback(SafepointCallback):
         info = save.wait() if save.done and not save.failed else None
         what = "saved" if info else "saving"
         size = f" ({format_size(info.size)})" if info else ", writing in the background"
-        click.echo(
+        self._echo(
             f"{_CLEAR_LINE if self.tty else ''}{what} {save.path} in {seconds:.2f} s"
             f"{size}{'  ' + metrics if metrics else ''}"
         )
         self.line_open = False
+
+    def _echo(self, text: str, *, nl: bool = True) -> None:
+        if self.reports:
+            click.echo(text, nl=nl)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Any
@@ -68,6 +69,12 @@ def _decorate(f: Any) -> Any:
         f = flag(f)
     for name, kind, text in reversed(_OPTIONS):
         f = click.option(f"--{name.replace('_', '-')}", name, type=kind, help=text)(f)
+    f = click.option(
+        "--fsdp/--no-fsdp",
+        "fsdp",
+        default=None,
+        help="Under torchrun: shard the model over the processes (FSDP2); each saves its pieces.",
+    )(f)
     return click.option("--full/--lora", "full", default=None, help="Full fine-tune, or LoRA.")(f)
 
 
@@ -122,6 +129,8 @@ def train_cmd(config_file: str | None, print_config: bool, **flags: Any):
     outcome = train(cfg, tty=tty)
     if outcome.exit_code is not None:  # a planned stop is no `Error:`
         return outcome.exit_code
+    if os.environ.get("RANK", "0") != "0":  # several processes: rank 0 reports
+        return None
     if not outcome.already_finished:  # else the callback said so on stderr
         if tty:
             click.echo("")

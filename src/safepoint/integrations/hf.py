@@ -208,15 +208,15 @@ class SafepointCallback(TrainerCallback):
         return info
 
     def _load_finished(self, view: str | None) -> None:
-        trainer, info = self.trainer, self.resumed_from
-        assert trainer is not None and info is not None and self._view is not None
-        sharded.load_weights(trainer.model, self._require(), info, self._weights, self._view)
-        load_finished(trainer, view, weights=self._weights is None)
+        assert self.trainer is not None and self.resumed_from is not None and self._view
+        sharded.load_weights(self.trainer.model, self.resumed_from, self._weights, self._view)
+        load_finished(self.trainer, view, weights=self._weights is None)
 
     def _finished(self, args: Any) -> Any:
         """A ``TrainOutput`` if the checkpoint resumed from already ends this same run."""
         info = self.resumed_from
-        output = None if info is None else finished_run(info, args, self._saved_state)
+        says = self.checkpointer is None or self.checkpointer.ranks.is_writer
+        output = None if info is None else finished_run(info, args, self._saved_state, say=says)
         if output is not None:
             self.already_finished = info
         return output
@@ -247,11 +247,12 @@ class SafepointCallback(TrainerCallback):
         info = self.resumed_from
         if info is None:
             return
-        # The Trainer restored the weights and trainer_state.json; optimizer, scheduler
-        # and RNG live in safepoint's pickle-free files. The RNG waits (see on_step_begin).
-        if self._weights is not None:  # the Trainer did not load them: a sharded model
-            assert self._view is not None
-            sharded.load_weights(model, ckpt, info, self._weights, self._view)
+        # The Trainer restored trainer_state.json and, unless sharded, the weights; the
+        # rest is in safepoint's pickle-free files. The RNG waits (see on_step_begin).
+        if self._weights == "state":
+            trainables[sharded.WEIGHTS_ENTRY] = sharded.weights_entry(model)
+        elif self._weights is not None and self._view is not None:
+            sharded.load_view_weights(model, info, self._view)
         ckpt.load(info, trainables, rng=False)
         if state.global_step != info.step:
             raise IncompatibleCheckpointError(

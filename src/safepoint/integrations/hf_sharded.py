@@ -37,7 +37,7 @@ from safepoint.integrations.hf_layout import (
     storage_of,
     weight_files,
 )
-from safepoint.restore import read_state_doc
+from safepoint.restore import apply, read_state_doc
 from safepoint.sharding import is_sharded, like, target_box
 from safepoint.snapshot import TensorFile
 from safepoint.validity import CheckpointInfo
@@ -52,8 +52,14 @@ VIEW = "view"
 
 
 def is_sharded_model(model: Any) -> bool:
-    """Whether ``model``'s parameters are DTensors (FSDP2, tensor parallel)."""
-    return any(is_sharded(p) for p in model.parameters())
+    """Whether ``model`` is sharded: FSDP2 modules in it (their parameters are DTensors,
+    or plain while unsharded between an evaluation's forward and the next step; their
+    ``state_dict`` is DTensors either way), or DTensor parameters (tensor parallel)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules()) or any(
+        is_sharded(p) for p in model.parameters()
+    )
 
 
 def saves_sharded(model: Any) -> bool:
@@ -188,12 +194,11 @@ def weights_loaded_here(trainer: Any, view: str | None) -> Iterator[None]:
             trainer._load_from_checkpoint = own
 
 
-def load_weights(
-    model: Any, checkpointer: Any, info: CheckpointInfo, source: str | None, view: Path
-) -> None:
-    """Load the weights of ``info`` into ``model`` from ``source`` (``weights_source``):
-    the state entry through ``checkpointer`` or the file of the verified ``view``."""
+def load_weights(model: Any, info: CheckpointInfo, source: str | None, view: Path) -> None:
+    """Load only the weights of ``info`` into ``model`` from ``source``
+    (``weights_source``): its state entry, or the file of the verified ``view``."""
     if source == STATE:
-        checkpointer.load(info, {WEIGHTS_ENTRY: weights_entry(model)}, rng=False)
+        state = {WEIGHTS_ENTRY: weights_entry(model)}
+        apply(info.path, state, rng=False, manifest=info.manifest, partial=True)
     elif source == VIEW:
         load_view_weights(model, info, view)

@@ -70,7 +70,9 @@ def patience_spent(state: Any, metric: str, mode: str, patience: int) -> bool:
     return len(values) - 1 - best_at >= patience
 
 
-def finished_run(info: CheckpointInfo, args: Any, saved: dict[str, Any]) -> Any:
+def finished_run(
+    info: CheckpointInfo, args: Any, saved: dict[str, Any], *, say: bool = True
+) -> Any:
     """The ``TrainOutput`` to return, with a warning, when the checkpoint ``info`` (its
     checked ``trainer_state.json``: ``saved``) already ends the run ``args`` describe;
     else None. The Trainer itself would run one more step before checking max_steps."""
@@ -83,14 +85,15 @@ def finished_run(info: CheckpointInfo, args: Any, saved: dict[str, Any]) -> Any:
         return None
     from transformers.trainer_utils import TrainOutput
 
-    log.warning(
-        "resuming from %s (step %d): it already ends this run (step %d of %d); nothing "
-        "to train; raise max_steps or epochs to train longer",
-        info.path,
-        info.step,
-        saved["global_step"],
-        saved["max_steps"],
-    )
+    if say:  # one process says it (rank 0), not each
+        log.warning(
+            "resuming from %s (step %d): it already ends this run (step %d of %d); nothing "
+            "to train; raise max_steps or epochs to train longer",
+            info.path,
+            info.step,
+            saved["global_step"],
+            saved["max_steps"],
+        )
     losses = [e["loss"] for e in saved.get("log_history", []) if "loss" in e]
     return TrainOutput(saved["global_step"], losses[-1] if losses else 0.0, {})
 
