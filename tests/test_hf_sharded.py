@@ -72,11 +72,15 @@ def exported_equal_saved(run_dir: Path, saved: Path, exported: Path) -> None:
     assert json.loads((exported / "config.json").read_text())["model_type"] == "gpt2"
 
 
+@pytest.mark.parametrize("sharder", ["transformers", "accelerate"])
 def test_each_rank_writes_its_pieces_and_a_rank_killed_mid_run_resumes_bit_identical(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, sharder: str
 ) -> None:
+    """transformers: sharded at load (DistributedConfig); accelerate: sharded by its FSDP2
+    plugin at prepare, the Trainer's FSDP resume path (see the program)."""
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    ok(run(reference, tiny_model_dir, "--dump-end", str(tmp_path / "reference.st")))
+    how = ("--accelerate",) if sharder == "accelerate" else ()
+    ok(run(reference, tiny_model_dir, *how, "--dump-end", str(tmp_path / "reference.st")))
     ckpt = inspect(reference / "checkpoint-8")
     assert ckpt.status == "valid" and ckpt.manifest is not None
     files = set(ckpt.manifest.files)
@@ -88,11 +92,11 @@ def test_each_rank_writes_its_pieces_and_a_rank_killed_mid_run_resumes_bit_ident
     assert "model.shard-00002-of-00002.safetensors" in writers[1]
     assert "model.shard-00001-of-00002.safetensors" in writers[0]
 
-    killed = run(crashed, tiny_model_dir, "--kill-at", "10")
+    killed = run(crashed, tiny_model_dir, *how, "--kill-at", "10")
     assert killed.returncode != 0
     left = sorted(p.name for p in crashed.glob("checkpoint-*"))
     assert left == ["checkpoint-4", "checkpoint-8"]
-    proc = run(crashed, tiny_model_dir, "--dump-end", str(tmp_path / "resumed.st"))
+    proc = run(crashed, tiny_model_dir, *how, "--dump-end", str(tmp_path / "resumed.st"))
     ok(proc)
     assert "resuming from" in proc.stderr and "checkpoint-8 (step 8)" in proc.stderr
     same_state(tmp_path / "reference.st", tmp_path / "resumed.st")
@@ -121,11 +125,26 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(
     assert three is not None and "model.shard-00003-of-00003.safetensors" in three.files
     one = inspect(tmp_path / "from-two-on-1" / "checkpoint-12").manifest
     assert one is not None and "model.safetensors" in one.files  # one process: whole weights
-    # 1 -> 2: the Hugging Face files of one process, into the sharded model
+    # 1 -> 2: the Hugging Face files of one process, into a model accelerate shards
     out = tmp_path / "from-one-on-two"
     shutil.copytree(tmp_path / "from-two-on-1", out)
-    ok(run(out, tiny_model_dir, "--steps", "16", "--dump-begin", str(tmp_path / "begin-back.st")))
+    back = ("--steps", "16", "--accelerate", "--dump-begin", str(tmp_path / "begin-back.st"))
+    ok(run(out, tiny_model_dir, *back))
     same_state(tmp_path / "end-1.st", tmp_path / "begin-back.st")
+
+
+def test_a_lora_adapter_on_a_sharded_base_is_saved_whole_and_resumes(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """PEFT's adapter on an FSDP2 base is plain (every rank holds it): saved as
+    adapter_model.safetensors, as without FSDP, and resumed with its optimizer state."""
+    out = tmp_path / "run"
+    ok(run(out, tiny_model_dir, "--lora", "--steps", "8", "--dump-end", str(tmp_path / "end.st")))
+    manifest = inspect(out / "checkpoint-8").manifest
+    assert manifest is not None and "adapter_model.safetensors" in manifest.files
+    again = ("--lora", "--steps", "12", "--dump-begin", str(tmp_path / "begin.st"))
+    ok(run(out, tiny_model_dir, *again))
+    same_state(tmp_path / "end.st", tmp_path / "begin.st")
 
 
 def test_safepoint_train_fsdp_saves_sharded_reports_once_and_resumes_on_three(
@@ -186,3 +205,18 @@ def test_hunt_a_rank_killed_at_a_random_instant_resumes_bit_identical(
     proc_done = run(out, tiny_model_dir, *args, "--dump-end", str(tmp_path / "end.st"))
     ok(proc_done)
     same_state(tmp_path / "ref.st", tmp_path / "end.st")
+
+
+def test_an_fsdp1_model_is_refused_with_what_to_use_instead() -> None:
+    """FSDP1 needs a GPU to be built; a bare instance of its class stands in for one."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from safepoint.errors import ConfigError
+    from safepoint.integrations.hf_sharded import is_sharded_model
+
+    fsdp1 = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    torch.nn.Module.__init__(fsdp1)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), fsdp1)
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        is_sharded_model(model)
+    assert not is_sharded_model(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -5,7 +5,14 @@ loads it whole (no torchrun). The stock Trainer refuses to checkpoint such a mod
 user passes ``save_strategy="no"`` and SafepointCallback saves it, sharded.
 
 usage: python fsdp_sft.py OUT_DIR MODEL_DIR [--steps N] [--save-every S] [--lora]
-                          [--kill-at STEP] [--dump-begin FILE] [--dump-end FILE]
+                          [--accelerate] [--kill-at STEP] [--dump-begin FILE]
+                          [--dump-end FILE]
+
+``--accelerate``: the model is loaded whole and sharded by accelerate's FSDP2 plugin
+(``SFTConfig(fsdp=..., fsdp_config={"fsdp_version": 2})``), as under ``accelerate
+launch`` on GPUs. accelerate turns FSDP on only for GPU distributed types; this program
+(not safepoint) turns the same switch on for its CPU ranks (``fsdp_on_cpu``), so that
+the Trainer's FSDP code path runs here: sharding at ``prepare``, its own FSDP resume.
 
 ``--kill-at STEP``: the last rank SIGKILLs itself when step STEP begins (a crash).
 ``--dump-begin`` / ``--dump-end``: rank 0 writes the whole (gathered) weights and
@@ -32,6 +39,23 @@ from trl import SFTConfig, SFTTrainer
 
 from safepoint import SafepointCallback
 from safepoint.app.tiny import builtin_dataset_path
+
+
+def fsdp_on_cpu() -> None:
+    """Let accelerate use FSDP on CPU ranks (gloo): where its state picks FSDP for a GPU
+    distributed type given an FSDP plugin, pick it for MULTI_CPU too."""
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    original = accelerate.state.AcceleratorState.__init__
+
+    def init(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    accelerate.state.AcceleratorState.__init__ = init
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
@@ -75,6 +99,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--save-every", default="4")
     p.add_argument("--lora", action="store_true")
+    p.add_argument("--accelerate", action="store_true")
     p.add_argument("--kill-at", type=int)
     p.add_argument("--dump-begin")
     p.add_argument("--dump-end")
@@ -83,7 +108,12 @@ def main(argv: list[str]) -> int:
     if world > 1:
         dist.init_process_group("gloo")
     print(f"rank {os.environ.get('RANK', '0')} pid {os.getpid()}", flush=True)
-    sharded = {"distributed_config": DistributedConfig(fsdp_size=world)} if world > 1 else {}
+    sharded, fsdp = {}, {}
+    if args.accelerate:
+        fsdp_on_cpu()
+        fsdp = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}
+    elif world > 1:
+        sharded = {"distributed_config": DistributedConfig(fsdp_size=world)}
     model = AutoModelForCausalLM.from_pretrained(args.model, **sharded)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = load_dataset("json", data_files=str(builtin_dataset_path()), split="train")
@@ -100,6 +130,7 @@ def main(argv: list[str]) -> int:
         save_strategy="no",  # the Trainer refuses to checkpoint a model sharded at load
         dataloader_num_workers=0,
         seed=7,
+        **fsdp,
     )
     peft_config = None
     if args.lora:

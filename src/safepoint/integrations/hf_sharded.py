@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 
-from safepoint.errors import IncompatibleCheckpointError
+from safepoint.errors import ConfigError, IncompatibleCheckpointError
 from safepoint.format import read_safetensors
 from safepoint.integrations.hf_layout import (
-    adapter_config_json,
     adapter_tensors,
     is_peft,
     storage_of,
@@ -55,20 +54,18 @@ def is_sharded_model(model: Any) -> bool:
     """Whether ``model`` is sharded: FSDP2 modules in it (their parameters are DTensors,
     or plain while unsharded between an evaluation's forward and the next step; their
     ``state_dict`` is DTensors either way), or DTensor parameters (tensor parallel)."""
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    return any(isinstance(m, FSDPModule) for m in model.modules()) or any(
-        is_sharded(p) for p in model.parameters()
-    )
-
-
-def saves_sharded(model: Any) -> bool:
-    """Whether the weights a checkpoint of ``model`` holds are sharded: the adapter's of a
-    PEFT model (a LoRA adapter on a sharded base may be plain: then it is saved as
-    usual), else the model's."""
-    if is_peft(model):
-        return any(is_sharded(t) for t in adapter_tensors(model, model.active_adapter).values())
-    return is_sharded_model(model)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            return True
+        if isinstance(m, FullyShardedDataParallel):
+            raise ConfigError(
+                "SafepointCallback saves FSDP2 models, not FSDP1 (FullyShardedDataParallel) "
+                "ones; use FSDP2: fsdp_version: 2 in the accelerate config or "
+                "fsdp_config={'fsdp_version': 2} in the TrainingArguments"
+            )
+    return any(is_sharded(p) for p in model.parameters())
 
 
 def weights_in_state(info: CheckpointInfo) -> bool:
@@ -133,14 +130,21 @@ def weights_entry(model: Any) -> Any:
 
 def model_state(model: Any) -> tuple[dict[str, Any], dict[str, TensorFile | bytes]]:
     """(state entries, files) that hold ``model``'s weights in a checkpoint: the entry
-    ``model`` and the config for a sharded model; the Hugging Face files for any other."""
-    if not saves_sharded(model):
-        return {}, weight_files(model, copy_data=False)
+    ``model`` and the config when they are sharded, else the Hugging Face files. A PEFT
+    model's weights are its adapter's: on a sharded base they may be plain tensors,
+    saved as usual (found from the same tensors: this runs at every save)."""
     if is_peft(model):
-        config = {"adapter_config.json": adapter_config_json(model, model.active_adapter)}
-    else:
-        config = {"config.json": model.config.to_json_string(use_diff=True).encode()}
-    return {WEIGHTS_ENTRY: weights_entry(model)}, dict(config)
+        files = weight_files(model, copy_data=False)
+        adapter = files["adapter_model.safetensors"]
+        assert isinstance(adapter, TensorFile)
+        if not any(map(is_sharded, adapter.tensors.values())):
+            return {}, files
+        config = "adapter_config.json"
+        return {WEIGHTS_ENTRY: AdapterWeights(model)}, {config: files[config]}
+    if not is_sharded_model(model):
+        return {}, weight_files(model, copy_data=False)
+    config_json = model.config.to_json_string(use_diff=True).encode()
+    return {WEIGHTS_ENTRY: model}, {"config.json": config_json}
 
 
 def load_view_weights(model: Any, info: CheckpointInfo, view: Path) -> None:
