@@ -43,7 +43,7 @@ def adapter_files(model: Any, *, copy_data: bool) -> dict[str, TensorFile | byte
         "adapter_model.safetensors": TensorFile(
             copy_tensors(tensors) if copy_data else tensors, dict(_SAFETENSORS_META)
         ),
-        "adapter_config.json": adapter_config_json(model, name),
+        "adapter_config.json": _adapter_config(model, name),
     }
 
 
@@ -114,7 +114,7 @@ _adapter_configs: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], bytes]] =
 )
 
 
-def adapter_config_json(model: Any, name: str) -> bytes:
+def _adapter_config(model: Any, name: str) -> bytes:
     key = (name, id(model.peft_config[name]))
     cached = _adapter_configs.get(model, {}).get(key)
     if cached is not None:
