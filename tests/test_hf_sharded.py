@@ -30,6 +30,7 @@ from safepoint.validity import inspect
 pytestmark = [pytest.mark.distributed, pytest.mark.crash]
 
 PROGRAM = Path(__file__).parent / "programs" / "fsdp_sft.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run(out: Path, model: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
@@ -38,8 +39,7 @@ def run(out: Path, model: Path, *args: str, nproc: int = 2) -> subprocess.Comple
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd += [str(PROGRAM), str(out), str(model), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
 
 
 def ok(proc: subprocess.CompletedProcess[str], nproc: int = 2) -> None:
@@ -179,31 +179,44 @@ def test_safepoint_train_fsdp_saves_sharded_reports_once_and_resumes_on_three(
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+def started(
+    out: Path, model: Path, *args: str
+) -> tuple[subprocess.Popen[bytes], list[tuple[str, str]], float]:
+    """The program on 2 processes, once both ranks have printed their pids: the
+    process, the (rank, pid) pairs, and when they were seen (time.monotonic)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(PROGRAM), str(out), str(model), *args]
+    log = out.with_suffix(".log")
+    sink = log.open("w")
+    proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=ENV)
+    sink.close()
+    deadline = time.monotonic() + 120
+    while len(pids := re.findall(r"rank (\d) pid (\d+)", log.read_text())) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    return proc, pids, time.monotonic()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(6))
 def test_hunt_a_rank_killed_at_a_random_instant_resumes_bit_identical(
     tmp_path: Path, tiny_model_dir: Path, seed: int
 ) -> None:
     """SIGKILL of one rank (either) at a random instant of a run that saves every 2
-    steps: mid-save, between saves, while resuming. The reruns end bit-identical."""
+    steps (mid-save, between saves, while resuming), drawn within the time the same
+    run took uninterrupted. The rerun ends bit-identical."""
     rng = random.Random(seed)
     args = ("--steps", "40", "--save-every", "2")
-    ok(run(tmp_path / "reference", tiny_model_dir, *args, "--dump-end", str(tmp_path / "ref.st")))
-    out, log = tmp_path / "run", tmp_path / "run.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(PROGRAM), str(out), str(tiny_model_dir), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with log.open("w") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 120
-        while len(pids := re.findall(r"rank (\d) pid (\d+)", log.read_text())) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.2, 3.0))  # the run loads, then trains for ~4-6 s
-        os.kill(int(rng.choice(pids)[1]), signal.SIGKILL)
-        assert proc.wait(timeout=120) != 0, "the run ended before the kill"
-    proc_done = run(out, tiny_model_dir, *args, "--dump-end", str(tmp_path / "end.st"))
-    ok(proc_done)
+    reference, _, t0 = started(
+        tmp_path / "reference", tiny_model_dir, *args, "--dump-end", str(tmp_path / "ref.st")
+    )
+    assert reference.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    lasted = time.monotonic() - t0
+    proc, pids, _ = started(tmp_path / "run", tiny_model_dir, *args)
+    time.sleep(rng.uniform(0.02, 0.9) * lasted)
+    os.kill(int(rng.choice(pids)[1]), signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0, "the run ended before the kill"
+    ok(run(tmp_path / "run", tiny_model_dir, *args, "--dump-end", str(tmp_path / "end.st")))
     same_state(tmp_path / "ref.st", tmp_path / "end.st")
 
 
