@@ -202,9 +202,9 @@ class SafepointCallback(TrainerCallback):
             return info
         remove_view(self._view)
         self._weights = sharded.weights_source(info, self.trainer)
-        self._view, self._saved_state = make_view(
-            info, self.trainer.model, self.checkpointer.directory, weights=self._weights != "state"
-        )
+        model, weights = self.trainer.model, self._weights != sharded.STATE
+        where = self.checkpointer.directory
+        self._view, self._saved_state = make_view(info, model, where, weights=weights)
         return info
 
     def _load_finished(self, view: str | None) -> None:
@@ -249,7 +249,7 @@ class SafepointCallback(TrainerCallback):
             return
         # The Trainer restored trainer_state.json and, unless sharded, the weights; the
         # rest is in safepoint's pickle-free files. The RNG waits (see on_step_begin).
-        if self._weights == "state":
+        if self._weights == sharded.STATE:
             trainables[sharded.WEIGHTS_ENTRY] = sharded.weights_entry(model)
         elif self._weights is not None and self._view is not None:
             sharded.load_view_weights(model, info, self._view)
