@@ -294,3 +294,30 @@ def test_views_and_aliases_are_written_as_the_stream_writes_them(tmp_path: Path)
     assert isinstance(plain, TensorFile)
     _write(streamed, plain.tensors, direct=False, metadata=plain.metadata)
     assert (tmp_path / "f.safetensors").read_bytes() == streamed.read_bytes()
+
+
+def _cached_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip())
+
+
+def test_small_files_go_through_the_page_cache_large_ones_around_it(tmp_path: Path) -> None:
+    """By default only a file of ``DIRECT_MIN_BYTES`` or more is written with O_DIRECT
+    (its bytes never enter the page cache); a smaller one is cached, and its fsync shares
+    the journal commit of the save's other files."""
+    if not _takes_o_direct(tmp_path) or not directio.ENABLED:
+        pytest.skip("the test directory's file system refuses O_DIRECT")
+    if subprocess.run(["which", "fincore"], capture_output=True).returncode:
+        pytest.skip("no fincore (util-linux) to look into the page cache")
+    small = {"w": torch.ones(16 << 10)}  # 64 KiB
+    large = {"w": torch.ones(directio.DIRECT_MIN_BYTES // 4)}
+    for name, tensors in (("small", small), ("large", large)):
+        _write(tmp_path / f"{name}.safetensors", tensors, direct=None)
+    assert _cached_bytes(tmp_path / "small.safetensors") > 0
+    assert _cached_bytes(tmp_path / "large.safetensors") == 0

@@ -37,6 +37,19 @@ copy into it cache-warm for the hash (1 MiB: -15%, 64 MiB: no faster)."""
 ENABLED = os.environ.get("SAFEPOINT_DIRECT_IO", "1") != "0"
 """Use ``O_DIRECT`` for tensor files (``SAFEPOINT_DIRECT_IO=0``: page cache, as before)."""
 
+DIRECT_MIN_BYTES = 2 << 20
+"""Smaller tensor files go through the page cache. Each ``O_DIRECT`` write waits for the
+disk, file after file, while page-cache files share one writeback and one journal commit
+(``Store.write_files``). Three files written and fsync'd here: 1 MiB each, 3.8 ms through
+the page cache, 5.7 ms with ``O_DIRECT``; 4 MiB each, 13.1 vs 11.8 ms."""
+
+
+def wants_direct(size: int, direct: bool | None = None) -> bool:
+    """Whether a file of ``size`` bytes is written with ``O_DIRECT``: ``direct`` if given,
+    else from ``DIRECT_MIN_BYTES`` on (unless ``SAFEPOINT_DIRECT_IO=0``)."""
+    return ENABLED and size >= DIRECT_MIN_BYTES if direct is None else direct
+
+
 _local = threading.local()
 _refused: set[int] = set()  # st_dev of file systems that refused O_DIRECT (logged once)
 _refused_lock = threading.Lock()
@@ -161,7 +174,7 @@ def write_image(
     """
     start = os.lseek(fd, 0, os.SEEK_CUR)
     blocks = -(-size // ALIGN) * ALIGN
-    use = (ENABLED if direct is None else direct) and len(image) >= blocks
+    use = wants_direct(size, direct) and len(image) >= blocks
     on = use and start % ALIGN == 0 and _address(image) % ALIGN == 0 and _try_direct(fd)
     pos = 0
     while pos < size:

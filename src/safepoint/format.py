@@ -280,20 +280,22 @@ def write_safetensors(
 
     Written by hand rather than with ``safetensors.torch.save_file`` so that the bytes
     are hashed while they are written (no second read) and no serialized copy of the
-    whole file is built in memory. The bytes go to the disk with ``O_DIRECT`` where the
-    file system allows it (``safepoint.directio``; ``direct=False``: page cache);
+    whole file is built in memory. The bytes of a large file go to the disk with
+    ``O_DIRECT`` where the file system allows it (``safepoint.directio.wants_direct``;
+    ``direct=True``/``False``: always / page cache);
     ``fd`` is left at the end of the file, not fsync'd. Files load with the safetensors
     library (tested). ``image``: a ``staging.FileImage`` that ``tensors`` are views of,
     written as it lies (no copy). Returns (size, checksum hex).
     """
-    from safepoint.directio import FileStream, write_image
+    from safepoint.directio import FileStream, wants_direct, write_image
 
     hasher = new_hasher()
     if image is not None:
         size = write_image(fd, image.data(), image.size, hasher, on_chunk=on_chunk, direct=direct)
         return size, hasher.hexdigest()
     head, order = safetensors_layout(tensors, metadata)
-    stream = FileStream(fd, hasher, direct=direct)
+    total = len(head) + sum(t.numel() * t.element_size() for t in tensors.values())
+    stream = FileStream(fd, hasher, direct=wants_direct(total, direct))
     stream.write(memoryview(head))
     for name in order:
         for chunk in _chunks(_raw_bytes(tensors[name])):
