@@ -4,6 +4,7 @@ them (deletion only after a commit, the policy stored for ``ls``)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,72 @@ def test_keep_after_step_end_to_end(tmp_path: Path) -> None:
     assert [i.step for i in ckpt.list()] == [8, 10]
     with pytest.raises(ConfigError, match="keep_after_step=-1"):
         Checkpointer(tmp_path, keep_after_step=-1)
+
+
+def _on_disk(directory: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in directory.glob("checkpoint-*"))
+
+
+def test_a_checkpoint_removed_by_hand_mid_run_is_seen(tmp_path: Path) -> None:
+    """Retention knows the checkpoints from its own commits and deletes; one removed by a
+    person between two saves makes it look again, and keep_last=2 still keeps two."""
+    state = {"model": torch.nn.Linear(2, 2)}
+    with Checkpointer(tmp_path, save_every="1", keep_last=2) as ckpt:
+        for step in (1, 2):
+            ckpt.step(step, state)
+        shutil.rmtree(tmp_path / "checkpoint-2")
+        ckpt.step(3, state)
+        assert _on_disk(tmp_path) == [1, 3]
+        ckpt.step(4, state)
+    assert _on_disk(tmp_path) == [3, 4]
+
+
+def test_a_checkpoint_put_back_by_hand_mid_run_is_seen(tmp_path: Path) -> None:
+    """A checkpoint copied back into the folder (from a backup) between two saves is
+    one of this run's again: the policy covers it as a scan of the folder would."""
+    state = {"model": torch.nn.Linear(2, 2)}
+    with Checkpointer(tmp_path, save_every="1", keep_last=2) as ckpt:
+        ckpt.step(1, state)
+        shutil.copytree(tmp_path / "checkpoint-1", tmp_path.parent / "backup-1")
+        for step in (2, 3):
+            ckpt.step(step, state)
+        assert _on_disk(tmp_path) == [2, 3]
+        shutil.copytree(tmp_path.parent / "backup-1", tmp_path / "checkpoint-1")
+        ckpt.step(4, state)
+    assert _on_disk(tmp_path) == [3, 4]
+
+
+def test_a_kept_checkpoint_damaged_mid_run_is_not_counted(tmp_path: Path) -> None:
+    """A file of a kept checkpoint truncated between two saves: retention does not delete
+    the good checkpoint it would replace (it never touches the damaged one either)."""
+    state = {"model": torch.nn.Linear(2, 2)}
+    with Checkpointer(tmp_path, save_every="1", keep_last=2) as ckpt:
+        for step in (1, 2):
+            ckpt.step(step, state)
+        with open(tmp_path / "checkpoint-2" / "state.json", "r+b") as f:
+            f.truncate(10)
+        ckpt.step(3, state)
+        assert _on_disk(tmp_path) == [1, 2, 3]
+        assert [i.step for i in ckpt.list() if i.valid] == [1, 3]
+
+
+def test_a_deleted_checkpoint_leaves_the_run_at_once_and_its_files_follow(
+    tmp_path: Path,
+) -> None:
+    """Retention renames an old checkpoint out of the run in line and removes its files on
+    the store's reaper thread; by the next save (or close) nothing of it is left."""
+    state = {"model": torch.nn.Linear(2, 2)}
+    with Checkpointer(tmp_path, save_every="1", keep_last=1) as ckpt:
+        ckpt.step(1, state)
+        ckpt.step(2, state)
+        assert _on_disk(tmp_path) == [2]  # out of the run when the save returns
+        ckpt.step(3, state)  # the save waits for the last one's removal first
+        assert not list(tmp_path.glob(".trash-checkpoint-1-*"))
+    assert _on_disk(tmp_path) == [3]
+    assert not list(tmp_path.glob(".trash-*"))
+    deletes = [
+        json.loads(line)
+        for line in (tmp_path / "safepoint.log.jsonl").read_text().splitlines()
+        if '"delete"' in line
+    ]
+    assert [d["step"] for d in deletes] == [1, 2]

@@ -72,13 +72,13 @@ class Checkpointer:
         self.decider = Decider(o, self.ranks, self.record)
         self._preflight = Preflight(self.store, self.record, o, self.decider, lambda i: ours(i))
         self.saver = Saver(self.store, self.record, self._lock, o, self._preflight)
-        ours = self.saver.ours  # one rule for "a checkpoint of this configuration"
+        ours = (retention := self.saver.retention).ours  # "of this configuration": one rule
         self.resumer = Resumer(self.store, self.record, o, self.ranks)
         swept = self.store.sweep() if writer else []
         if o.remote is not None and writer:
             from safepoint.remote import mirror_for  # fsspec only when asked for
 
-            mirror = mirror_for(o.remote, self.store, policy=self.saver.policy, record=self.record)
+            mirror = mirror_for(o.remote, self.store, policy=retention.policy, record=self.record)
             self.saver.replica = self.resumer.source = mirror
             mirror.resubmit_newest()
         if swept:

@@ -8,7 +8,6 @@ time: a save in flight finishes before the next one, a prune or a close starts.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from safepoint.disk import is_recoverable
 from safepoint.engine.preflight import Preflight
+from safepoint.engine.retain import Retention
 from safepoint.errors import SaveFailedError
 from safepoint.lock import RunLock
 from safepoint.manifest import library_versions
 from safepoint.options import AUTO_ASYNC_BYTES, Options
 from safepoint.records import RunRecord
-from safepoint.retention import Candidate, RetentionPolicy, free_before_commit, plan
 from safepoint.snapshot import Snapshot
 from safepoint.store import Store
 from safepoint.units import format_size
@@ -97,7 +96,7 @@ class Saver:
         self.record = record
         self.lock = lock
         self.options = options
-        self.policy = RetentionPolicy.from_options(options)
+        self.retention = Retention(store, record, options)
         self.preflight = preflight
         self.replica: Replica | None = None
         self.background = (
@@ -107,9 +106,6 @@ class Saver:
             if (options.async_save)
             else None
         )
-        self.metric_hint = "pass it to step() in metrics=, or set metric= to one the saves carry"
-        """How the user gets ``metric`` into the saves, in their terms (integrations adapt it)."""
-        self._warned_metric = False
         self._last: PendingSave | None = None
         self.last_commit_s: float | None = None
         """How long the last commit took, start to end (the emergency grace check)."""
@@ -186,6 +182,7 @@ class Saver:
         """The commit itself, in the training thread or on the writer thread (async);
         ``timing`` (async) was measured in the training thread when the save started;
         ``store_commit`` replaces ``store.commit`` (a sharded save: no retry)."""
+        self.retention.settle()  # the last save's deletions: their space is free first
         try:
             snapshot.resolve()  # its deferred files are encoded here, on this thread
             self.lock.check()  # safepoint.lock deleted under us: still the only writer?
@@ -228,7 +225,8 @@ class Saver:
             **({"writers": writers} if (writers := _writers(info)) else {}),
         )
         self.last_commit_s = done
-        self._prune()
+        self.retention.saw(info)
+        self.retention.apply()
         if self.replica is not None:
             self.replica.submit(info)
         return info
@@ -246,7 +244,7 @@ class Saver:
         is committed, sparing the newest and the best checkpoints (it may fail again).
         A sharded save is not retried: every rank would have to retry with rank 0.
         """
-        self._check_metric(snapshot)
+        self.retention.check_metric(snapshot)
         try:
             info = (store_commit or self.store.commit)(snapshot, **kwargs)
             self.preflight.recheck(info)
@@ -262,7 +260,7 @@ class Saver:
     ) -> CheckpointInfo:
         """After ``first`` (a full disk, EIO): free what retention will delete once this
         save is committed, then ``commit()`` once more."""
-        freed = self._free_for(snapshot)
+        freed = self.retention.free_for(snapshot)
         log.warning(
             "%s; freed %s by the retention policy, retrying once", first, format_size(freed)
         )
@@ -281,82 +279,12 @@ class Saver:
                 f"policy; {resume})"
             ) from e
 
-    def _check_metric(self, snapshot: Snapshot) -> None:
-        """Warn once when keep_best ranks by a metric that the scheduled saves lack. An
-        emergency save has no metric by design and is never ranked best: no sign."""
-        policy = self.policy
-        if not policy.keep_best or policy.metric in snapshot.metrics or self._warned_metric:
-            return
-        if snapshot.reason == "emergency" or snapshot.reason.startswith("exception"):
-            return
-        self._warned_metric = True
-        have = ", ".join(sorted(snapshot.metrics)) or "none"
-        note = (
-            f"keep_best={policy.keep_best} ranks checkpoints by {policy.metric!r}, but the save "
-            f"of step {snapshot.step} has no such metric (it has: {have}); {self.metric_hint}, "
-            "else only the newest checkpoints are kept"
-        )
-        self.record.warning(note)
-
-    # --------------------------------------------------------------- retention
-
-    def ours(self, info: CheckpointInfo) -> bool:
-        """Whether ``info`` belongs to this configuration (retention never touches others)."""
-        mine = self.options.fingerprint
-        theirs = info.manifest.fingerprint if info.manifest else None
-        return mine is None or theirs is None or theirs == mine
-
-    def _valid(self) -> list[CheckpointInfo]:
-        return [i for i in self.store.scan() if i.valid and self.ours(i)]
-
-    def _prune(self) -> list[CheckpointInfo]:
-        valid = self._valid()
-        decision = plan([Candidate(i.step, i.size, i.metrics) for i in valid], self.policy)
-        if decision.over_budget:
-            log.warning(
-                "the checkpoints that must be kept exceed max_disk=%s bytes", self.policy.max_bytes
-            )
-        rule = self.policy.describe()
-        return [i for i in valid if i.step in decision.delete and self._delete(i, rule)]
-
-    def _free_for(self, snapshot: Snapshot) -> int:
-        valid = self._valid()
-        incoming = Candidate(snapshot.step, snapshot.nbytes, dict(snapshot.metrics))
-        steps = free_before_commit(
-            [Candidate(i.step, i.size, i.metrics) for i in valid], self.policy, incoming
-        )
-        gone = [i for i in valid if i.step in steps and self._delete(i, "free space")]
-        return sum(i.size for i in gone)
-
-    def _delete(self, info: CheckpointInfo, rule: str) -> bool:
-        """Delete ``info``; True if it is gone. Never raises ``OSError``: the new checkpoint
-        is committed, so a folder that will not go (an NFS ``.nfsXXXX`` file, an immutable
-        file, EIO) is a warning, whatever ``on_save_error`` says."""
-        try:
-            self.store.delete(info)
-        except OSError as e:
-            where = getattr(e, "filename", None) or info.path
-            if os.path.lexists(info.path):
-                state = f"{info.name} is kept"
-            else:  # renamed out of sight, then not fully removed: the next start sweeps it
-                state = f"{info.name} is out of the run, but files of it remain"
-            note = (
-                f"retention could not delete {info.name} ({e.strerror or e}: {where}); "
-                f"{state}; the new checkpoint is committed and training goes on; remove it "
-                "by hand if the disk is short"
-            )
-            self.record.warning(note)
-            if os.path.lexists(info.path):
-                return False
-        self.record.event(
-            "delete", step=info.step, checkpoint=info.name, bytes=info.size, rule=rule
-        )
-        return True
-
     def prune(self) -> list[CheckpointInfo]:
         """Apply retention now (after the save in flight); return the deleted."""
         self.flush()
-        return self._prune()
+        deleted = self.retention.apply()
+        self.retention.settle()
+        return deleted
 
     def latest(self) -> CheckpointInfo | None:
         """The newest valid checkpoint (shallow check), or None."""
@@ -403,6 +331,7 @@ class Saver:
             self.background.close()
             unobserved = self.take_failure()
             failure = unobserved[1] if unobserved else None
+        self.retention.settle()
         if self.replica is not None:
             self.replica.close()  # waits for the last upload, at most its timeout
         return failure

@@ -174,7 +174,7 @@ class SafepointCallback(TrainerCallback):
         directory = self.output_dir if self.output_dir is not None else Path(args.output_dir)
         ckpt = self.checkpointer = Checkpointer(directory, options, length_later=True)
         # The warning for a missing ranking metric, in a Trainer user's terms.
-        ckpt.saver.metric_hint = (
+        ckpt.saver.retention.metric_hint = (
             "give the Trainer an eval_dataset and an eval_strategy so that it evaluates, "
             "or set metric= to one it logs (such as 'loss')"
         )
