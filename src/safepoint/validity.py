@@ -111,7 +111,7 @@ def inspect(path: str | os.PathLike[str], *, deep: bool = False) -> CheckpointIn
     # A manifest parsed before and unchanged since (same inode, size, mtime and ctime,
     # as for _checked below) is not read again by a shallow check: retention inspects
     # every kept checkpoint after each save.
-    mkey = (str(mpath), mst.st_dev, mst.st_ino, mst.st_size, mst.st_mtime_ns, mst.st_ctime_ns)
+    mkey = _manifest_key(mpath, mst)
     manifest = None if deep or not stat.S_ISREG(mst.st_mode) else _manifests.get(mkey)
     if manifest is None:
         try:
@@ -147,6 +147,10 @@ def inspect(path: str | os.PathLike[str], *, deep: bool = False) -> CheckpointIn
     return CheckpointInfo(
         path, step, status, tuple(problems), manifest, manifest.total_bytes, extra
     )
+
+
+def _manifest_key(mpath: Path, mst: os.stat_result) -> tuple[object, ...]:
+    return (str(mpath), mst.st_dev, mst.st_ino, mst.st_size, mst.st_mtime_ns, mst.st_ctime_ns)
 
 
 _manifests: dict[tuple[object, ...], Manifest] = {}
@@ -202,10 +206,14 @@ def _check_state(path: Path, manifest: Manifest, *, deep: bool) -> list[str]:
 def note_written(path: Path, manifest: Manifest) -> None:
     """``path`` was just committed by this process from state files it made itself: they
     are as ``_parse_state`` would pass them, so the shallow check skips parsing them (1-3
-    ms of every save's retention scan, on the writer thread holding the GIL)."""
+    ms of every save's retention scan, on the writer thread holding the GIL), and its
+    manifest is not read back either (0.2 ms)."""
     key = _state_key(path, manifest)
     if key is not None:
         _remember(_checked, key, True)
+    with contextlib.suppress(OSError):  # gone already: nothing to remember
+        mpath = path / MANIFEST_NAME
+        _remember(_manifests, _manifest_key(mpath, mpath.lstat()), manifest)
 
 
 def _parse_state(path: Path, manifest: Manifest, *, deep: bool) -> list[str]:
