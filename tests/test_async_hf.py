@@ -70,6 +70,36 @@ def test_background_failure_stops_the_trainer_at_the_next_step(
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
+def test_trainer_state_json_is_json_of_the_whole_state_save_after_save(tmp_path: Path) -> None:
+    """Each log entry is encoded once per run and spliced in: the bytes are those of
+    ``json.dumps`` of the whole state at every save, as the log grows, when an entry is
+    replaced, when the log is cut short and when it is empty."""
+    import dataclasses
+
+    from safepoint.integrations.hf_layout import trainer_state_json
+
+    trainer = _trainer(tmp_path)
+    state = trainer.state
+
+    def reference() -> bytes:
+        doc = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+        return (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+    assert trainer_state_json(trainer) == reference()  # empty log
+    for step in range(1, 30):
+        state.log_history.append({"loss": 1 / step, "step": step, "epoch": step / 7})
+        if step % 5 == 0:
+            state.log_history.append({"eval_loss": 2 / step, "step": step})
+        if step % 4 == 0:
+            assert trainer_state_json(trainer) == reference()
+    state.log_history[3] = {"loss": 123.0, "step": 4}  # replaced: encoded again
+    assert trainer_state_json(trainer) == reference()
+    del state.log_history[10:]  # cut short
+    assert trainer_state_json(trainer) == reference()
+    state.log_history.clear()
+    assert trainer_state_json(trainer) == reference()
+
+
 def test_trainer_state_json_is_the_state_at_the_save_not_at_the_write(tmp_path: Path) -> None:
     """The writer encodes ``trainer_state.json`` while training goes on: it holds the
     state when the save was taken (the log, the step, the callbacks' states)."""
