@@ -7,7 +7,8 @@ usage: python benchmarks/save_overhead.py [--quick] [--only full,lora,writer,bus
     vocabulary 1024: ~86M parameters, ~1 GB of weights + AdamW state), saving every 5
     steps, under the plain ``transformers.Trainer``;
 (b) the default LoRA run of ``safepoint train`` (TRL SFTTrainer + PEFT, built-in model
-    and data), saving every 10 steps;
+    and data), saving every 10 steps and evaluating every 5 (the evaluations that do not
+    save are each run's own control: "lost, paired");
 (c) writer: the background write path. Step time of a plain training loop while 1 GB
     is written and fsync'd over and over: page cache or O_DIRECT, hash in the write
     pass or after it (read back), a thread (nice 0 / 10) or a process.
@@ -243,7 +244,12 @@ def child_lora(variant: str, out: Path, steps: int, save_every: int, quick: bool
     from safepoint.app.config import TrainConfig
     from safepoint.app.job import build_trainer, plan
 
-    cfg = TrainConfig(output_dir=str(out), save_every=str(save_every), max_steps=steps)
+    # Evaluation every half interval: the steps that evaluate without saving are each
+    # run's own control for the ones that evaluate and save (``_paired``).
+    half = save_every // 2 if save_every % 2 == 0 else None
+    cfg = TrainConfig(
+        output_dir=str(out), save_every=str(save_every), max_steps=steps, eval_every=half
+    )
     p = plan(cfg)
     callbacks = _callbacks(variant, save_every, out)
     if callbacks:
@@ -485,6 +491,31 @@ def _slowed(runs: list[dict], base_runs: list[dict], save_every: int) -> float |
     return statistics.median(_window_excess(r["step_times"], save_every) for r in runs) - jitter
 
 
+def _paired(runs: list[dict], save_every: int) -> float | None:
+    """Training time lost to saving, paired inside each run: the excess of the steps
+    around each save less the mean excess of the same steps around the evaluations that
+    do not save (half an interval earlier: (b) evaluates every half interval); median of
+    runs. Immune to a run's speed and to the evaluation's cost, which the saving runs
+    and the one that does not save both pay (their difference drifts with the load as
+    much as a small save costs). The table subtracts the value of the run that does not
+    save (the two sets of evaluation steps differ a little there too)."""
+    half = save_every // 2
+    if not runs or save_every % 2 or not all(r.get("step_times") for r in runs):
+        return None
+    lost = []
+    for r in runs:
+        times = r["step_times"]
+        median = statistics.median(times)
+
+        def excess(step: int, times: list[float] = times, median: float = median) -> float:
+            return sum(t - median for t in times[step - 1 : step - 1 + WINDOW])
+
+        saves = range(save_every, len(times) + 1, save_every)
+        control = statistics.mean(excess(s - half) for s in saves)
+        lost.append(sum(excess(s) - control for s in saves))
+    return statistics.median(lost)
+
+
 def _med(xs: list[float] | None) -> float | None:
     xs = [x for x in xs or [] if x is not None]
     return statistics.median(xs) if xs else None
@@ -495,6 +526,8 @@ def _trainer_table(
 ) -> tuple[str, dict]:
     base = res["none"]
     rows, summary = [], {}
+    base_paired = _paired(base.get("all_runs", []), save_every)
+    paired = base_paired is not None
     base_in_run = base["total_s"] - steps * base["step_s"]
     for v in res:
         r = res[v]
@@ -521,6 +554,11 @@ def _trainer_table(
             "slowed_s": _slowed(r.get("all_runs", []), base.get("all_runs", []), save_every)
             if v != "none"
             else None,
+            # less the same measure of the run that does not save: its steps around the
+            # evaluations of the saving steps and of the others differ a little already
+            "paired_s": _paired(r.get("all_runs", []), save_every) - base_paired
+            if paired and v != "none"
+            else base_paired,
             "commit_s": _med(r.get("commit_s")),
             "write_gb_s": nbytes / write / 1e9 if nbytes and write else None,
             "dd_gb_s": dd_gb_s if v in SAFEPOINT_VARIANTS else None,
@@ -535,7 +573,7 @@ def _trainer_table(
     headers = [
         "variant", "saves", "stall median s", "stall max s", "recorded stall s", "train s",
         "overhead s",
-        "in-run overhead s", "lost to saving s", "slowed steps s",
+        "in-run overhead s", "lost to saving s", "slowed steps s", "lost, paired s",
         "start->durable s", "write GB/s", "dd GB/s", "peak RSS GB", "extra RSS / ckpt",
         "ckpt GB", "busy waits", "step() waited s",
     ]  # fmt: skip
@@ -560,6 +598,14 @@ def _trainer_table(
         )
         if "sync" in summary and summary["sync"]["slowed_s"] is not None:
             text += f" (sync / stock {summary['sync']['slowed_s'] / stock['slowed_s']:.3f})"
+    if paired and stock["paired_s"]:
+        text += (
+            f"; lost to saving paired in each run (saving steps vs evaluation-only steps), "
+            f"async / stock = {asy['paired_s'] / stock['paired_s']:.3f}"
+        )
+        if "sync" in summary:
+            text += f", sync / stock = {summary['sync']['paired_s'] / stock['paired_s']:.3f}"
+        text += f" (target <= 0.2; the run that does not save, subtracted: {base_paired:.3f} s)"
     if asy["write_gb_s"]:
         text += f"; async write / dd = {asy['write_gb_s'] / dd_gb_s:.2f} (target >= 0.8)"
     free = summary.get("async-free")
