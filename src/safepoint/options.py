@@ -273,11 +273,12 @@ class Options:
 
 
 AUTO_ASYNC_BYTES = 32 << 20
-"""``async_save="auto"`` saves in the background from this many bytes on. Measured
-(``benchmarks/save_overhead.py``, 2 cores): at 0.1 MB (the default LoRA run) a writer
-thread lost 10 ms per save to training against 5 ms in line (its Python work competes
-with the training thread); at 96 MB and 1 GB the background save lost half or less of
-what the in-line one did."""
+"""``async_save="auto"`` saves in the background from this many bytes on. Set when a
+writer thread lost more than an in-line save at 0.1 MB (the default LoRA run: 10 ms
+against 5 ms per save, its Python work competing with the training thread); at 96 MB
+and 1 GB the background lost half or less. Since the writer's per-save Python work was
+cut (2026-12-06), the background measures cheaper at 0.1 MB as well (benchmarks/README.md,
+issue #14 round 6)."""
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Options)}
 _LEGACY = {"max_bytes": "max_disk", "save_every_spec": "save_every", "mtbf_s": "mtbf"}
