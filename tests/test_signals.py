@@ -181,6 +181,16 @@ def test_exception_after_the_optimizer_step_saves_nothing(tmp_path: Path) -> Non
     assert event["step"] == 6 and event["saved"] is None
 
 
+def test_nan_loss_guard_names_the_background_save_in_flight(tmp_path: Path) -> None:
+    """A non-finite loss right after a background save: the message names that
+    checkpoint (the guard waits for it to be written), not the one before it."""
+    state = _fresh_state()
+    with Checkpointer(tmp_path, save_every="2", stop_on_nan=True, async_save=True) as ckpt:
+        ckpt.step(2, state, metrics={"loss": 1.0})
+        with pytest.raises(NonFiniteLossError, match=r"step 3.*checkpoint-2"):
+            ckpt.step(3, state, metrics={"loss": float("nan")})
+
+
 def test_nan_loss_guard_stops_without_saving_the_step(tmp_path: Path) -> None:
     state = _fresh_state()
     with Checkpointer(tmp_path, save_every="2", stop_on_nan=True) as ckpt:

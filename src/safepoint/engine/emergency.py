@@ -126,7 +126,7 @@ class EmergencyStop:
         loss = metrics.get("loss")
         if not self.stop_on_nan or not isinstance(loss, (int, float)) or math.isfinite(loss):
             return
-        latest = self.saver.latest()
+        latest = self.saver.latest_written()
         self.saver.record.event("error", where="loss", step=step, error=f"loss is {loss}")
         raise NonFiniteLossError(
             f"the loss is {loss} at step {step}: the weights may already be damaged, so this "

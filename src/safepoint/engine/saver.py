@@ -290,6 +290,15 @@ class Saver:
         """The newest valid checkpoint (shallow check), or None."""
         return next((i for i in reversed(self.store.scan()) if i.valid), None)
 
+    def latest_written(self) -> CheckpointInfo | None:
+        """``latest()`` once the background save in flight has finished, well or not (a
+        failure is still raised where it would be): the checkpoint a message that stops
+        the run names, not the one before it."""
+        self.go()
+        if self.background is not None and self.background.writer.busy:
+            self.background.writer.wait()
+        return self.latest()
+
     # ------------------------------------------------------------- background
 
     def _raise_unobserved(self) -> None:
