@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,16 @@ def test_a_deleted_checkpoint_leaves_the_run_at_once_and_its_files_follow(
         if '"delete"' in line
     ]
     assert [d["step"] for d in deletes] == [1, 2]
+
+
+def test_runs_made_one_after_another_share_one_reaper_thread(tmp_path: Path) -> None:
+    """Each run's deletions finish on the process's one reaper thread: a notebook that
+    makes a Checkpointer per run does not collect an idle thread per run."""
+    state = {"model": torch.nn.Linear(2, 2)}
+    for run in range(3):
+        with Checkpointer(tmp_path / str(run), save_every="1", keep_last=1) as ckpt:
+            for step in (1, 2, 3):
+                ckpt.step(step, state)
+        assert _on_disk(tmp_path / str(run)) == [3]
+    reapers = [t for t in threading.enumerate() if t.name.startswith("safepoint-reaper")]
+    assert len(reapers) == 1

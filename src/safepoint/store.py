@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -139,7 +140,6 @@ class Store:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
-        self._reaper: ThreadPoolExecutor | None = None
         self._reaping: list[tuple[str, Future[None]]] = []
 
     def path_for(self, step: int) -> Path:
@@ -225,8 +225,8 @@ class Store:
     ) -> dict[str, FileEntry]:
         """Step 2: write each of ``files`` into ``staging``, then make them all durable;
         their sizes and checksums. Writeback of every file starts before the first fsync
-        waits: one journal commit then carries them all (a LoRA save's five files: their
-        fsyncs 1.7 -> 0.9 ms on this machine's ext4). Several processes may each write
+        waits: one journal commit then carries them all (six small files: their fsyncs
+        1.7 -> 0.9 ms on this machine's ext4). Several processes may each write
         their own files into one staging."""
         fds: list[int] = []
         entries: dict[str, FileEntry] = {}
@@ -334,8 +334,8 @@ class Store:
         directory, and anything that is not a valid safepoint checkpoint unless
         ``allow_foreign`` (then foreign and incomplete folders too, never symlinks).
         ``background``: only the rename happens here; the fsync of the directory and the
-        removal run on the store's reaper thread (the next ``settle()`` waits for them and
-        raises their ``OSError``). A crash before they end leaves a ``.trash-`` folder,
+        removal run on the process's reaper thread (the next ``settle()`` waits for them
+        and returns what failed). A crash before they end leaves a ``.trash-`` folder,
         which the next start's ``sweep`` removes."""
         path = info.path
         if (
@@ -355,9 +355,7 @@ class Store:
         if not background:
             self._remove(trash)
             return
-        if self._reaper is None:
-            self._reaper = ThreadPoolExecutor(1, thread_name_prefix="safepoint-reaper")
-        self._reaping.append((path.name, self._reaper.submit(self._remove, trash)))
+        self._reaping.append((path.name, _reaper().submit(self._remove, trash)))
 
     def _remove(self, trash: Path) -> None:
         # The rename is made durable before any file goes: where a file system does not
@@ -371,6 +369,23 @@ class Store:
         that failed (its folder is out of the run already: a ``.trash-`` folder is left)."""
         reaping, self._reaping = self._reaping, []
         return [(name, e) for name, f in reaping if isinstance(e := f.exception(), OSError)]
+
+
+_REAPER: list[ThreadPoolExecutor] = []
+_REAPER_LOCK = threading.Lock()
+
+
+def _reaper() -> ThreadPoolExecutor:
+    """The one thread of this process that removes deleted checkpoints' files (shared by
+    every Store: a Store per run made in a notebook must not leave a thread each)."""
+    with _REAPER_LOCK:
+        if not _REAPER:
+            _REAPER.append(ThreadPoolExecutor(1, thread_name_prefix="safepoint-reaper"))
+        return _REAPER[0]
+
+
+# A forked child has no reaper thread, and the parent's pool would never run its work.
+os.register_at_fork(after_in_child=_REAPER.clear)
 
 
 def _fsync_committed(directory: Path, target: Path) -> None:
