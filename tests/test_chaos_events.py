@@ -234,6 +234,7 @@ def test_file_events_on_a_short_safepoint_train(
 
 @pytest.mark.slow
 @pytest.mark.crash
+@pytest.mark.timeout(2400)  # 10-20 minutes on a quiet machine; the default 600 s cut it
 @pytest.mark.parametrize("mode", ["kill", "torn", "term"])
 def test_file_events_every_point_of_safepoint_train(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
