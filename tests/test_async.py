@@ -246,3 +246,23 @@ def test_auto_saves_small_checkpoints_in_line_and_large_ones_in_the_background(
     modes = {e["step"]: e["mode"] for e in read_events(tmp_path) if e["event"] == "save"}
     assert modes == {1: "sync", 2: "async", 3: "sync"}
     assert torch.equal(_weights(tmp_path / "checkpoint-2"), large["model"].weight.detach())  # type: ignore[attr-defined]
+
+
+def test_queries_and_restore_see_the_save_in_flight(
+    tmp_path: Path, gate: threading.Event
+) -> None:
+    """A save returns before its checkpoint is written; list(), latest() and restore()
+    answer for the run as it will be once that save has landed, not the one before."""
+    state = _state()
+    with Checkpointer(tmp_path, async_save=True) as ckpt:
+        ckpt.save(3, state)
+        threading.Timer(0.2, gate.set).start()  # the disk is slow: held 0.2 s
+        assert [i.step for i in ckpt.list()] == [3]
+        gate.clear()
+        ckpt.save(4, state)
+        threading.Timer(0.2, gate.set).start()
+        assert ckpt.latest() is not None and ckpt.latest().step == 4  # type: ignore[union-attr]
+        gate.clear()
+        ckpt.save(5, state)
+        threading.Timer(0.2, gate.set).start()
+        assert ckpt.restore(_state(), checkpoint=5) == 5

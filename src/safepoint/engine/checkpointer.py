@@ -113,6 +113,7 @@ class Checkpointer:
     ) -> Resumed[T] | None:
         """For integrations: ``restore`` with their own ``load`` (which raises
         ``CorruptCheckpointError`` / ``IncompatibleCheckpointError`` to pass)."""
+        self.saver.written()  # a checkpoint still being written is one to pick from
         resumed = self.resumer.pick(checkpoint, load)
         if resumed is not None:
             self.decider.begin(step=resumed.info.step)
@@ -240,21 +241,20 @@ class Checkpointer:
         return self.saver.prune()
 
     def latest(self) -> CheckpointInfo | None:
-        """The newest valid checkpoint (shallow check), or None."""
-        return self.saver.latest()
+        """The newest valid checkpoint (shallow check; after the save in flight), or None."""
+        return self.saver.latest_written()
 
     def list(self) -> list[CheckpointInfo]:
-        """All checkpoint folders of the directory, oldest first, with their status."""
-        return [i for i in self.store.scan() if i.status != "staging"]
+        """All checkpoint folders, oldest first, with their status (after the save in flight)."""
+        return [i for i in self.saver.scan() if i.status != "staging"]
 
     # -------------------------------------------------------------------- close
 
     def check(self) -> None:
         """Raise now the failure of a background save nobody waited for; never waits."""
-        failure = self.saver.take_failure()
-        if failure is not None:
+        if (failure := self.saver.take_failure()) is not None:
             step, error, reason = failure
-            self.decider.save_failed(step, error, reason=reason, newest=self.latest())
+            self.decider.save_failed(step, error, reason=reason, newest=self.saver.latest())
 
     def flush(self) -> None:
         """Wait for the background save in flight; raise ``SaveFailedError`` if it failed."""

@@ -290,14 +290,23 @@ class Saver:
         """The newest valid checkpoint (shallow check), or None."""
         return next((i for i in reversed(self.store.scan()) if i.valid), None)
 
-    def latest_written(self) -> CheckpointInfo | None:
-        """``latest()`` once the background save in flight has finished, well or not (a
-        failure is still raised where it would be): the checkpoint a message that stops
-        the run names, not the one before it."""
+    def written(self) -> None:
+        """Wait until the background save in flight has finished, well or not (a failure
+        is still raised where it would be)."""
         self.go()
         if self.background is not None and self.background.writer.busy:
             self.background.writer.wait()
+
+    def latest_written(self) -> CheckpointInfo | None:
+        """``latest()`` after ``written()``: the checkpoint a message that stops the run
+        names, not the one before it."""
+        self.written()
         return self.latest()
+
+    def scan(self) -> list[CheckpointInfo]:
+        """Every checkpoint folder, after ``written()``."""
+        self.written()
+        return self.store.scan()
 
     # ------------------------------------------------------------- background
 
