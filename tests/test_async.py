@@ -231,26 +231,26 @@ def test_exception_in_loop_still_commits_the_save_in_flight(
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
 
 
-def test_auto_saves_small_checkpoints_in_line_and_large_ones_in_the_background(
-    tmp_path: Path,
-) -> None:
-    """The default, async_save="auto": 32 MB is where a writer thread starts to pay."""
-    from safepoint.options import AUTO_ASYNC_BYTES, Options
+def test_the_default_saves_in_the_background_at_every_size(tmp_path: Path) -> None:
+    """The default since issue #14: the background measured cheaper at 0.1 MB too;
+    "auto" (the default before) means the same now, and False saves in line."""
+    from safepoint.options import Options
 
-    assert Options().async_save == "auto"
-    small, large = _state(64), _state(int((AUTO_ASYNC_BYTES / 4) ** 0.5) + 8)
+    assert Options().async_save is True
+    small, large = _state(64), _state(2048)
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(1, small).wait()
         ckpt.save(2, large).wait()
+    with Checkpointer(tmp_path, async_save="auto") as ckpt:
         ckpt.save(3, small).wait()
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(4, small).wait()
     modes = {e["step"]: e["mode"] for e in read_events(tmp_path) if e["event"] == "save"}
-    assert modes == {1: "sync", 2: "async", 3: "sync"}
+    assert modes == {1: "async", 2: "async", 3: "async", 4: "sync"}
     assert torch.equal(_weights(tmp_path / "checkpoint-2"), large["model"].weight.detach())  # type: ignore[attr-defined]
 
 
-def test_queries_and_restore_see_the_save_in_flight(
-    tmp_path: Path, gate: threading.Event
-) -> None:
+def test_queries_and_restore_see_the_save_in_flight(tmp_path: Path, gate: threading.Event) -> None:
     """A save returns before its checkpoint is written; list(), latest() and restore()
     answer for the run as it will be once that save has landed, not the one before."""
     state = _state()

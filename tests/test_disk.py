@@ -165,13 +165,18 @@ def test_full_disk_frees_by_retention_and_retries(
     assert any("retrying once" in r.getMessage() for r in caplog.records)
 
 
-def test_full_disk_stops_with_a_resumable_state(tmpfs: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("async_save", [True, False])
+def test_full_disk_stops_with_a_resumable_state(
+    tmpfs: Callable[..., Path], async_save: bool
+) -> None:
     disk = tmpfs(16 * MB)
-    ckpt, state, size = _two_checkpoints(disk, keep_last=3)  # nothing to free
+    ckpt, state, size = _two_checkpoints(disk, keep_last=3, async_save=async_save)  # no room
     ballast = _fill(disk, size // 2)
     _train_step(state)
     with pytest.raises(SaveFailedError) as e:
-        ckpt.step(3, state)
+        ckpt.step(3, state)  # in line: raises here
+        _train_step(state)
+        ckpt.step(4, state)  # in the background: the failure stops the next step
     ckpt.close()
     msg = str(e.value)
     assert "No space left on device" in msg and "retried once" in msg
@@ -184,20 +189,25 @@ def test_full_disk_stops_with_a_resumable_state(tmpfs: Callable[..., Path]) -> N
         assert again.restore(_state()) == 2
 
 
+@pytest.mark.parametrize("async_save", [True, False])
 def test_full_disk_continue_keeps_training(
-    tmpfs: Callable[..., Path], caplog: pytest.LogCaptureFixture
+    tmpfs: Callable[..., Path], caplog: pytest.LogCaptureFixture, async_save: bool
 ) -> None:
     disk = tmpfs(16 * MB)
-    ckpt, state, size = _two_checkpoints(disk, keep_last=3, on_save_error="continue")
+    kwargs = {"keep_last": 3, "on_save_error": "continue", "async_save": async_save}
+    ckpt, state, size = _two_checkpoints(disk, **kwargs)
     ballast = _fill(disk, size // 2)
     with caplog.at_level(logging.WARNING, logger="safepoint"):
         for step in (3, 4):
             _train_step(state)
-            assert ckpt.step(step, state) is None
+            handle = ckpt.step(step, state)  # in line: None, the failure said at once
+            assert (handle is not None) == async_save
+            if handle is not None:  # in the background: said at the next step
+                handle.wait_done()
+        ballast.unlink()
+        _train_step(state)
+        assert ckpt.step(5, state).wait().valid  # type: ignore[union-attr]
     assert sum("SAVE FAILED" in r.getMessage() for r in caplog.records) == 2
-    ballast.unlink()
-    _train_step(state)
-    assert ckpt.step(5, state).wait().valid  # type: ignore[union-attr]
     ckpt.close()
     assert [i.step for i in verify(disk / "run")] == [1, 2, 5]
     skipped = [e["step"] for e in read_events(disk / "run") if e["event"] == "save_skipped"]

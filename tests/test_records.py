@@ -143,7 +143,10 @@ def _state() -> dict[str, object]:
 
 def test_checkpointer_records_start_metrics_saves_deletions_close(tmp_path: Path) -> None:
     state = _state()
-    with Checkpointer(tmp_path, save_every="2", keep_last=1, max_disk="10MB") as ckpt:
+    # In line: the events in a known order (a background save's "save" lands after later
+    # steps' metrics: test_last_reached_step_reads_the_tail_and_agrees_with_the_whole).
+    kwargs = {"save_every": "2", "keep_last": 1, "max_disk": "10MB", "async_save": False}
+    with Checkpointer(tmp_path, **kwargs) as ckpt:
         for step in (1, 2, 3, 4):
             ckpt.record.metrics(step, {"loss": 1.0 / step})
             ckpt.step(step, state, metrics={"loss": 1.0 / step, "eval_loss": 0.5})
@@ -222,7 +225,9 @@ def test_failed_save_is_recorded(tmp_path: Path) -> None:
         with Checkpointer(disk, save_every="1") as ckpt:
             ckpt.step(1, state)
             with pytest.raises(SaveFailedError):
-                ckpt.step(2, state)
+                handle = ckpt.step(2, state)  # in line it would raise here
+                assert handle is not None
+                handle.wait()  # in the background: here
         events = list(read_events(disk))
         failed = [e for e in events if e["event"] == "save" and e["result"] == "failed"]
         assert [e["step"] for e in failed] == [2]

@@ -246,8 +246,10 @@ def test_a_checkpoint_removed_by_hand_mid_run_is_seen(tmp_path: Path) -> None:
     with Checkpointer(tmp_path, save_every="1", keep_last=2) as ckpt:
         for step in (1, 2):
             ckpt.step(step, state)
+        ckpt.flush()  # a save returns before its checkpoint is written
         shutil.rmtree(tmp_path / "checkpoint-2")
         ckpt.step(3, state)
+        ckpt.flush()
         assert _on_disk(tmp_path) == [1, 3]
         ckpt.step(4, state)
     assert _on_disk(tmp_path) == [3, 4]
@@ -259,9 +261,11 @@ def test_a_checkpoint_put_back_by_hand_mid_run_is_seen(tmp_path: Path) -> None:
     state = {"model": torch.nn.Linear(2, 2)}
     with Checkpointer(tmp_path, save_every="1", keep_last=2) as ckpt:
         ckpt.step(1, state)
+        ckpt.flush()  # a save returns before its checkpoint is written
         shutil.copytree(tmp_path / "checkpoint-1", tmp_path.parent / "backup-1")
         for step in (2, 3):
             ckpt.step(step, state)
+        ckpt.flush()
         assert _on_disk(tmp_path) == [2, 3]
         shutil.copytree(tmp_path.parent / "backup-1", tmp_path / "checkpoint-1")
         ckpt.step(4, state)
@@ -275,9 +279,11 @@ def test_a_kept_checkpoint_damaged_mid_run_is_not_counted(tmp_path: Path) -> Non
     with Checkpointer(tmp_path, save_every="1", keep_last=2) as ckpt:
         for step in (1, 2):
             ckpt.step(step, state)
+        ckpt.flush()  # a save returns before its checkpoint is written
         with open(tmp_path / "checkpoint-2" / "state.json", "r+b") as f:
             f.truncate(10)
         ckpt.step(3, state)
+        ckpt.flush()
         assert _on_disk(tmp_path) == [1, 2, 3]
         assert [i.step for i in ckpt.list() if i.valid] == [1, 3]
 
@@ -291,8 +297,10 @@ def test_a_deleted_checkpoint_leaves_the_run_at_once_and_its_files_follow(
     with Checkpointer(tmp_path, save_every="1", keep_last=1) as ckpt:
         ckpt.step(1, state)
         ckpt.step(2, state)
-        assert _on_disk(tmp_path) == [2]  # out of the run when the save returns
-        ckpt.step(3, state)  # the save waits for the last one's removal first
+        ckpt.flush()  # the background save of checkpoint-2 and its retention are done
+        assert _on_disk(tmp_path) == [2]  # out of the run when the save is done
+        ckpt.step(3, state)
+        ckpt.flush()  # the commit waits for the last one's removal first
         assert not list(tmp_path.glob(".trash-checkpoint-1-*"))
     assert _on_disk(tmp_path) == [3]
     assert not list(tmp_path.glob(".trash-*"))

@@ -60,7 +60,7 @@ def test_an_undeletable_file_in_an_old_checkpoint(
     state = _state()
     with caplog.at_level(logging.WARNING, logger="safepoint"):
         with Checkpointer(out, keep_last=1, signals=None, on_save_error=mode) as ckpt:  # type: ignore[arg-type]
-            ckpt.save(2, state)
+            ckpt.save(2, state).wait()
             _freeze(immutable, out / "checkpoint-2" / "state.json")
             info = ckpt.save(4, state).wait()
             assert info.valid and inspect(out / "checkpoint-4", deep=True).valid
@@ -81,7 +81,7 @@ def test_a_busy_mount_point_in_an_old_checkpoint(
     out = tmp_path / "run"
     state = _state()
     with Checkpointer(out, keep_last=1, signals=None) as ckpt:
-        ckpt.save(2, state)
+        ckpt.save(2, state).wait()
         busy = out / "checkpoint-2" / "mnt"
         busy.mkdir()
         if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(busy)],

@@ -203,7 +203,9 @@ def test_nan_loss_guard_stops_without_saving_the_step(tmp_path: Path) -> None:
 def test_grace_too_short_for_a_save_skips_it_and_says_so(tmp_path: Path) -> None:
     state = _fresh_state()
     with Checkpointer(tmp_path, save_every="2", grace="0.000001s") as ckpt:
-        ckpt.step(2, state)  # a measured save: it took longer than the grace period
+        handle = ckpt.step(2, state)
+        assert handle is not None
+        handle.wait()  # a measured save (in the background): longer than the grace period
         os.kill(os.getpid(), signal.SIGUSR1)
         with pytest.raises(TrainingStopped, match=r"without an emergency checkpoint.*grace") as e:
             ckpt.step(3, state)

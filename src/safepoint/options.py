@@ -91,12 +91,11 @@ class Options:
     )
     # ---- how
     async_save: bool | Literal["auto"] = field(
-        default="auto",
+        default=True,
         metadata=_doc(
             """Write in the background (True: training waits only for the copy to host
-            memory), in line (False), or "auto": in the background when a save holds
-            32 MB or more, in line below that (a small save is done before a writer
-            thread would pay off)."""
+            memory; in line when host memory is short) or in line (False: the save
+            returns once the checkpoint is durable). "auto", the old default, means True."""
         ),
     )
     copy_free: bool = field(
@@ -271,14 +270,6 @@ class Options:
         except TypeError as e:
             raise ConfigError(f"unreadable options {dict(doc)!r} ({e})") from e
 
-
-AUTO_ASYNC_BYTES = 32 << 20
-"""``async_save="auto"`` saves in the background from this many bytes on. Set when a
-writer thread lost more than an in-line save at 0.1 MB (the default LoRA run: 10 ms
-against 5 ms per save, its Python work competing with the training thread); at 96 MB
-and 1 GB the background lost half or less. Since the writer's per-save Python work was
-cut (2026-12-06), the background measures cheaper at 0.1 MB as well (benchmarks/README.md,
-issue #14 round 6)."""
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Options)}
 _LEGACY = {"max_bytes": "max_disk", "save_every_spec": "save_every", "mtbf_s": "mtbf"}

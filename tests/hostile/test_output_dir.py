@@ -30,7 +30,7 @@ LIVE_RUN = textwrap.dedent(
     with Checkpointer(sys.argv[1], signals=None) as ckpt:
         print("ready", flush=True)
         for line in sys.stdin:
-            ckpt.save(int(line), {"model": model})
+            ckpt.save(int(line), {"model": model}).wait()  # committed: "saved"
             print("saved", flush=True)
     """
 )

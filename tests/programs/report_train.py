@@ -6,7 +6,8 @@ usage: python report_train.py OUT_DIR [--steps N] [--die-at STEP] [--keep-last K
 Trains a tiny MLP; logs ``loss`` every step and ``eval_loss`` every 5 steps. The eval
 loss bottoms out at step 10 (an overfitting run), so the best checkpoint is not the
 latest and retention must keep it while deleting others. ``--die-at`` kills the process
-with SIGKILL right after that step was logged, as a crash would.
+with SIGKILL right after that step was logged, as a crash would (once the background
+saves so far have landed: a crash with one in flight is the chaos tests' subject).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main(argv: list[str]) -> int:
             if step == args.emergency_at:
                 ckpt.save(step, state, metrics=metrics, reason="emergency (SIGTERM)")
             if step == args.die_at:
+                ckpt.flush()  # the saves so far have landed: the tests know what is left
                 os.kill(os.getpid(), signal.SIGKILL)
     print("done", flush=True)
     return 0

@@ -20,7 +20,7 @@ from safepoint.engine.retain import Retention
 from safepoint.errors import SaveFailedError
 from safepoint.lock import RunLock
 from safepoint.manifest import library_versions
-from safepoint.options import AUTO_ASYNC_BYTES, Options
+from safepoint.options import Options
 from safepoint.records import RunRecord
 from safepoint.snapshot import Snapshot
 from safepoint.store import Store
@@ -117,8 +117,8 @@ class Saver:
     ) -> PendingSave:
         """Commit ``snapshot`` (its ``reason``, ``metrics`` set), then prune.
 
-        In line, or in the background with ``async_save`` (``"auto"``: from
-        ``AUTO_ASYNC_BYTES`` on; ``urgent``: always in line, for emergency saves). Raises
+        In line, or in the background with ``async_save`` (``urgent``: always in line,
+        for emergency saves; in line too when host memory is short). Raises
         ``SaveFailedError`` for an in-line save that failed. Not the ``writer`` (a rank
         other than 0): the handle of what rank 0 commits.
         """
@@ -140,9 +140,8 @@ class Saver:
                     log.error("%s", e)
             else:
                 self._raise_unobserved()
-            small = self.options.async_save == "auto" and snapshot.nbytes < AUTO_ASYNC_BYTES
-            if urgent or small or not bg.fits(snapshot):
-                mode = "sync" if urgent or small else "inline"
+            if urgent or not bg.fits(snapshot):
+                mode = "sync" if urgent else "inline"
                 handle._info = self.commit_now(snapshot, started, mode=mode)
             else:
                 handle._job = self._start(bg, snapshot, started, waited)
