@@ -14,7 +14,7 @@ import click
 from safepoint.app.config import TrainConfig
 from safepoint.engine import PendingSave
 from safepoint.integrations.hf import SafepointCallback
-from safepoint.units import format_size
+from safepoint.units import format_duration, format_size
 from safepoint.validity import CheckpointInfo
 
 _CLEAR_LINE = "\r\x1b[K"  # back to the start of the live progress line and erase it
@@ -179,7 +179,7 @@ class JobCallback(SafepointCallback):
 
     def _last_save(self) -> str:
         if self.last_commit is not None and self.last_commit_seconds is not None:
-            return f"{self.last_commit.step} ({self.last_commit_seconds:.2f} s)"
+            return f"{self.last_commit.step} ({format_duration(self.last_commit_seconds)})"
         if self.resumed_from is not None:
             return f"resumed {self.resumed_from.step}"
         return "-"
@@ -187,14 +187,14 @@ class JobCallback(SafepointCallback):
     def committed(self, save: PendingSave, seconds: float) -> None:
         self.commits += 1
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(save.metrics.items()))
-        # An async save returns once the host copy is made; the write goes on behind.
+        # A background save returns once the host copy is made; the write goes on behind.
         info = save.wait() if save.done and not save.failed else None
-        what = "saved" if info else "saving"
-        size = f" ({format_size(info.size)})" if info else ", writing in the background"
-        self._echo(
-            f"{_CLEAR_LINE if self.tty else ''}{what} {save.path} in {seconds:.2f} s"
-            f"{size}{'  ' + metrics if metrics else ''}"
-        )
+        took = format_duration(seconds)
+        if info is not None:
+            what = f"saved {save.path} in {took} ({format_size(info.size)})"
+        else:
+            what = f"saving {save.path} in the background ({took} stall)"
+        self._echo(f"{_CLEAR_LINE if self.tty else ''}{what}{'  ' + metrics if metrics else ''}")
         self.line_open = False
 
     def _echo(self, text: str, *, nl: bool = True) -> None:
