@@ -206,11 +206,17 @@ def run_safepoint(out: Path) -> None:
         start = ckpt.restore(state) or 0
         print(f"start {start}", flush=True)
 
+        pending: list = []  # background saves (the default) return before they are durable
+
         def save(step: int) -> None:
-            if ckpt.step(step, state):
-                _saved(step)
+            if (handle := ckpt.step(step, state)) is not None:
+                pending.append(handle)
+            while pending and pending[0].done:  # landed: now it counts as returned
+                _saved(pending.pop(0).step)
 
         _loop(model, rows, opt, start, save)
+    for handle in pending:  # close() waited for them
+        _saved(handle.step)
     _final(model)
 
 
