@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -407,10 +408,10 @@ def test_killed_between_saves_and_resumed_on_another_world_size(tmp_path: Path) 
     try:
         for line in proc.stdout:
             lines.append(line)
-            paused = [x.split() for x in lines if " paused at 10 pid " in x]
-            if len(paused) == 2:
-                for words in paused:  # torchrun gives each rank a session of its own
-                    os.kill(int(words[-1]), signal.SIGKILL)
+            paused = re.findall(r"rank \d+ paused at 10 pid (\d+)", "".join(lines))
+            if len(paused) == 2:  # (two ranks' lines can interleave within one line)
+                for pid in paused:  # torchrun gives each rank a session of its own
+                    os.kill(int(pid), signal.SIGKILL)
                 break
         else:
             pytest.fail("the run ended before pausing:\n" + "".join(lines) + proc.stderr.read())

@@ -80,7 +80,10 @@ def main(argv: list[str]) -> int:
             log.flush()
             ckpt.step(step, state, metrics={"loss": float(loss)})
             if step == args.pause_at:
-                print(f"rank {rank} paused at {step} pid {os.getpid()}", flush=True)
+                ckpt.flush()  # the saves so far have landed: the test knows what is left
+                # one write (print writes the newline apart: two ranks' lines interleaved)
+                sys.stdout.write(f"rank {rank} paused at {step} pid {os.getpid()}\n")
+                sys.stdout.flush()
                 time.sleep(120)  # a test kills it here; never longer than this
     log.close()
     print(f"rank {rank} end epoch {sampler.epoch} cursor {sampler.cursor}", flush=True)

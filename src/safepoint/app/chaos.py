@@ -43,7 +43,7 @@ from safepoint.units import format_table
 from safepoint.validity import checkpoint_step, latest_checkpoint
 
 _TERM_WAIT = 120.0  # seconds a SIGTERM'ed run may take to save and exit
-_MAX_ROUNDS = 3  # fresh output directories tried when a run ends before its kills land
+_MAX_ROUNDS = 6  # fresh output directories tried when a run ends before its kills land
 
 
 def check_command(command: Sequence[str]) -> None:
