@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safepoint.app.chaos import kill_plan
+from safepoint.app.chaos import Kill, kill_plan
 from safepoint.app.chaos_compare import same_file
+from safepoint.app.chaos_process import processes, step_seconds
 from safepoint.cli import main
 
 PROGRAMS = Path(__file__).parent / "programs"
@@ -103,6 +106,38 @@ def test_random_kills_never_pass_without_a_kill_after_a_checkpoint(
     assert "chaos: FAIL" in out
 
 
+def test_a_kill_lands_within_the_attempts_own_step(tmp_path: Path) -> None:
+    """The random delay into a step is one step of the attempt, read from its run
+    record; the reference run's step (here 100 times longer) only when it has none."""
+    out = tmp_path / "run"
+    run_program("toy_train.py", out, "--steps", "6", "--step-sleep", "0.02")
+    seconds = step_seconds(processes(out)[-1])
+    assert seconds is not None and 0.02 <= seconds < 0.5
+    kill = Kill(0.5, signal.SIGKILL, span=12.0, total=6)
+    delays = [Kill(f / 10, signal.SIGKILL, 12.0, 6).jitter(seconds) for f in range(1, 10)]
+    assert all(0 <= d <= seconds for d in delays) and len(set(delays)) > 1
+    assert kill.jitter(None) <= 2.0 and kill.jitter(seconds) == kill.jitter(seconds)
+    assert step_seconds([]) is None
+
+
+@pytest.mark.slow
+@pytest.mark.crash
+def test_kills_land_when_the_reference_run_was_much_slower(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hunt below failed when its reference run shared the machine (1.2 s per step)
+    and the attempts did not (0.03 s): kills delayed by a reference step came after the
+    run's end, and all six output directories ran out before the kills landed."""
+    args = ["chaos", "--kills", "3", "--seed", "2", "--workdir", str(tmp_path)]
+    args += ["--compare", "{out}/final.safetensors", "--"]
+    args += [PY, str(PROGRAMS / "toy_train.py"), "{out}", "--steps", "8", "--save-every", "2"]
+    args += ["--step-sleep", "0.1", "--reference-step-sleep", "2.0"]
+    rc = main(args)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "compare final.safetensors: same (identical bytes) [chaos]" in out, out
+
+
 @pytest.mark.slow
 @pytest.mark.crash
 @pytest.mark.parametrize("seed", range(6))
@@ -118,3 +153,7 @@ def test_hunt_sigterm_resumes_on_safepoint_train(
     rc = main(args)
     out = capsys.readouterr().out
     assert rc == 0, out
+
+
+def run_program(name: str, *args: object) -> None:
+    subprocess.run([PY, str(PROGRAMS / name), *map(str, args)], check=True, capture_output=True)

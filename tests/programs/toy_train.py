@@ -1,11 +1,14 @@
 """A small plain-PyTorch training loop on safepoint, run as a real process by the tests.
 
 usage: python toy_train.py OUT_DIR [--steps N] [--save-every S] [--keep-last K]
-       [--width W] [--step-sleep SECONDS] [--async-save] [--copy-free] [--on-busy wait|skip]
+       [--width W] [--step-sleep SECONDS] [--reference-step-sleep SECONDS]
+       [--async-save] [--copy-free] [--on-busy wait|skip]
 
 Draws its data and dropout masks from the torch and numpy RNGs, so a resume that does
 not restore every RNG exactly ends with different weights. At the end it writes the
-final weights to OUT_DIR/final.safetensors.
+final weights to OUT_DIR/final.safetensors. ``--reference-step-sleep`` replaces the
+step sleep when OUT_DIR is named ``reference``: chaos's uninterrupted run, slowed as
+when it shares the machine with other work.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import random
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,12 +59,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--keep-last", type=int, default=None)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--reference-step-sleep", type=float, default=None)
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--copy-free", action="store_true")
     p.add_argument("--on-busy", default="wait", choices=["wait", "skip"])
     args = p.parse_args(argv)
 
     model, opt, sched = build(args.width)
+    sleep = args.step_sleep
+    if args.reference_step_sleep is not None and Path(args.out).name == "reference":
+        sleep = args.reference_step_sleep
     random.seed(1)
     np.random.seed(2)
     state = {"model": model, "optimizer": opt, "scheduler": sched, "extra": {"note": "toy"}}
@@ -77,7 +85,7 @@ def main(argv: list[str]) -> int:
         print(f"start {start}", flush=True)
         for step in range(start, args.steps):
             loss = train_step(model, opt, sched)
-            time.sleep(args.step_sleep)
+            time.sleep(sleep)
             ckpt.step(step + 1, state, metrics={"loss": loss})
             print(f"step {step + 1}", flush=True)
     save_file(

@@ -36,6 +36,7 @@ from safepoint.app.chaos_process import (
     last_line,
     processes,
     progress,
+    step_seconds,
     watch,
 )
 from safepoint.errors import ConfigError
@@ -133,11 +134,14 @@ class Kill:
         assert self.total
         return max(int(min(self.fraction, 0.85) * self.total), 1)
 
-    def jitter(self) -> float:
+    def jitter(self, step_seconds: float | None) -> float:
         """Seconds into the next step: a kill lands anywhere inside a step, not only at
-        its boundary (the reference run's step time; reproducible per kill)."""
+        its boundary (reproducible per kill). A step lasts ``step_seconds``, the
+        attempt's own, else the reference run's: the two differed 40-fold when the
+        reference ran beside other work, and a kill so late lands after the run."""
         assert self.total
-        return random.Random(self.fraction).uniform(0, self.span / self.total)
+        step = step_seconds if step_seconds is not None else self.span / self.total
+        return random.Random(self.fraction).uniform(0, step)
 
 
 @dataclass
@@ -363,7 +367,7 @@ def _wait(
             runs = processes(out)
             reached = progress(runs[-1])[1] if len(runs) > before else None
             if reached is not None and reached >= kill_.step:
-                due = now + kill_.jitter()
+                due = now + kill_.jitter(step_seconds(runs[-1]))
         elif due is None and not kill_.total and _wrote_since(out, wall0):
             due = now + kill_.after  # this process has begun to write its output
         if due is not None and now >= due:

@@ -12,12 +12,14 @@ and read back what it did: its log's last line, whether it said ``resuming from 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
 import select
 import shutil
 import signal
+import statistics
 import subprocess
 import threading
 import time
@@ -383,6 +385,18 @@ def progress(events: list[dict[str, Any]]) -> tuple[int | None, int | None]:
         if e["event"] in ("metrics", "save", "resume") and isinstance(e.get("step"), int)
     ]
     return resumed, max(steps) if steps else None
+
+
+def step_seconds(events: list[dict[str, Any]]) -> float | None:
+    """Median seconds per step of one process's ``metrics`` events (None: too few)."""
+    points = [
+        (e["step"], e["t"])
+        for e in events
+        if e["event"] == "metrics" and isinstance(e.get("step"), int) and "t" in e
+    ]
+    pairs = itertools.pairwise(points)
+    rates = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in pairs if s1 > s0]
+    return statistics.median(rates) if rates else None
 
 
 def resumed_from(log_text: str, out: Path) -> str:
