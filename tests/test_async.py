@@ -237,6 +237,7 @@ def test_the_default_saves_in_the_background_at_every_size(tmp_path: Path) -> No
     from safepoint.options import Options
 
     assert Options().async_save is True
+    assert Options(async_save="auto").async_save is True  # stored and reported as True
     small, large = _state(64), _state(2048)
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(1, small).wait()

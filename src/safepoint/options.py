@@ -192,6 +192,8 @@ class Options:
                 raise ConfigError(f"{name}={value!r} must be {' or '.join(map(repr, allowed))}")
         if not (isinstance(self.async_save, bool) or self.async_save == "auto"):
             raise ConfigError(f"async_save={self.async_save!r} must be True, False or 'auto'")
+        if self.async_save == "auto":  # read as True once, here, not by every reader
+            object.__setattr__(self, "async_save", True)
         if self.on_busy == "skip" and self.async_save is False:
             raise ConfigError("on_busy='skip' applies to background saves: set async_save=True")
         if self.copy_free and self.async_save is False:
