@@ -591,9 +591,7 @@ def _med(xs: list[float] | None) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def _trainer_table(
-    res: dict[str, dict], dd_gb_s: float, steps: int, save_every: int
-) -> tuple[str, dict]:
+def _trainer_table(res: dict[str, dict], dd_gb_s: float, save_every: int) -> tuple[str, dict]:
     base = res["none"]
     rows, summary = [], {}
     base_paired = _paired(base.get("all_runs", []), save_every)
@@ -705,9 +703,7 @@ def parent(args: argparse.Namespace) -> None:
                 dds.append(dd_seconds(base, nbytes))
             res = {v: _median_run(rs) for v, rs in runs.items()}
             dd_s = statistics.median(dds)
-            text, summary = _trainer_table(
-                res, nbytes / dd_s / 1e9, args.steps[kind], args.save_every[kind]
-            )
+            text, summary = _trainer_table(res, nbytes / dd_s / 1e9, args.save_every[kind])
             title = {
                 "full": f"(a) full fine-tune, GPT-2 style {res['none'].get('params', 0) / 1e6:.0f}M"
                 f" params, {args.steps[kind]} steps, save every {args.save_every[kind]}",
