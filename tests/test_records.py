@@ -237,3 +237,53 @@ def test_failed_save_is_recorded(tmp_path: Path) -> None:
         assert set(save_timings(disk)) == {1}
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def _append_raw(directory: Path, data: bytes) -> None:
+    with open(directory / RECORD_NAME, "ab") as f:
+        f.write(data)
+
+
+def _append_nuls(directory: Path, size: int) -> None:
+    # A hole reads as NULs, as the blocks a power cut leaves do, without writing them.
+    with open(directory / RECORD_NAME, "ab") as f:
+        f.truncate(f.seek(0, os.SEEK_END) + size)
+
+
+@pytest.mark.timeout(30)  # linear: well under 1 s; the old quadratic reader took ~80 s
+def test_a_record_ending_in_a_nul_block_is_read_in_linear_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    record = RunRecord(tmp_path)
+    record.event("start")
+    for step in (1, 2, 3):
+        record.event("metrics", step=step, metrics={"loss": 1.0})
+    _append_nuls(tmp_path, 128 << 20)  # no newline in 128 MB: the power cut's block
+    assert last_reached_step(tmp_path) == 3
+    assert kinds(tmp_path) == ["start", "metrics", "metrics", "metrics"]
+    assert caplog.text.count("longer than") == 1  # one warning, however often it is read
+
+
+@pytest.mark.timeout(30)
+def test_valid_lines_around_a_nul_block_and_an_overlong_line_are_all_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from safepoint.records import MAX_LINE
+
+    record = RunRecord(tmp_path)
+    record.event("start")
+    record.event("metrics", step=3, metrics={"loss": 1.0})
+    _append_nuls(tmp_path, 40 << 20)
+    # The same process goes on after the damage (its next line starts on a fresh one);
+    # the saves below are no metrics, so the backwards reader must cross the block.
+    RunRecord(tmp_path).event("save", step=2, result="committed")
+    _append_raw(tmp_path, b"x" * (MAX_LINE + 5) + b"\n")  # just over the cap: damage
+    pad = "p" * (MAX_LINE - 200)  # just under the cap: a line to keep
+    record.event("save", step=1, result="committed", pad=pad)
+    assert last_reached_step(tmp_path) == 3 == reached_step(read_events(tmp_path))
+    assert kinds(tmp_path) == ["start", "metrics", "save", "save"]
+    assert [e.get("step") for e in read_events(tmp_path)] == [None, 3, 2, 1]
+    record.event("start")  # a new process after all that
+    record.event("metrics", step=7, metrics={"loss": 0.5})
+    assert last_reached_step(tmp_path) == 7 == reached_step(read_events(tmp_path))
+    assert caplog.text.count("longer than") == 1

@@ -140,7 +140,9 @@ def _ends_torn(path: Path) -> bool:
 
 
 def read_events(directory: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """The events of a run record, in order; torn or garbled lines are skipped."""
+    """The events of a run record, in order; torn or garbled lines are skipped, and so
+    is a line longer than ``MAX_LINE`` bytes (damage, e.g. the NUL block a power cut
+    leaves), with one warning."""
     path = Path(directory) / RECORD_NAME
     try:
         f = _open_record(path)
@@ -148,15 +150,38 @@ def read_events(directory: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
         return
     with f:
         # up to the size the file had when opened: a file appended to forever (or grown
-        # by a writer while we read) still ends; a line longer than _MAX_LINE is garbage
+        # by a writer while we read) still ends
         left = os.fstat(f.fileno()).st_size
-        while left > 0 and (raw := f.readline(min(left, _MAX_LINE))):
+        damaged = False  # inside a line already longer than MAX_LINE
+        while left > 0 and (raw := f.readline(min(left, MAX_LINE + 1))):
             left -= len(raw)
+            whole = raw.endswith(b"\n")
+            if damaged or (not whole and len(raw) > MAX_LINE):
+                if not damaged:
+                    _warn_damaged(path)
+                damaged = not whole
+                continue
             if (event := _parse(raw)) is not None:
                 yield event
 
 
-_MAX_LINE = 1 << 20
+MAX_LINE = 1 << 20
+"""Bytes of the longest line the run record holds (a ``start`` event with a long config
+is a few kB); a longer line is damage and is skipped. Bounds the time and memory of
+reading a record to linear in its size whatever it holds."""
+
+_warned: set[Path] = set()
+
+
+def _warn_damaged(path: Path) -> None:
+    if path not in _warned:  # once per record and process: every reader meets it again
+        _warned.add(path)
+        log.warning(
+            "%s has a line longer than %d bytes (damage, e.g. zeros left by a power cut); "
+            "skipped it, the events around it are read",
+            path,
+            MAX_LINE,
+        )
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
@@ -170,35 +195,64 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
 def last_reached_step(directory: str | os.PathLike[str]) -> int | None:
     """``reached_step`` of the record of ``directory``, reading it backwards only as far as
     the last ``metrics`` or ``start`` event (a long run's record can be large; this runs at
-    every start). Assumes a process logs metrics in step order, as training loops do."""
+    every start). Assumes a process logs metrics in step order, as training loops do.
+    Linear in the bytes read: a line longer than ``MAX_LINE`` is skipped as damage."""
     path = Path(directory) / RECORD_NAME
     reached: int | None = None
     try:
         with _open_record(path) as f:
-            pos = f.seek(0, os.SEEK_END)
-            head = b""  # the first, maybe partial, line of the block read last
-            while pos > 0:
-                size = min(pos, 1 << 16)
-                pos -= size
-                f.seek(pos)
-                lines = (f.read(size) + head).split(b"\n")
-                head = lines.pop(0) if pos > 0 else b""
-                for raw in reversed(lines):
-                    event = _parse(raw)
-                    if event is None:
-                        continue
-                    if event["event"] == "start":
+            for raw in _lines_backwards(f, path):
+                event = _parse(raw)
+                if event is None:
+                    continue
+                if event["event"] == "start":
+                    return reached
+                if event["event"] in _PROGRESS and isinstance(event.get("step"), int):
+                    reached = max(event["step"], reached or 0)
+                    if event["event"] == "metrics":
+                        # Metrics come from the loop in step order: nothing earlier in
+                        # this process is further. (A background save's event may be
+                        # written after later metrics, hence the max above.)
                         return reached
-                    if event["event"] in _PROGRESS and isinstance(event.get("step"), int):
-                        reached = max(event["step"], reached or 0)
-                        if event["event"] == "metrics":
-                            # Metrics come from the loop in step order: nothing earlier in
-                            # this process is further. (A background save's event may be
-                            # written after later metrics, hence the max above.)
-                            return reached
     except FileNotFoundError:
         return None
     return reached
+
+
+_BLOCK = 1 << 16
+
+
+def _lines_backwards(f: BinaryIO, path: Path) -> Iterator[bytes]:
+    """The lines of ``f``, last first, none longer than ``MAX_LINE`` (longer ones are
+    skipped with one warning). The partial first line of each block is carried into the
+    next read only up to the cap: carrying it whole made a record with no newline (a NUL
+    block) quadratic, 38 s for 16 MB."""
+    pos = f.seek(0, os.SEEK_END)
+    head: list[bytes] = []  # pieces of the line that starts before ``pos``, last first
+    carried = 0  # their total length
+    damaged = False  # the line that starts before ``pos`` is over the cap
+    while pos > 0:
+        size = min(pos, _BLOCK)
+        pos -= size
+        f.seek(pos)
+        first, *rest = f.read(size).split(b"\n")  # ``first`` may start before ``pos``
+        if rest:  # a newline in this block: the carried line starts right after it
+            start = rest.pop()
+            if not damaged and len(start) + carried <= MAX_LINE:
+                yield b"".join([start, *reversed(head)])
+            elif not damaged:
+                _warn_damaged(path)
+            yield from reversed(rest)
+            head, carried, damaged = [], 0, False
+        if damaged:
+            continue
+        head.append(first)
+        carried += len(first)
+        if carried > MAX_LINE:
+            _warn_damaged(path)
+            head, carried, damaged = [], 0, True
+    if head and not damaged:
+        yield b"".join(reversed(head))
 
 
 _PROGRESS = ("metrics", "save", "resume")
