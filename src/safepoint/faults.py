@@ -41,3 +41,17 @@ def fault_point(name: str) -> None:
     if point == name:
         number = getattr(errno, code or "EIO", errno.EIO)
         raise OSError(number, os.strerror(number))
+
+
+def pause_point(name: str) -> None:
+    """Block here if ``SAFEPOINT_PAUSE_AT`` is ``name:FIFO`` until a test has opened the
+    named pipe ``FIFO`` for writing and closed it again. Only for tests: the test's open
+    returns exactly when this process has reached ``name``, so it can change the files
+    (delete a checkpoint) at that point and then let the process go on, with no timing."""
+    want = os.environ.get("SAFEPOINT_PAUSE_AT")
+    if not want:
+        return
+    point, _, fifo = want.partition(":")
+    if point == name and fifo:
+        with open(fifo, "rb") as f:  # blocks until the test opens it for writing
+            f.read()  # returns at EOF: the test closed its end
