@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safepoint import Checkpointer
+from safepoint import Checkpointer, remote_dir
 from safepoint.cli import main
 from safepoint.errors import RemoteUnavailableError
 from safepoint.manifest import MANIFEST_NAME
@@ -23,6 +23,7 @@ from safepoint.remote_dir import LATEST_NAME, RemoteDir
 from safepoint.store import Store
 from tests import s3_server
 from tests.conftest import same_tensors
+from tests.fault_proxy import FaultProxy
 
 SCRIPT = Path(__file__).parent / "programs" / "dist_train.py"
 pytestmark = pytest.mark.timeout(180)
@@ -249,3 +250,100 @@ def test_safepoint_train_on_a_fresh_machine_resumes_from_the_remote(
     fresh = train_cli(tmp_path / "b", 6)
     assert "resuming from" in fresh.stdout and "(step 4)" in fresh.stdout
     assert RemoteDir(url).latest_step() == 6
+
+
+# ------------------------------------------------------------ a remote answering 500
+
+
+@pytest.fixture
+def failing_remote(
+    tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[Callable[[str], bool]], FaultProxy]]:
+    """checkpoint-2 and checkpoint-4 on the S3 server, then a function that puts a proxy
+    answering 500 to the ``.safetensors`` GETs its rule picks in front of it."""
+    with Checkpointer(tmp_path / "a", save_every=2, total_steps=4, remote="s3://runs/x") as c:
+        train(c, model_state(), range(4))
+    assert RemoteDir("s3://runs/x").steps() == [2, 4]
+    # botocore retries a 500 itself (4 more GETs, ~7 s); off, so that the tries the test
+    # counts are safepoint's. Pauses short: the test waits on them.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setattr(remote_dir, "FETCH_BACKOFF_S", (0.05, 0.2))
+    proxies: list[FaultProxy] = []
+
+    def start(rule: Callable[[str], bool]) -> FaultProxy:
+        proxy = FaultProxy(
+            s3.port, lambda method, path: method == "GET" and ".safetensors" in path and rule(path)
+        )
+        proxies.append(proxy)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.close()
+
+
+def test_remote_500s_for_a_while_are_retried_and_the_fetch_succeeds(
+    tmp_path: Path, failing_remote: Callable[[Callable[[str], bool]], FaultProxy]
+) -> None:
+    left = [remote_dir.FETCH_TRIES - 1]  # the first reads fail, the last try passes
+
+    def first_ones(path: str) -> bool:
+        left[0] -= 1
+        return left[0] >= 0
+
+    proxy = failing_remote(first_ones)
+    with Checkpointer(tmp_path / "b", remote="s3://runs/x") as c:
+        assert c.restore(model_state()) == 4
+    assert len(proxy.failed) == remote_dir.FETCH_TRIES - 1
+    assert Store(tmp_path / "b").scan()[-1].valid
+
+
+def test_remote_500s_on_the_newest_checkpoint_fall_back_to_the_older_one(
+    tmp_path: Path,
+    failing_remote: Callable[[Callable[[str], bool]], FaultProxy],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = failing_remote(lambda path: "/checkpoint-4/" in path)
+    with Checkpointer(tmp_path / "b", remote="s3://runs/x") as c:
+        assert c.restore(model_state()) == 2
+    assert len(proxy.failed) == remote_dir.FETCH_TRIES  # one file, all its tries
+    assert "checkpoint-4 could not be downloaded" in caplog.text
+    assert "trying an older one" in caplog.text
+    failed = [e for e in read_events(tmp_path / "b") if e["event"] == "download_failed"]
+    assert [e["checkpoint"] for e in failed] == ["checkpoint-4"]
+    assert [i.name for i in Store(tmp_path / "b").scan()] == ["checkpoint-2"]
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".staging")]
+
+
+def test_remote_500s_on_every_checkpoint_are_one_clean_error(
+    tmp_path: Path, failing_remote: Callable[[Callable[[str], bool]], FaultProxy]
+) -> None:
+    proxy = failing_remote(lambda path: True)
+    ckpt = Checkpointer(tmp_path / "b", remote="s3://runs/x")
+    with pytest.raises(RemoteUnavailableError) as caught:
+        ckpt.restore(model_state())
+    ckpt.close()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "no checkpoint of the remote s3://runs/x could be downloaded" in message
+    assert "checkpoint-4: OSError" in message and "and 1 older" in message
+    assert "rerun when the remote answers again" in message
+    assert len(proxy.failed) == 2 * remote_dir.FETCH_TRIES
+    assert not [i for i in Store(tmp_path / "b").scan() if i.valid]
+
+
+@pytest.mark.slow  # ~45 s: builds the tiny model in a fresh SAFEPOINT_HOME
+def test_safepoint_train_says_the_remote_is_unavailable_in_one_line(
+    tmp_path: Path, failing_remote: Callable[[Callable[[str], bool]], FaultProxy]
+) -> None:
+    failing_remote(lambda path: True)
+    env = {**os.environ, "SAFEPOINT_HOME": str(tmp_path / "home")}
+    cmd = [sys.executable, "-m", "safepoint", "train", "--max-steps", "4"]
+    cmd += ["--output-dir", str(tmp_path / "fresh"), "--remote", "s3://runs/x"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == RemoteUnavailableError.exit_code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "could be downloaded" in errors[0] and "rerun when the remote" in errors[0]

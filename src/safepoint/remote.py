@@ -22,7 +22,7 @@ from typing import Any
 
 from safepoint.errors import ConfigError, CorruptCheckpointError, RemoteUnavailableError
 from safepoint.records import RunRecord, read_events
-from safepoint.remote_dir import RemoteDir
+from safepoint.remote_dir import RemoteDir, with_retries
 from safepoint.retention import Candidate, RetentionPolicy, plan
 from safepoint.store import Store
 from safepoint.validity import CheckpointInfo
@@ -93,12 +93,17 @@ class Mirror:
     def fetch(self) -> CheckpointInfo | None:
         """Download the newest valid remote checkpoint into the (empty) local directory.
 
-        Tries older remote checkpoints when a newer one fails its checksums. Returns the
-        local checkpoint, or None when the remote has none. Raises
-        ``RemoteUnavailableError`` when the remote cannot be listed.
+        Each read is retried (``remote_dir.FETCH_TRIES``) when it fails with a 5xx, a
+        timeout or a reset; a checkpoint that fails its checksums or cannot be read even
+        so gives way to the next older one, saying which and why. Returns the local
+        checkpoint, or None when the remote has none. Raises ``RemoteUnavailableError``
+        when the remote cannot be listed, or when checkpoints it holds could not be read
+        (starting over would throw the run's progress away).
         """
         try:
-            candidates = list(self.remote.newest_first())
+            candidates = with_retries(
+                f"listing {self.url}", lambda: list(self.remote.newest_first())
+            )
         except Exception as e:  # network, credentials: any backend error
             # Starting from scratch here would silently throw away the run's progress.
             raise RemoteUnavailableError(
@@ -106,6 +111,7 @@ class Mirror:
                 f"{self.url} cannot be read ({_short(e)}); fix the network or credentials and "
                 "rerun, or run without the remote to start from scratch"
             ) from e
+        unread: list[str] = []
         for rc in candidates:
             t0 = time.perf_counter()
             try:
@@ -113,6 +119,20 @@ class Mirror:
             except CorruptCheckpointError as e:
                 log.warning(
                     "remote %s/%s is damaged, trying an older one: %s", self.url, rc.name, e
+                )
+                continue
+            except Exception as e:  # the backend's, after the retries
+                unread.append(f"{rc.name}: {_short(e)}")
+                self.record.event(
+                    "download_failed", step=rc.step, checkpoint=rc.name, remote=self.url,
+                    error=_short(e),
+                )  # fmt: skip
+                log.warning(
+                    "remote %s/%s could not be downloaded (%s, after retries); trying an "
+                    "older one",
+                    self.url,
+                    rc.name,
+                    _short(e),
                 )
                 continue
             self.record.event(
@@ -125,6 +145,14 @@ class Mirror:
             )
             log.warning("downloaded %s from %s (checksums verified)", rc.name, self.url)
             return info
+        if unread:
+            older = f"; and {len(unread) - 1} older" if len(unread) > 1 else ""
+            raise RemoteUnavailableError(
+                f"the local directory {self.store.directory} has no checkpoint and no "
+                f"checkpoint of the remote {self.url} could be downloaded ({unread[0]}{older}); "
+                "rerun when the remote answers again, or run without the remote to start "
+                "from scratch"
+            )
         return None
 
     def close(self, timeout: float | None = None) -> bool:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from safepoint.errors import ConfigError, CorruptCheckpointError, IncompatibleCheckpointError
 from safepoint.fileio import dumps_json, loads_json, new_hasher, write_all
@@ -32,6 +33,89 @@ log = logging.getLogger("safepoint")
 
 LATEST_NAME = "latest"
 """The remote pointer file: JSON naming the newest fully uploaded checkpoint."""
+
+FETCH_TRIES = 3
+"""Tries of each remote read (a listing, one file of a download) that fails with a 5xx,
+a timeout or a reset, before the download falls back to an older remote checkpoint.
+s3fs leaves a 5xx to botocore, which already retries it 4 times within one read (about
+7 s, measured through a proxy answering 500); these tries come on top for a failure
+that outlasts that, and are all the retrying a backend without its own gets."""
+
+FETCH_BACKOFF_S = (0.5, 4.0)
+"""The pause before the second try, doubled for each next one up to the second value:
+with ``FETCH_TRIES`` = 3 at most 1.5 s of pauses per file."""
+
+_TRANSIENT_ERRNOS = {
+    getattr(errno, "EREMOTEIO", errno.EIO),  # s3fs's translation of a 500
+    errno.EBUSY,  # s3fs's translation of a 503 SlowDown
+    errno.EAGAIN,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ECONNREFUSED,
+    errno.EPIPE,
+    errno.ENETUNREACH,
+    errno.EHOSTUNREACH,
+}
+# Backend exceptions that are not OSErrors, by name: botocore's and aiohttp's transport
+# errors (importing them would tie this module to one backend).
+_TRANSIENT_NAMES = {
+    "HTTPClientError",
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "IncompleteRead",
+    "ResponseParserError",
+    "ClientPayloadError",
+    "ClientConnectionError",
+    "ServerDisconnectedError",
+}
+
+T = TypeVar("T")
+
+
+def is_transient(e: BaseException) -> bool:
+    """True for a remote failure worth another try: an HTTP 5xx, a timeout, a reset."""
+    seen: set[int] = set()
+    err: BaseException | None = e
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (TimeoutError, ConnectionError)):
+            return True
+        if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+            return True
+        status = getattr(err, "status", None) or getattr(err, "status_code", None)
+        response = getattr(err, "response", None)
+        if status is None and isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(status, int) and 500 <= status < 600:
+            return True
+        if any(t.__name__ in _TRANSIENT_NAMES for t in type(err).__mro__):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def with_retries(what: str, attempt: Callable[[], T]) -> T:
+    """``attempt()``, tried up to ``FETCH_TRIES`` times while it fails transiently, with
+    exponential backoff; the last failure, or any other one, is raised as is."""
+    for n in range(1, FETCH_TRIES + 1):
+        try:
+            return attempt()
+        except Exception as e:
+            if n == FETCH_TRIES or not is_transient(e):
+                raise
+            delay = min(FETCH_BACKOFF_S[0] * 2 ** (n - 1), FETCH_BACKOFF_S[1])
+            log.warning(
+                "%s failed (%s); try %d of %d in %.1f s",
+                what,
+                str(e).splitlines()[0] if str(e) else type(e).__name__,
+                n + 1,
+                FETCH_TRIES,
+                delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def _open(url: str) -> tuple[Any, str]:
@@ -193,35 +277,45 @@ class RemoteDir:
 
     def download(self, rc: RemoteCheckpoint, store: Store) -> CheckpointInfo:
         """Copy the remote checkpoint into ``store`` through a staging folder, checking
-        every file's checksum against the manifest. Raises ``CorruptCheckpointError``."""
+        every file's checksum against the manifest. Raises ``CorruptCheckpointError``,
+        or the backend's error when a read still fails after ``FETCH_TRIES``."""
         assert rc.manifest is not None
         staging = store.directory / f"{STAGING_PREFIX}{rc.name}-{secrets.token_hex(4)}"
         os.mkdir(staging)
         try:
             for name, entry in rc.manifest.files.items():
-                size, digest = self._fetch(self.path(rc.name, name), staging / name)
+                where = f"{self.url}/{rc.name}/{name}"
+                size, digest = self._fetch(self.path(rc.name, name), staging / name, where)
                 if (size, digest) != (entry.size, entry.checksum):
                     raise CorruptCheckpointError(
-                        f"{self.url}/{rc.name}/{name}: downloaded {size} bytes with checksum "
+                        f"{where}: downloaded {size} bytes with checksum "
                         f"{digest}, the manifest says {entry.size} bytes, {entry.checksum}"
                     )
-            self._fetch(self.path(rc.name, MANIFEST_NAME), staging / MANIFEST_NAME)
+            manifest = self.path(rc.name, MANIFEST_NAME)
+            self._fetch(manifest, staging / MANIFEST_NAME, f"{self.url}/{rc.name}/{MANIFEST_NAME}")
             return store.adopt(staging, rc.step)
         finally:
             # Our own temporary folder, never a checkpoint: adopt() renamed it on success.
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _fetch(self, src: str, dest: Path) -> tuple[int, str]:
-        hasher = new_hasher()
-        size = 0
+    def _fetch(self, src: str, dest: Path, where: str) -> tuple[int, str]:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
-            with self.fs.open(src, "rb") as f:
-                while chunk := f.read(8 << 20):
-                    hasher.update(chunk)
-                    write_all(fd, memoryview(chunk))
-                    size += len(chunk)
+
+            def attempt() -> tuple[int, str]:
+                os.ftruncate(fd, 0)  # a retry starts the file over
+                os.lseek(fd, 0, os.SEEK_SET)
+                hasher = new_hasher()
+                size = 0
+                with self.fs.open(src, "rb") as f:
+                    while chunk := f.read(8 << 20):
+                        hasher.update(chunk)
+                        write_all(fd, memoryview(chunk))
+                        size += len(chunk)
+                return size, hasher.hexdigest()
+
+            size, digest = with_retries(f"reading {where}", attempt)
             os.fsync(fd)
         finally:
             os.close(fd)
-        return size, hasher.hexdigest()
+        return size, digest
