@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "rng",
             "lock",
             "records",
+            "memory",
         },
     ),
     (
@@ -42,6 +43,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "foreign",
             "sharding",
             "restore",
+            "fits",
         },
     ),
     ("policies", {"plan", "schedule", "options", "retention", "disk", "signals", "data_order"}),

@@ -192,7 +192,10 @@ def decode_tree(tree: Any, tensors: Mapping[str, torch.Tensor], *, where: str = 
             return {_hashable(dec(_expect(p, list)[0])): dec(p[1]) for p in pairs}
         if "__ndarray__" in x:
             t = dec({"__tensor__": x.get("data")})
-            return t.numpy().view(np.dtype(str(x["__ndarray__"]))).copy()
+            dtype = np.dtype(str(x["__ndarray__"]))
+            if dtype.kind not in "biufc":  # numbers only: never objects, never structs
+                raise ValueError(f"array dtype {x['__ndarray__']!r}")
+            return t.numpy().view(dtype).copy()
         if "__float__" in x:
             return float(x["__float__"])
         if "__dtype__" in x:
@@ -206,7 +209,7 @@ def decode_tree(tree: Any, tensors: Mapping[str, torch.Tensor], *, where: str = 
 
     try:
         return dec(tree)
-    except (KeyError, IndexError, TypeError, ValueError, OverflowError) as e:
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError, RuntimeError) as e:
         if isinstance(e, CorruptCheckpointError):
             raise
         raise CorruptCheckpointError(f"{where}: malformed state tree ({e})") from e
@@ -335,7 +338,6 @@ def parse_safetensors(
     its span, spans tile the data exactly with no gap or overlap, and each span is
     aligned for its dtype (our writer always aligns). Raises ``CorruptCheckpointError``.
     """
-    import torch
 
     def bad(problem: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{where}: not a readable safetensors file ({problem})")
@@ -367,6 +369,10 @@ def parse_safetensors(
             raise bad(f"{name!r} has a malformed shape or data_offsets")
         begin, end = offsets
         itemsize = dtype.itemsize
+        # A zero-size tensor passes the byte check whatever its other dimensions: bound
+        # them, or torch.empty overflows (a TypeError or RuntimeError, not a report).
+        if len(shape) > _MAX_DIMS or math.prod(d for d in shape if d) >= _MAX_ELEMENTS:
+            raise bad(f"{name!r} has an impossible shape {shape[:_MAX_DIMS]}")
         if math.prod(shape) * itemsize != end - begin or (start + begin) % itemsize:
             raise bad(f"{name!r}: shape {shape} does not match data_offsets {offsets}")
         spans.append((begin, end, name, dtype, shape))
@@ -378,6 +384,21 @@ def parse_safetensors(
         position = end
     if start + position != len(buf):
         raise bad(f"tensor data ends at byte {start + position}, the file at {len(buf)}")
+    try:
+        return _views(buf, start, spans, bad), meta
+    except (RuntimeError, TypeError, ValueError, OverflowError) as e:  # torch's own checks
+        raise bad(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+_MAX_DIMS = 32
+_MAX_ELEMENTS = 2**62  # torch sizes are int64; any real tensor is far below
+
+
+def _views(
+    buf: bytearray, start: int, spans: list[Any], bad: Callable[[str], Exception]
+) -> dict[str, torch.Tensor]:
+    import torch
+
     tensors = {}
     for begin, end, name, dtype, shape in spans:
         if end == begin:
@@ -395,7 +416,7 @@ def parse_safetensors(
         ):
             raise bad(f"{name!r}: a bool tensor holds values other than 0 and 1")
         tensors[name] = t
-    return tensors, meta
+    return tensors
 
 
 def _ints(value: object) -> bool:

@@ -17,6 +17,7 @@ import torch
 
 from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from safepoint.fileio import read_regular
+from safepoint.fits import check_fits
 from safepoint.format import decode_tree, encode_tree, read_safetensors
 from safepoint.manifest import MANIFEST_NAME, Manifest
 from safepoint.rng import restore_rng
@@ -213,125 +214,6 @@ def _fit_to_live(value: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torc
         box = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
         out[name] = like(live, t[box]) if live is not None else t
     return out
-
-
-def check_fits(key: str, value: Any, obj: Any, kind: str, *, where: str) -> None:
-    """Raise ``IncompatibleCheckpointError`` unless ``obj`` (decoded from a checkpoint)
-    can be loaded into the live ``value`` as a whole: loading it cannot fail half way,
-    and a module or optimizer gets tensors of the shapes it has."""
-
-    def no(problem: str) -> IncompatibleCheckpointError:
-        return IncompatibleCheckpointError(
-            f"{where}: cannot restore {key!r}: {problem}; is this checkpoint from the same "
-            "model and optimizer configuration?"
-        )
-
-    stateful = callable(getattr(value, "load_state_dict", None))
-    if kind == "value":
-        if stateful:
-            raise no(f"it was saved as a plain value, but the state holds a {type(value).__name__}")
-        if isinstance(value, torch.Tensor) and not (
-            isinstance(obj, torch.Tensor) and obj.shape == value.shape and obj.dtype == value.dtype
-        ):
-            found = (
-                f"{obj.dtype} {tuple(obj.shape)}" if isinstance(obj, torch.Tensor) else "no tensor"
-            )
-            raise no(f"the checkpoint holds {found}, the state {value.dtype} {tuple(value.shape)}")
-        return
-    if not stateful:
-        raise no(
-            "it was saved from an object with state_dict(), the state holds a "
-            + type(value).__name__
-        )
-    if not isinstance(obj, dict):
-        raise no(f"its saved state is a {type(obj).__name__}, not a state dict")
-    if isinstance(value, torch.nn.Module):
-        _check_module(value, obj, no)
-    elif isinstance(value, torch.optim.Optimizer):
-        _check_optimizer(value, obj, no)
-    elif isinstance(value, torch.optim.lr_scheduler.LRScheduler):
-        # load_state_dict does __dict__.update(): an unknown key would set any attribute
-        unknown = set(obj) - set(value.state_dict())
-        if unknown:
-            raise no(f"unknown scheduler fields {sorted(map(str, unknown))[:3]}")
-    elif callable(check := getattr(value, "check_state_dict", None)):
-        # Any object may check its own saved state before anything is loaded (the data
-        # sampler: same data set size and seed); its IncompatibleCheckpointError says
-        # what to do, as is.
-        check(obj)
-
-
-def _check_module(module: torch.nn.Module, obj: dict[Any, Any], no: Any) -> None:
-    live = module.state_dict()
-    missing, unexpected = set(live) - set(obj), set(obj) - set(live)
-    if missing or unexpected:
-        raise no(
-            f"keys missing {sorted(missing)[:3]}, unexpected {sorted(map(str, unexpected))[:3]}"
-        )
-    for name, t in live.items():
-        saved = obj[name]
-        if isinstance(t, torch.Tensor) and (
-            not isinstance(saved, torch.Tensor) or saved.shape != t.shape
-        ):
-            found = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
-            raise no(f"{name} is {found} in the checkpoint, {tuple(t.shape)} in the model")
-
-
-# torch.optim optimizers whose per-parameter state tensors all have the parameter's shape
-# (Adafactor's factored moments do not, nor do many third-party optimizers').
-_PARAM_SHAPED = frozenset(
-    "SGD Adam AdamW Adamax NAdam RAdam RMSprop Adagrad Adadelta ASGD Rprop SparseAdam".split()  # noqa: SIM905
-)
-
-
-def _check_optimizer(opt: torch.optim.Optimizer, obj: dict[Any, Any], no: Any) -> None:
-    groups, saved_state = obj.get("param_groups"), obj.get("state")
-    if not isinstance(groups, list) or not isinstance(saved_state, dict):
-        raise no("the optimizer state has no param_groups list or state dict")
-    if len(groups) != len(opt.param_groups):
-        raise no(f"{len(groups)} parameter groups saved, {len(opt.param_groups)} now")
-    params: dict[Any, torch.Tensor] = {}
-    for i, (saved, live) in enumerate(zip(groups, opt.param_groups, strict=True)):
-        ids = saved.get("params") if isinstance(saved, dict) else None
-        if not isinstance(ids, list) or len(ids) != len(live["params"]):
-            raise no(f"parameter group {i} holds another number of parameters")
-        for k, v in live.items():
-            if k != "params" and k in saved and not _same_kind(v, saved[k]):
-                raise no(f"parameter group {i}: {k} is {saved[k]!r}, expected like {v!r}")
-        for pid, p in zip(ids, live["params"], strict=True):
-            if not isinstance(pid, int) or pid in params:
-                raise no(f"parameter group {i} has a bad or repeated parameter id {pid!r}")
-            params[pid] = p
-    strict = type(opt).__module__.startswith("torch.optim") and type(opt).__name__ in _PARAM_SHAPED
-    for pid, st in saved_state.items():
-        if pid not in params or not isinstance(st, dict):
-            raise no(f"state for an unknown parameter {pid!r}")
-        for k, t in st.items():
-            if (
-                strict
-                and isinstance(t, torch.Tensor)
-                and t.dim() > 0
-                and t.shape != params[pid].shape
-            ):
-                raise no(
-                    f"state {k!r} of parameter {pid} is {tuple(t.shape)}, "
-                    f"the parameter {tuple(params[pid].shape)}"
-                )
-
-
-def _same_kind(live: Any, saved: Any) -> bool:
-    """A saved hyperparameter can replace the live one (lr, betas, momentum, flags)."""
-    if isinstance(live, bool) or live is None:
-        return True  # flags and optional values: load_state_dict takes what was saved
-    if isinstance(live, (int, float, torch.Tensor)):
-        return isinstance(saved, (int, float, torch.Tensor)) and not isinstance(saved, bool)
-    if isinstance(live, (tuple, list)):
-        return (
-            isinstance(saved, (tuple, list))
-            and len(saved) == len(live)
-            and all(_same_kind(a, b) for a, b in zip(live, saved, strict=True))
-        )
-    return True
 
 
 def _load_into(

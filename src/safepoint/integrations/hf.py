@@ -19,14 +19,13 @@ here, and which Trainer internals it relies on (each pinned by the tests):
 - Resuming: the callback finds its Trainer when the Trainer calls ``on_init_end`` from
   its ``__init__`` (the only event that has no documented way to reach it; the others
   use their keyword arguments) and wraps its ``train`` so that the Trainer resumes,
-  with its own code, from a verified view of the checkpoint. Optimizer, scheduler and
-  RNG come from safepoint's pickle-free files: the first two in ``on_train_begin``, the
-  RNG once, where the Trainer would load its own.
+  with its own code, from a verified view of the checkpoint. Weights, optimizer and
+  scheduler are loaded in ``on_train_begin``, once all fit (else ``hf_reject`` falls
+  back); the RNG once, where the Trainer would load its own.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -47,6 +46,7 @@ from safepoint.integrations.hf_layout import (
     trainer_schedule,
     trainer_state_later,
 )
+from safepoint.integrations.hf_reject import Rejected, Unusable, wrap_train
 from safepoint.integrations.hf_trainer import (
     find_trainer,
     finished_run,
@@ -109,6 +109,7 @@ class SafepointCallback(TrainerCallback):
         self.last_commit: PendingSave | None = None
         self.last_commit_seconds: float | None = None
         self._view: Path | None = None  # the verified view the Trainer resumes from
+        self._fallback: Any = None  # this train() call's rejected checkpoints
         self._weights: str | None = None  # who loads the weights (hf_sharded.weights_source)
         self._saved_state: dict[str, Any] = {}  # its checked trainer_state.json
         self._pending: str | None = None  # a due save waiting for the step's log/eval
@@ -133,30 +134,7 @@ class SafepointCallback(TrainerCallback):
                 "the checkpoint ranked best)"
             )
         self.trainer = trainer
-        original = trainer.train
-
-        @functools.wraps(original)
-        def train(resume_from_checkpoint: Any = None, *a: Any, **kw: Any) -> Any:
-            path = self.begin(trainer.args, resume_from_checkpoint)
-            try:
-                # A finished run (the Trainer would run one more step) as it ended.
-                if (finished := self._finished(trainer.args)) is not None:
-                    self._load_finished(path)
-                    return finished
-                with sharded.weights_loaded_here(trainer, path if self._weights else None):
-                    return original(path, *a, **kw)
-            except Exception as e:  # OOM, data error: save the last step if consistent
-                if self.checkpointer is not None:
-                    self.checkpointer.on_exception(
-                        e, lambda _s, _st, reason: self._save(trainer.state, reason).wait()
-                    )
-                raise
-            finally:
-                self.end()
-                remove_view(self._view)
-                self._view = None
-
-        trainer.train = train  # type: ignore[method-assign]
+        trainer.train = wrap_train(self, trainer)  # type: ignore[method-assign]
 
     def begin(self, args: Any, resume: Any) -> str | None:
         """Open the Checkpointer (lock, sweep) and pick the checkpoint to resume from;
@@ -200,8 +178,11 @@ class SafepointCallback(TrainerCallback):
             )
         if self.trainer is None:  # not attached: there is no Trainer to resume
             return info
+        if self._fallback is not None:
+            self._fallback.check(info)
         remove_view(self._view)
-        self._weights = sharded.weights_source(info, self.trainer)
+        # The callback loads the weights itself, once the optimizer and scheduler fit.
+        self._weights = sharded.weights_source(info, self.trainer) or sharded.VIEW
         model, weights = self.trainer.model, self._weights != sharded.STATE
         where = self.checkpointer.directory
         self._view, self._saved_state = make_view(info, model, where, weights=weights)
@@ -241,24 +222,29 @@ class SafepointCallback(TrainerCallback):
         ckpt = self._require()
         ckpt.decider.begin(step=state.global_step, total_steps=state.max_steps)  # known only now
         self._eval, self._pending, self._stop_at = (-1, {}), None, None
-        trainables = {"optimizer": kw["optimizer"], "scheduler": kw["lr_scheduler"]}
-        model = kw["model"]
+        trainables, model = (
+            {"optimizer": kw["optimizer"], "scheduler": kw["lr_scheduler"]},
+            kw["model"],
+        )
         preflight(ckpt, self.trainer, trainables, model, state, self.info)
         info = self.resumed_from
         if info is None:
             return
-        # The Trainer restored trainer_state.json and, unless sharded, the weights; the
-        # rest is in safepoint's pickle-free files. The RNG waits (see on_step_begin).
-        if self._weights == sharded.STATE:
-            trainables[sharded.WEIGHTS_ENTRY] = sharded.weights_entry(model)
-        elif self._weights is not None and self._view is not None:
-            sharded.load_view_weights(model, info, self._view)
-        ckpt.load(info, trainables, rng=False)
-        if state.global_step != info.step:
-            raise IncompatibleCheckpointError(
-                f"{info.path}: the Trainer resumed at step {state.global_step}, not {info.step}"
-            )
-        doc = read_state_doc(info.path)
+        # The Trainer restored trainer_state.json; the rest is checked against the live
+        # objects before any is loaded (else train() falls back). RNG: on_step_begin.
+        try:
+            if state.global_step != info.step:
+                raise IncompatibleCheckpointError(
+                    f"{info.path}: the Trainer resumed at step {state.global_step}, not {info.step}"
+                )
+            if self._weights == sharded.STATE:
+                trainables[sharded.WEIGHTS_ENTRY] = sharded.weights_entry(model)
+            ckpt.load(info, trainables, rng=False)  # all or nothing
+            if self._weights == sharded.VIEW and self._view is not None:  # DDP: unwrapped
+                sharded.load_view_weights(self.trainer.model, info, self._view)
+            doc = read_state_doc(info.path)
+        except Unusable as e:
+            raise Rejected(info, e) from None
         self._rng = ckpt.ranks.rank_rng(info.path) or doc.get("rng")
         if ckpt.ranks.is_writer:
             self.resuming(info)
