@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import psutil
-
 from safepoint.errors import ConfigError, SaveFailedError
 from safepoint.fence import OptimizerFence, owned_storages
+from safepoint.memory import available_memory
 from safepoint.records import RunRecord
 from safepoint.snapshot import Snapshot, TensorFile
 from safepoint.staging import StagingBuffers
@@ -334,17 +333,22 @@ class AsyncSaver:
         need = self.buffers.missing_bytes(snapshot, live=self._live(snapshot))
         if need == 0:
             return True
-        free = psutil.virtual_memory().available
+        free, source = available_memory()  # a container's cgroup limit, not the host's
         ok = free - need >= self.reserve_bytes
         if not ok and not self._short_of_memory:
             log.warning(
-                "not enough free memory for a background copy of checkpoint-%d (%s needed, "
-                "%s available); saving in-line, training waits for the disk",
+                "not enough free memory for a background copy of checkpoint-%d (%s needed "
+                "plus %s kept free, %s available by %s); saving in-line, training waits for "
+                "the disk",
                 snapshot.step,
                 format_size(need),
+                format_size(self.reserve_bytes),
                 format_size(free),
+                source,
             )
-            self.record.event("async_fallback", step=snapshot.step, need=need, free=free)
+            self.record.event(
+                "async_fallback", step=snapshot.step, need=need, free=free, limit=source
+            )
         self._short_of_memory = not ok
         if not ok:
             self.buffers.release()
