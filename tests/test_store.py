@@ -16,7 +16,7 @@ from safepoint.errors import CheckpointNotFoundError, SafepointError, SaveFailed
 from safepoint.manifest import MANIFEST_NAME, FileEntry, Manifest
 from safepoint.snapshot import Snapshot, TensorFile
 from safepoint.store import Store
-from safepoint.validity import inspect, latest_checkpoint, scan, verify
+from safepoint.validity import aside_folders, inspect, latest_checkpoint, scan, verify
 
 
 def snapshot(step: int, n: int = 1000) -> Snapshot:
@@ -176,11 +176,21 @@ def test_commit_over_an_invalid_folder_moves_it_aside(store: Store) -> None:
     assert len(aside) == 1 and (aside[0] / "junk").read_text() == "keep me"
 
 
-def test_commit_over_a_valid_checkpoint_keeps_it(store: Store) -> None:
+def test_commit_over_the_same_checkpoint_keeps_it(store: Store) -> None:
     before = (store.directory / "checkpoint-30" / MANIFEST_NAME).read_bytes()
-    store.commit(snapshot(30, n=5))
+    store.commit(snapshot(30))  # every file the same: nothing to replace
     assert (store.directory / "checkpoint-30" / MANIFEST_NAME).read_bytes() == before
-    assert not [p for p in store.directory.iterdir() if p.name.startswith(".staging")]
+    assert not [p for p in store.directory.iterdir() if p.name.startswith(".")]
+
+
+def test_commit_over_another_valid_checkpoint_sets_it_aside(store: Store) -> None:
+    before = (store.directory / "checkpoint-30" / MANIFEST_NAME).read_bytes()
+    store.commit(snapshot(30, n=5))  # another content for the same step: the new one wins
+    assert (store.directory / "checkpoint-30" / MANIFEST_NAME).read_bytes() != before
+    assert inspect(store.directory / "checkpoint-30", deep=True).valid
+    (aside,) = aside_folders(store.directory)
+    assert aside.why == "superseded" and (aside.path / MANIFEST_NAME).read_bytes() == before
+    assert not [p for p in store.directory.iterdir() if p.name.startswith(".")]
 
 
 def test_failed_commit_leaves_no_staging_and_says_why(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
@@ -34,6 +35,19 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class Parent:
+    """The checkpoint a checkpoint descends from: the run's previous commit, or the one
+    it resumed from (its step and its manifest's own checksum). Two checkpoints of one
+    line of descent are linked by these; a rollback starts another line."""
+
+    step: int
+    manifest: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "manifest": self.manifest}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Parsed ``safepoint.json``."""
 
@@ -45,12 +59,31 @@ class Manifest:
     fingerprint: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    parent: Parent | None = None
+    """None: the first checkpoint of a run started from scratch (or an older manifest)."""
+    stored_digest: str | None = field(default=None, compare=False, repr=False)
+    """The ``manifest_checksum`` read (and checked) by ``from_json``."""
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
 
+    @cached_property
+    def digest(self) -> str:
+        """The manifest's own checksum (``manifest_checksum``): names this checkpoint's
+        exact content, as a child's ``parent`` records it."""
+        return self.stored_digest or _self_checksum(self._body())
+
+    def same_files(self, other: Manifest) -> bool:
+        """Whether ``other`` lists the same files with the same sizes and checksums."""
+        return self.files == other.files
+
     def to_json(self) -> bytes:
+        body = self._body()
+        body["manifest_checksum"] = _self_checksum(body)
+        return dumps_json(body, indent=1)
+
+    def _body(self) -> dict[str, Any]:
         body = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -67,8 +100,9 @@ class Manifest:
             "versions": self.versions,
             "info": self.info,
         }
-        body["manifest_checksum"] = _self_checksum(body)
-        return dumps_json(body, indent=1)
+        if self.parent is not None:  # absent, not null: older readers' manifests unchanged
+            body["parent"] = self.parent.to_json()
+        return body
 
     @classmethod
     def from_json(cls, data: bytes, *, where: str) -> Manifest:
@@ -97,12 +131,12 @@ class Manifest:
                 f"{where}: unknown checksum {body.get('checksum')!r}; upgrade safepoint"
             )
         try:
-            return cls._checked(body, where)
+            return cls._checked(body, where, stored=stored)
         except SchemaError as e:
             raise CorruptCheckpointError(f"{where}: {e}") from None
 
     @classmethod
-    def _checked(cls, body: dict[str, Any], where: str) -> Manifest:
+    def _checked(cls, body: dict[str, Any], where: str, *, stored: str) -> Manifest:
         # Every field a reader uses is bounded here, so that `ls`, retention and restore
         # never meet a value that overflows (a created time of 1e300, a metric of
         # 10**400 is already refused by loads_json) or has the wrong type.
@@ -152,6 +186,19 @@ class Manifest:
         info = body.get("info") or {}
         require(isinstance(info, dict), "info", info, "an object")
         _check_info(info)
+        parent = body.get("parent")
+        require(
+            parent is None
+            or (
+                isinstance(parent, dict)
+                and is_int(parent.get("step"), 0, 10**18)
+                and isinstance(parent.get("manifest"), str)
+                and _HEX32.fullmatch(parent["manifest"]) is not None
+            ),
+            "parent",
+            parent,
+            "an object with a step and a manifest checksum",
+        )
         return cls(
             step=step,
             files=files,
@@ -161,6 +208,8 @@ class Manifest:
             fingerprint=fingerprint,
             versions=dict(versions),
             info=info,
+            parent=None if parent is None else Parent(parent["step"], parent["manifest"]),
+            stored_digest=stored,
         )
 
 

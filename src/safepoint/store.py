@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING
 
 from safepoint.errors import SafepointError, SaveFailedError
 from safepoint.faults import crash_point, fault_point
-from safepoint.fileio import new_hasher, write_all
+from safepoint.fileio import new_hasher, read_regular, write_all
 from safepoint.format import write_safetensors
-from safepoint.manifest import MANIFEST_NAME, FileEntry, Manifest
+from safepoint.manifest import MANIFEST_NAME, FileEntry, Manifest, Parent
 from safepoint.validity import (
     STAGING_PREFIX,
     CheckpointInfo,
+    aside_name,
     checkpoint_step,
     inspect,
     note_written,
@@ -187,6 +188,7 @@ class Store:
         versions: dict[str, str] | None = None,
         info: dict[str, object] | None = None,
         abort: Callable[[], None] | None = None,
+        parent: Parent | None = None,
     ) -> CheckpointInfo:
         """Write ``snapshot`` with the commit protocol; return the committed checkpoint.
 
@@ -202,7 +204,9 @@ class Store:
             files = self.write_files(staging, snapshot.files, abort=abort)
             if snapshot.fence is not None:  # copy-free: the live tensors written unchanged?
                 snapshot.fence.check()
-            return self.finish(staging, snapshot, files, t0=t0, versions=versions, info=info)
+            return self.finish(
+                staging, snapshot, files, t0=t0, versions=versions, info=info, parent=parent
+            )
         except BaseException as e:
             if staging is not None:
                 self.discard(staging)
@@ -253,9 +257,11 @@ class Store:
         t0: float,
         versions: dict[str, str] | None = None,
         info: dict[str, object] | None = None,
+        parent: Parent | None = None,
     ) -> CheckpointInfo:
         """Steps 3 and 4, once every file of ``files`` in ``staging`` is durable: the
         manifest, fsync of the folder, the rename (the commit), fsync of the parent.
+        ``parent``: the checkpoint this one descends from (the manifest records it).
         Raises ``OSError``; the caller discards the staging folder."""
         target = self.path_for(snapshot.step)
         crash_point("after_files")
@@ -271,11 +277,12 @@ class Store:
                 **(info or {}),
                 "write_s": round(time.perf_counter() - t0, 6),
             },
+            parent=parent,
         )
         _write_file(staging / MANIFEST_NAME, manifest.to_json())
         crash_point("after_manifest")
         fsync_dir(staging)
-        if not self._make_room_for(target):
+        if not self._make_room_for(target, manifest):
             shutil.rmtree(staging)
             return inspect(target)
         os.replace(staging, target)
@@ -298,32 +305,56 @@ class Store:
         checkpoint downloaded from a remote mirror): steps 4 of the commit protocol."""
         target = self.path_for(step)
         fsync_dir(staging)
-        if self._make_room_for(target):
+        raw = read_regular(staging / MANIFEST_NAME, max_size=16 << 20)
+        manifest = Manifest.from_json(bytes(raw), where=str(staging / MANIFEST_NAME))
+        if self._make_room_for(target, manifest):
             os.replace(staging, target)
             fsync_dir(self.directory)
+        else:
+            shutil.rmtree(staging)
         return inspect(target)
 
-    def _make_room_for(self, target: Path) -> bool:
-        """False if ``target`` already holds a valid checkpoint (keep it, skip the save).
+    def _make_room_for(self, target: Path, new: Manifest) -> bool:
+        """Clear ``target`` for the commit of ``new``; False when it already holds
+        exactly that checkpoint (the staging folder is then dropped).
 
-        An invalid folder in the way is renamed aside, never deleted: it may be the only
-        copy of something a person wants to look at."""
+        One rule for a slot: a folder in the way is kept only if it passes the full
+        check (every checksum, not sizes) and lists the same files, sizes and checksums
+        as ``new``. Anything else (damaged, unfinished, another run's, another line of
+        this run's) is set aside under a name ``ls`` shows, never deleted: it may be the
+        only copy of something a person wants to look at."""
         if not os.path.lexists(target):
             return True
-        existing = inspect(target)
-        if existing.valid:
-            log.info("%s already holds a valid checkpoint; keeping it", target)
+        existing = inspect(target, deep=True)
+        if existing.valid and existing.manifest is not None and existing.manifest.same_files(new):
+            log.info("%s already holds this same checkpoint (every checksum equal)", target)
             return False
-        aside = target.with_name(f"{target.name}.{existing.status}-{int(time.time())}")
-        os.replace(target, aside)
-        log.warning(
-            "moved %s %s aside to %s (%s); delete it when no longer needed",
-            existing.status,
-            target.name,
-            aside.name,
-            "; ".join(existing.problems),
-        )
+        self.set_aside(existing, "superseded" if existing.valid else existing.status)
         return True
+
+    def set_aside(self, info: CheckpointInfo, why: str) -> Path:
+        """Rename the folder of ``info`` out of the run to ``checkpoint-N.<why>-<time>``:
+        no longer resumed from, kept or deleted by safepoint; ``ls`` lists it and why."""
+        aside = aside_name(info.path, why)
+        os.replace(info.path, aside)
+        log.warning("%s set aside as %s", info.name, aside.name)
+        return aside
+
+    def set_aside_later_than(self, step: int) -> list[Path]:
+        """Set aside every ``checkpoint-N`` with N > ``step``: a run that resumed from
+        ``step`` (a rollback, or a fallback past a damaged checkpoint) writes another
+        future, and a later resume must never mix the two lines. Called at that run's
+        first commit, so that a run stopped before saving anything changes nothing.
+        Each is checked whole first, so that its new name says whether it was damaged."""
+        later = [i for i in scan(self.directory) if i.step > step and i.status != "staging"]
+        moved = []
+        for info in later:
+            if info.valid:
+                info = inspect(info.path, deep=True)
+            moved.append(self.set_aside(info, "superseded" if info.valid else info.status))
+        if moved:
+            fsync_dir(self.directory)
+        return moved
 
     def delete(
         self, info: CheckpointInfo, *, allow_foreign: bool = False, background: bool = False

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,39 @@ class CheckpointInfo:
     @property
     def created(self) -> float | None:
         return self.manifest.created if self.manifest else None
+
+
+ASIDE_RE = re.compile(r"checkpoint-(\d{1,18})\.([a-z]+)-([0-9A-Za-z-]{1,40})")
+
+
+@dataclass(frozen=True)
+class Aside:
+    """A folder set aside by the store (``checkpoint-N.<why>-<time>``): never resumed
+    from, kept or deleted by safepoint; ``ls`` lists it so that a person can."""
+
+    path: Path
+    step: int
+    why: str  # superseded (another line of the run), corrupt, incomplete, foreign
+
+
+def aside_name(path: Path, why: str) -> Path:
+    """A free name for setting ``path`` (``checkpoint-N``) aside because of ``why``."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    for n in range(1, 1000):
+        aside = path.with_name(f"{path.name}.{why}-{stamp}" + (f"-{n}" if n > 1 else ""))
+        if not os.path.lexists(aside):
+            return aside
+    raise FileExistsError(f"no free name to set {path} aside")
+
+
+def aside_folders(directory: str | os.PathLike[str]) -> list[Aside]:
+    """The folders set aside in ``directory``, oldest step first."""
+    found = []
+    for name in os.listdir(directory):
+        m = ASIDE_RE.fullmatch(name)
+        if m and (path := Path(directory) / name).is_dir() and not path.is_symlink():
+            found.append(Aside(path, int(m.group(1)), m.group(2)))
+    return sorted(found, key=lambda a: (a.step, a.path.name))
 
 
 def checkpoint_step(name: str) -> int | None:

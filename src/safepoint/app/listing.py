@@ -16,7 +16,7 @@ from safepoint.app.runs import policy_from_options, retention_view, run_director
 from safepoint.records import save_timings
 from safepoint.remote import upload_states
 from safepoint.units import format_duration, format_size
-from safepoint.validity import CheckpointInfo, scan
+from safepoint.validity import Aside, CheckpointInfo, aside_folders, scan
 
 if TYPE_CHECKING:
     # rich is imported where a table is drawn: `ls --json` and `verify` skip its ~50 ms
@@ -77,6 +77,8 @@ class Listing:
     """Folder name -> upload state; empty unless the run has a remote mirror."""
     ranked: str | None
     """The metric checkpoints are ranked by: its column comes first."""
+    aside: list[Aside] = field(default_factory=list)
+    """Folders the store set aside: superseded lines of the run, damaged checkpoints."""
 
 
 def list_run(directory: str, options: Mapping[str, Any] | None = None) -> Listing:
@@ -104,7 +106,26 @@ def list_run(directory: str, options: Mapping[str, Any] | None = None) -> Listin
         save_timings(directory),
         upload_states(directory),
         options.get("metric") or (base.metric if base else None),
+        aside_folders(directory),
     )
+
+
+_ASIDE_WHY = {
+    "superseded": "another line (a resume went back)",
+    "corrupt": "damaged; its step was saved anew",
+    "incomplete": "never committed; saved anew",
+    "foreign": "another tool's; its step saved anew",
+}
+
+
+def aside_lines(listing: Listing) -> list[str]:
+    """The lines below the table that name each folder set aside, and why."""
+    if not listing.aside:
+        return []
+    lines = ["set aside (never resumed from; delete them when no longer needed):"]
+    for a in listing.aside:
+        lines.append(f"  {a.path.name}: {_ASIDE_WHY.get(a.why, a.why)}")
+    return lines
 
 
 def listing_json(listing: Listing) -> list[dict[str, Any]]:
@@ -119,6 +140,9 @@ def listing_json(listing: Listing) -> list[dict[str, Any]]:
             "remote": uploads.get(i.name, "local only") if uploads else None,
         }
         for i in listing.infos
+    ] + [
+        {"name": a.path.name, "step": a.step, "status": "set aside", "why": a.why}
+        for a in listing.aside
     ]
 
 
@@ -137,7 +161,7 @@ def render_listing(listing: Listing, *, width: int | None) -> Page:
     """The listing as a page that fits ``width`` columns (None: every column)."""
     infos = listing.infos
     if not infos:
-        return Page(f"{listing.directory}: no checkpoints yet")
+        return Page(f"{listing.directory}: no checkpoints yet", after=aside_lines(listing))
     columns = _ls_columns(listing)
     shown, fitted = _fit(columns, width)
     after = []
@@ -146,6 +170,7 @@ def render_listing(listing: Listing, *, width: int | None) -> Page:
         after += [f"{i.name}: {'; '.join(i.problems)}" for i in infos if i.problems]
     if listing.note:
         after.append(listing.note)
+    after += aside_lines(listing)
     return Page(str(listing.directory), _table(shown), fitted, after)
 
 

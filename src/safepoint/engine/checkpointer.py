@@ -117,6 +117,8 @@ class Checkpointer:
         resumed = self.resumer.pick(checkpoint, load)
         if resumed is not None:
             self.decider.begin(step=resumed.info.step)
+            if self.ranks.is_writer:  # lineage: the next commit descends from this one
+                self.saver.resumed_from(resumed.info)
         return resumed
 
     def load(

@@ -19,7 +19,7 @@ from safepoint.engine.preflight import Preflight
 from safepoint.engine.retain import Retention
 from safepoint.errors import SaveFailedError
 from safepoint.lock import RunLock
-from safepoint.manifest import library_versions
+from safepoint.manifest import Parent, library_versions
 from safepoint.options import Options
 from safepoint.records import RunRecord
 from safepoint.snapshot import Snapshot
@@ -107,10 +107,21 @@ class Saver:
             else None
         )
         self._last: PendingSave | None = None
+        self._tip: Parent | None = None  # the checkpoint the next commit descends from
+        self._later_than: int | None = None  # resumed from an older step: set aside first
         self.last_commit_s: float | None = None
         """How long the last commit took, start to end (the emergency grace check)."""
 
     # ------------------------------------------------------------------ commit
+
+    def resumed_from(self, info: CheckpointInfo) -> None:
+        """The run continues from ``info``: its next commit descends from it, and sets
+        aside every later folder first (another line of the run: ``Store.set_aside_later_than``)."""
+        self.written()
+        assert info.manifest is not None
+        self._tip = Parent(info.step, info.manifest.digest)
+        later = [i.step for i in self.store.scan() if i.step > info.step]
+        self._later_than = info.step if later else None
 
     def commit(
         self, snapshot: Snapshot, *, started: float, urgent: bool = False, writer: bool = True
@@ -185,6 +196,9 @@ class Saver:
         try:
             snapshot.resolve()  # its deferred files are encoded here, on this thread
             self.lock.check()  # safepoint.lock deleted under us: still the only writer?
+            if self._later_than is not None:  # the first commit after a rollback
+                self.store.set_aside_later_than(self._later_than)
+                self._later_than = None
             info = self._store_commit(
                 snapshot,
                 store_commit=store_commit,
@@ -196,6 +210,7 @@ class Saver:
                     "policy": self.options.to_json(),
                 },
                 abort=abort,
+                parent=self._tip,
             )
         except Exception as e:
             self.record.event("save", step=snapshot.step, reason=snapshot.reason, result="failed")
@@ -224,6 +239,8 @@ class Saver:
             **({"writers": writers} if (writers := _writers(info)) else {}),
         )
         self.last_commit_s = done
+        if info.manifest is not None:
+            self._tip = Parent(info.step, info.manifest.digest)
         self.retention.saw(info)
         self.retention.apply()
         if self.replica is not None:

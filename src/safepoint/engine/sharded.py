@@ -33,7 +33,7 @@ from safepoint.distributed import Ranks
 from safepoint.engine.saver import PendingSave, Saver
 from safepoint.errors import SaveFailedError
 from safepoint.fileio import dumps_json
-from safepoint.manifest import FileEntry
+from safepoint.manifest import FileEntry, Parent
 from safepoint.sharding import SHARDS_NAME, build_index, shard_file
 from safepoint.snapshot import Snapshot
 from safepoint.store import Store
@@ -88,6 +88,7 @@ def commit_sharded(
     *,
     versions: dict[str, str] | None = None,
     info: dict[str, object] | None = None,
+    parent: Parent | None = None,
 ) -> CheckpointInfo:
     """Commit ``snapshot`` (this rank's part of a sharded state) with every rank.
 
@@ -127,7 +128,9 @@ def commit_sharded(
     outcome: dict[str, Any] = {}
     committed: CheckpointInfo | None = None
     if reports is not None:  # rank 0
-        committed, outcome = _finish(store, ranks, snapshot, staging, reports, t0, versions, info)
+        committed, outcome = _finish(
+            store, ranks, snapshot, staging, reports, t0, versions, info, parent
+        )
     outcome = ranks.broadcast_json(outcome)
     if "error" in outcome:
         raise _failed(outcome)
@@ -143,6 +146,7 @@ def _finish(
     t0: float,
     versions: dict[str, str] | None,
     info: dict[str, object] | None,
+    parent: Parent | None,
 ) -> tuple[CheckpointInfo | None, dict[str, Any]]:
     """Rank 0, once every rank reported: the index, the manifest, the rename."""
     failed = [(r, rep["error"]) for r, rep in enumerate(reports) if "error" in rep]
@@ -164,6 +168,7 @@ def _finish(
             t0=t0,
             versions=versions,
             info={**(info or {}), "world_size": ranks.world_size, "writers": _writers(reports)},
+            parent=parent,
         )
     except OSError as e:
         store.discard(staging)
