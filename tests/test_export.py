@@ -65,3 +65,36 @@ def test_bad_requests(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     (busy / "f").write_text("keep me")
     assert main(["export", str(run_dir), "--checkpoint", "latest", "--out", str(busy)]) == 2
     assert (busy / "f").read_text() == "keep me"
+
+
+def test_a_full_fine_tune_exports_with_its_tokenizer_and_generates(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    home = tmp_path_factory.getbasetemp() / "safepoint-home"
+    run = tmp_path / "full"
+    train = ("train", "--full", "--max-steps", "3", "--output-dir", str(run))
+    proc = subprocess.run(
+        [sys.executable, "-m", "safepoint", *train],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SAFEPOINT_HOME": str(home)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "model"
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "no tokenizer" not in said and "base model:" in said
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = tokenizer("What is 2 plus 3?", return_tensors="pt")
+    assert ids["input_ids"].shape[1] > 1 and len(tokenizer) > 256
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 4
+    # Without a base to take it from, it says so, in one line, with what to do.
+    bare = tmp_path / "bare"
+    assert main(["export", str(run), "--out", str(bare), "--base", str(tmp_path / "x")]) == 2

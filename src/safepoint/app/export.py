@@ -101,8 +101,9 @@ def listed_files(info: CheckpointInfo) -> tuple[str, ...]:
 
 
 def base_model(info: CheckpointInfo, given: str | None) -> Base | None:
-    """The base model of an adapter export: ``given`` (``--base``), else the model the
-    run's own config names (``safepoint train`` stores it in each manifest), else None.
+    """The base model of an export: ``given`` (``--base``), else the model the run's own
+    config names (``safepoint train`` stores it in each manifest), else None. An adapter
+    is merged onto it; its tokenizer goes along with either kind of export.
 
     Never the ``base_model_name_or_path`` of the checkpoint's ``adapter_config.json``:
     a checkpoint must not choose a folder for export to read or load.
@@ -130,7 +131,8 @@ def export(info: CheckpointInfo, out: Path, *, merge: bool, base: Base | None = 
     checked against its size and checksum. LoRA checkpoints give the adapter
     (``PeftModel.from_pretrained``) or, with ``merge``, ``base`` with the adapter merged in
     (``AutoModelForCausalLM.from_pretrained``; weights from safetensors only). The base
-    model's tokenizer is copied along when ``base`` is a local folder. Raises
+    model's tokenizer is copied along (an adapter's and a full fine-tune's alike) when
+    ``base`` is a local folder or a model in the local Hugging Face cache. Raises
     ``ConfigError`` (no base to merge onto) or ``CorruptCheckpointError``.
     """
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -159,8 +161,8 @@ def export(info: CheckpointInfo, out: Path, *, merge: bool, base: Base | None = 
         else:
             for name, data in content.items():
                 (tmp / name).write_bytes(data)
-        if base is not None and Path(base.path).is_dir():
-            _copy_tokenizer(Path(base.path), tmp)
+        if base is not None and (folder := _local_folder(base.path)) is not None:
+            _copy_tokenizer(folder, tmp)
         _default_modes(tmp)
         if out.exists():
             out.rmdir()
@@ -180,6 +182,8 @@ class Exported:
     """The checkpoint holds a LoRA adapter."""
     merged: bool
     base: Base | None
+    tokenizer: bool
+    """A tokenizer was written beside the model (from the base model's folder)."""
 
 
 def export_run(
@@ -195,7 +199,7 @@ def export_run(
     _check_space(Path(out), info.manifest.total_bytes)
     listed_files(info)  # refuses a checkpoint that is not a model folder
     adapter = is_adapter(info)
-    trusted = base_model(info, base) if adapter else None
+    trusted = base_model(info, base)
     try:
         path = export(info, Path(out), merge=merge, base=trusted)
     except OSError as e:
@@ -206,7 +210,8 @@ def export_run(
             f"--out {out}: cannot write the model there ({e.strerror}); nothing was "
             "exported; free space or choose another folder"
         ) from None
-    return Exported(info, path, adapter, merge and adapter, trusted)
+    has_tokenizer = (path / "tokenizer_config.json").is_file()
+    return Exported(info, path, adapter, merge and adapter, trusted, has_tokenizer)
 
 
 def _existing(out: Path) -> Path:
@@ -366,6 +371,21 @@ def _merge(src: Path, content: dict[str, bytes], base: Base, dest: Path) -> None
         finally:
             shutil.rmtree(adapter, ignore_errors=True)
         merged.save_pretrained(dest)
+
+
+def _local_folder(model: str) -> Path | None:
+    """The folder of the model ``model`` names: itself, or its snapshot in the local
+    Hugging Face cache (never downloaded); None if neither."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except (HFValidationError, LocalEntryNotFoundError, OSError, ImportError):
+        return None  # a name nothing local answers to: the caller says so
 
 
 def _copy_tokenizer(base: Path, dest: Path) -> None:

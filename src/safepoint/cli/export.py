@@ -18,7 +18,8 @@ import click
 @click.option(
     "--base",
     type=click.Path(file_okay=False),
-    help="Base model folder for an adapter (default: the model the run's config names).",
+    help="The model fine-tuned: an adapter's base, and where the tokenizer comes from "
+    "(default: the model the run's config names).",
 )
 def export_cmd(
     directory: str, which: str, out: str, merge: bool, metric: str, base: str | None
@@ -36,10 +37,11 @@ def export_cmd(
     click.echo(f"exported {done.source.path} ({kind}) to {done.path}")
     if done.base is not None:
         click.echo(f"base model: {done.base.path} ({done.base.source})")
-    elif done.adapter:
+    if not done.tokenizer:
+        whose = "the base model" if done.adapter else "the model it was fine-tuned from"
         click.echo(
-            "base model: none named by the run's config; no tokenizer copied (give --base "
-            "PATH to copy the base model's tokenizer, or to --merge)"
+            f"no tokenizer copied: give --base PATH ({whose}) to copy its tokenizer"
+            + (", or to --merge" if done.adapter and done.base is None else "")
         )
 
 
