@@ -308,3 +308,55 @@ def test_sigterm_during_an_eval_and_save_step_resumes_to_the_same_weights(tmp_pa
     assert f"resuming from {run / 'checkpoint-5'} (step 5)" in rerun.stdout + rerun.stderr
     name = "adapter_model.safetensors"
     assert same_tensors(ref / "checkpoint-10" / name, run / "checkpoint-10" / name)
+
+
+# ------------------------------------------- #28 item 9: exit code 3 after any stop
+
+STOP_POINTS = Path(__file__).parent / "programs" / "stop_points.py"
+
+
+def _stop_points(tmp_path: Path, mode: str, sig: str) -> subprocess.CompletedProcess[str]:
+    """``safepoint train`` on the tiny model, signalling itself at the points of ``mode``."""
+    return subprocess.run(
+        [
+            *(sys.executable, str(STOP_POINTS), mode, sig),
+            *(
+                "--max-steps",
+                "4",
+                "--eval-split",
+                "0",
+                "--keep-best",
+                "0",
+                "--output-dir",
+                str(tmp_path / "run"),
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize("sig", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.slow)])
+def test_a_third_signal_after_a_stop_at_once_still_exits_3(tmp_path: Path, sig: str) -> None:
+    done = _stop_points(tmp_path, "three", sig)
+    assert done.stdout.count(f"sending {sig}") == 3, done.stdout
+    assert done.returncode == 3, (done.returncode, done.stderr[-3000:])
+    lines = [line for line in done.stderr.splitlines() if line.startswith("safepoint:")]
+    assert lines[-2].startswith(f"safepoint: stopped at once by a second signal ({sig})")
+    assert lines[-1] == f"safepoint: received {sig} again: the stop is already under way"
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.crash
+def test_a_signal_during_the_final_table_of_a_finished_run_exits_3(tmp_path: Path) -> None:
+    done = _stop_points(tmp_path, "table", "SIGTERM")
+    assert done.returncode == 3, (done.returncode, done.stderr[-3000:])
+    assert done.stdout.splitlines()[-1] == "sending SIGTERM"  # after the done: line
+    assert any(line.startswith("done: 4 steps") for line in done.stdout.splitlines())
+    assert done.stderr.splitlines()[-1] == (
+        f"safepoint: stopped by SIGTERM outside a training step; the checkpoints in "
+        f"{tmp_path / 'run'} are as they were; rerun the same command to resume"
+    )
+    assert valid_steps(tmp_path / "run") == [4]

@@ -10,6 +10,11 @@ stops at once, without saving.
 
 Handlers are process-wide: the first ``SignalGuard`` of a signal installs one dispatcher
 and keeps the handler that was there; the last one to leave puts it back.
+
+A program whose exit code a scheduler reads (``safepoint train``: SLURM requeues on 3)
+calls ``hold_until_exit`` first: its handler is the one the guards put back, so a stop
+signal before training, after it, or a third one after a stop still ends in exit code 3
+(``stop_arrived``) instead of the default action's 143.
 """
 
 from __future__ import annotations
@@ -58,6 +63,44 @@ class SaveInterrupted(BaseException):
 _registry_lock = threading.Lock()
 _previous: dict[signal.Signals, Any] = {}  # the handler each signal had before us
 _guards: list[SignalGuard] = []
+
+
+_arrived: signal.Signals | None = None  # the first stop signal this process received
+_said_again = False
+_held_where = ""
+
+
+def stop_arrived() -> signal.Signals | None:
+    """The first stop signal a ``SignalGuard`` or ``hold_until_exit`` saw, or None."""
+    return _arrived
+
+
+def hold_until_exit(signals: Iterable[signal.Signals], *, where: str) -> None:
+    """Handle ``signals`` for the rest of the process, from the main thread: the first
+    one outside a ``SignalGuard`` (before or after training) raises ``TrainingStopped``
+    (exit code 3) where the program is; any later one says once that the stop is under
+    way. Guards installed later put this handler back when they leave."""
+    global _held_where
+    _held_where = where
+    for sig in signals:
+        signal.signal(sig, _held)
+
+
+def _held(signum: int, _frame: object) -> None:
+    global _arrived, _said_again
+    sig = signal.Signals(signum)
+    if _arrived is not None:
+        if not _said_again:
+            _said_again = True
+            log.warning("received %s again: the stop is already under way", sig.name)
+        return
+    _arrived = sig
+    message = (
+        f"stopped by {sig.name} outside a training step; the checkpoints in {_held_where} "
+        "are as they were; rerun the same command to resume"
+    )
+    log.warning("%s", message)
+    raise TrainingStopped(message)
 
 
 def _dispatch(signum: int, _frame: object) -> None:
@@ -128,6 +171,8 @@ class SignalGuard:
 
     def received(self, sig: signal.Signals) -> None:
         """The handler: flag the first signal; a second one aborts (see module doc)."""
+        global _arrived
+        _arrived = _arrived or sig
         if self.signal is None:
             self.signal = sig
             self.received_at = time.monotonic()
@@ -156,6 +201,8 @@ __all__ = [
     "SaveInterrupted",
     "SignalGuard",
     "TrainingStopped",
+    "hold_until_exit",
     "installed_signals",
     "parse_signals",
+    "stop_arrived",
 ]

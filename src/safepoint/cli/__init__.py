@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(e.format_message(), e.exit_code)
     except click.exceptions.Exit as e:
         return e.exit_code
+    except SystemExit as e:  # TrainingStopped (exit 3) raised outside a command's own
+        # handling, e.g. by a late stop signal: its line was logged where it was raised
+        if not isinstance(e, SafepointError):
+            raise
+        return e.code if isinstance(e.code, int) else 1
     except SafepointError as e:
         return _fail(str(e), e.exit_code)
     except OSError as e:
