@@ -97,7 +97,16 @@ def test_empty_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 @pytest.mark.parametrize(
     ("flag", "value", "needle"),
-    [("--save-every", "0", "at least 1"), ("--keep-last", "-1", "or 0 to keep all")],
+    [
+        ("--save-every", "0", "at least 1"),
+        ("--keep-last", "-1", "or 0 to keep all"),
+        # #28 item 10: numpy's seeds are 32-bit; every other integer must fit int64
+        ("--seed", "99999999999999999999", "--seed must be in 0..4294967295"),
+        ("--seed", "-1", "--seed must be in 0..4294967295"),
+        ("--max-steps", "99999999999999999999", "--max-steps 99999999999999999999 is out"),
+        ("--batch-size", "9223372036854775808", "below 2**63"),
+        ("--keep-last", "9223372036854775808", "--keep-last 9223372036854775808 is out"),
+    ],
 )
 def test_bad_numbers(tmp_path: Path, capsys, flag: str, value: str, needle: str) -> None:
     assert needle in _bad(tmp_path, capsys, flag, value)
@@ -192,6 +201,54 @@ def test_other_config_is_refused_and_never_starts_beside(reference: Path, tmp_pa
     run_train(out, *FAST, "--lora-r", "4", "--max-steps", "1", "--resume", "never")
     assert sorted(p.name for p in out.iterdir()) == before
     assert (tmp_path / "run-2" / "checkpoint-1").is_dir()
+
+
+def _learning_rates(out: Path) -> dict[int, float]:
+    """The learning rate the run record shows at each step (the last run's, per step)."""
+    import json
+
+    rates = {}
+    for line in (out / "safepoint.log.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event.get("event") == "metrics" and "learning_rate" in event["metrics"]:
+            rates[event["step"]] = event["metrics"]["learning_rate"]
+    return rates
+
+
+def test_resume_with_another_learning_rate_is_refused(reference: Path, tmp_path: Path) -> None:
+    """#29 item 3: the learning rate continues as saved (optimizer and schedule are
+    restored), so another one is refused in one line, before anything is written."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = sorted(p.name for p in out.iterdir())
+    proc = run_train(out, *FAST, "--learning-rate", "0.001", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [
+        f"Error: --learning-rate 0.001: {out}/checkpoint-12 was trained with 0.01, and a "
+        "resume continues its optimizer and learning-rate schedule as saved; rerun with "
+        "--learning-rate 0.01, or --resume never to start fresh beside it"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_longer_run_says_its_length_applies_and_the_schedule_follows_it(
+    reference: Path, tmp_path: Path
+) -> None:
+    """#29 item 3: a finished 12-step run continued to 14 steps says which length applies,
+    and the resumed step trains at the rate of the linear schedule for 14 steps (warmup
+    2): 0.01 * (14 - 12) / (14 - 2), not the 0.0 the old schedule ended at."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    proc = run_train(out, "--max-steps", "14", "--save-every", "3", "--batch-size", "4")
+    assert (
+        f"safepoint: --max-steps 14 applies: {out}/checkpoint-12 was saved by a run of "
+        "--max-steps 12; the learning-rate schedule is recomputed for the new length from "
+        "step 12 on"
+    ) in proc.stderr.splitlines()
+    rates = _learning_rates(out)
+    assert rates[12] == pytest.approx(0.01 * 1 / 10)  # the first run: lambda(11), T=12
+    assert rates[13] == pytest.approx(0.01 * 2 / 12)
+    assert rates[14] == pytest.approx(0.01 * 1 / 12)
 
 
 @pytest.mark.slow

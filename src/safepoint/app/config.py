@@ -83,6 +83,12 @@ class _Job:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` on any bad value; writes nothing."""
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"seed must be in 0..{SEED_LIMIT - 1}, numpy's limit; e.g. 42")
+        for key in self.keys():  # torch and numpy hold counts and sizes in 64 bits
+            value = getattr(self, key)
+            if type(value) is int and not -_INT64 <= value < _INT64:
+                raise ConfigError(f"{key} {value} is out of range; give a number below 2**63")
         if self.keep_last is not None and self.keep_last < 0:
             raise ConfigError(
                 f"keep_last={self.keep_last}: give N >= 1 to keep the newest N checkpoints, "
@@ -152,6 +158,12 @@ class _Job:
                 ident[f"{k}_sha256"] = _file_digest(Path(value))
         return ident
 
+    def schedule(self) -> dict[str, Any]:
+        """The training settings a checkpoint records besides ``identity()``, which a
+        resume compares (``job.check_schedule``): the learning rate and the length."""
+        keys = [k for k in SCHEDULE_KEYS if hasattr(self, k)]
+        return {k: getattr(self, k) for k in keys}
+
     def fingerprint(self) -> str:
         """A short hash of ``identity()``, stored in every checkpoint's manifest."""
         body = json.dumps(self.identity(), sort_keys=True, default=str).encode()
@@ -190,6 +202,24 @@ TrainConfig.__module__ = __name__
 def checkpoint_keys() -> list[str]:
     """The config keys that are engine ``Options`` (the rest configure the job)."""
     return [f.name for f in dataclasses.fields(Options) if f.name not in _NOT_KEYS]
+
+
+SCHEDULE_KEYS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "warmup_ratio",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "epochs",
+)
+"""Settings a resume cannot change silently: ``job.check_schedule`` says which value
+applies, or refuses (the learning rate, schedule and accumulation continue as saved;
+the length given now applies). Those the config does not have are skipped."""
+_INT64 = 2**63
+SEED_LIMIT = 2**32
+"""Seeds are below 2**32: numpy's ``np.random.seed`` (called by transformers' ``set_seed``)
+takes 0 <= seed < 2**32 and raises ``ValueError`` otherwise; torch takes 64 bits."""
 
 
 def _coerce(key: str, value: Any, kind: str) -> Any:

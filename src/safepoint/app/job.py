@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safepoint.app.config import TrainConfig
+from safepoint.app.config import SCHEDULE_KEYS, TrainConfig
 from safepoint.app.runs import checkpoints
 from safepoint.app.tiny import BUILTIN_DATASET, TINY_MODEL, builtin_dataset_path, tiny_model_path
 from safepoint.engine.resume import check_resumable
@@ -39,6 +39,9 @@ class Plan:
     resume_from: str | None
     train: Any
     eval: Any | None
+    new_length: bool = False
+    """Resuming with another ``max_steps``/``epochs``: the learning rate of the resumed
+    step is taken from the schedule for the new length (``build_trainer``)."""
 
 
 # ---------------------------------------------------------------------- inputs
@@ -260,9 +263,10 @@ def _checkpoints(directory: Path) -> list[CheckpointInfo]:
     return checkpoints(directory) if directory.is_dir() else []
 
 
-def choose_output(cfg: TrainConfig) -> tuple[Path, str | None]:
-    """The output directory and the checkpoint to resume from (None: newest valid, or
-    fresh when there is none). Raises before anything is written."""
+def choose_output(cfg: TrainConfig) -> tuple[Path, str | None, bool]:
+    """The output directory, the checkpoint to resume from (None: newest valid, or
+    fresh when there is none), and whether the run's length changed since that
+    checkpoint (``check_schedule``). Raises before anything is written."""
     out = Path(cfg.output_dir)
     if cfg.resume == "never":
         if _checkpoints(out):
@@ -272,8 +276,8 @@ def choose_output(cfg: TrainConfig) -> tuple[Path, str | None]:
             new = Path(f"{out}-{n}")
             check_output_dir(new)
             log.warning("--resume never: starting fresh in %s; %s is left untouched", new, out)
-            return new, None
-        return out, None
+            return new, None, False
+        return out, None, False
     if cfg.resume != "auto":
         # The engine refuses these too, but only once the model is loaded and the output
         # directory made; here nothing has been written yet. The same check and words; a
@@ -284,11 +288,63 @@ def choose_output(cfg: TrainConfig) -> tuple[Path, str | None]:
         except SafepointError as e:
             raise ConfigError(f"--resume {cfg.resume}: {e}") from None
         _check_identity(path, cfg, out)
-        return out, str(path)
+        return out, str(path), check_schedule(path, cfg)
     for info in newest_first(out, deep=False):
         _check_identity(info.path, cfg, out)
-        break
-    return out, None
+        return out, None, check_schedule(info.path, cfg)
+    return out, None, False
+
+
+_LENGTH = ("max_steps", "epochs")
+
+
+def check_schedule(checkpoint: Path, cfg: TrainConfig) -> bool:
+    """Compare the training settings given now with those ``checkpoint`` was saved with.
+
+    The learning rate, scheduler, warmup and gradient accumulation continue as saved (the
+    optimizer and schedule state are restored), so a different value is refused with a
+    ``ConfigError``. A different length (``max_steps``, ``epochs``) applies: said in one
+    line; returns True, and the schedule is recomputed for the new length. Checkpoints
+    saved before settings were recorded are not compared. (The batch size is part of
+    ``identity()``: another one is another configuration.)
+    """
+    from safepoint.validity import inspect
+
+    info = inspect(checkpoint)
+    theirs = info.manifest.info.get("schedule") if info.manifest else None
+    if not isinstance(theirs, dict):
+        return False
+    ours = cfg.schedule()
+    for key in SCHEDULE_KEYS:
+        if key in _LENGTH or key not in theirs or key not in ours or theirs[key] == ours[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        raise ConfigError(
+            f"{flag} {ours[key]}: {checkpoint} was trained with {theirs[key]}, and a resume "
+            f"continues its optimizer and learning-rate schedule as saved; rerun with "
+            f"{flag} {theirs[key]}, or --resume never to start fresh beside it"
+        )
+    before, now = _length(theirs), _length(ours)
+    if before is None or before == now:
+        return False
+    log.warning(
+        "%s applies: %s was saved by a run of %s; the learning-rate schedule is "
+        "recomputed for the new length from step %d on",
+        now,
+        checkpoint,
+        before,
+        info.step,
+    )
+    return True
+
+
+def _length(settings: dict[str, Any]) -> str | None:
+    """A run's length as its flag says it (``--max-steps 93`` or ``--epochs 3.0``)."""
+    if settings.get("max_steps") is not None:
+        return f"--max-steps {settings['max_steps']}"
+    if "epochs" in settings:
+        return f"--epochs {settings['epochs']}"
+    return None
 
 
 def _check_identity(checkpoint: Path, cfg: TrainConfig, out: Path) -> None:
@@ -323,11 +379,11 @@ def plan(cfg: TrainConfig) -> Plan:
         from safepoint.remote_dir import RemoteDir
 
         RemoteDir(cfg.remote)  # a bad URL or a missing fsspec backend: ConfigError now
-    out, resume = choose_output(cfg)
+    out, resume, new_length = choose_output(cfg)
     train, eval_data = load_data(cfg)  # before importing transformers: seconds sooner
     _quiet_libraries()
     model_path = resolve_model(cfg.model)
-    return Plan(cfg, model_path, out, resume, train, eval_data)
+    return Plan(cfg, model_path, out, resume, train, eval_data, new_length)
 
 
 def _quiet_libraries() -> None:
@@ -406,7 +462,31 @@ def build_trainer(p: Plan, callback: Any) -> Any:
         callbacks=[callback],
     )
     trainer.remove_callback(PrinterCallback)
+    if p.new_length:
+        trainer.add_callback(_schedule_for_new_length())  # after safepoint's restore
     return trainer
+
+
+def _schedule_for_new_length() -> Any:
+    """A callback that, once safepoint has restored the optimizer and scheduler, sets the
+    learning rate of the resumed step from the schedule for the run's new length: the
+    restored optimizer holds the rate the old schedule gave (0.0 at a finished run's
+    end), and the Trainer's first step would use it before the scheduler steps."""
+    from transformers import TrainerCallback
+
+    class ScheduleForNewLength(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            sched = kw.get("lr_scheduler")
+            lambdas = getattr(sched, "lr_lambdas", None)
+            if sched is None or lambdas is None or state.global_step == 0:
+                return
+            step = sched.last_epoch
+            lrs = [base * f(step) for base, f in zip(sched.base_lrs, lambdas, strict=True)]
+            for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            sched._last_lr = lrs
+
+    return ScheduleForNewLength()
 
 
 def _sharding(cfg: TrainConfig) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def job_callback(cfg: TrainConfig, *, tty: bool) -> JobCallback:
         **{k: getattr(options, k) for k in Options.names() if k != "total_steps"},
         early_stopping=cfg.early_stopping,
         resume=cfg.resume != "never",
-        info={"config": cfg.identity()},
+        info={"config": cfg.identity(), "schedule": cfg.schedule()},
     )
 
 

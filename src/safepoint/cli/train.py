@@ -29,7 +29,7 @@ _OPTIONS: list[tuple[str, Any, str]] = [
     ("lora_alpha", int, "LoRA alpha (default 16)."),
     ("lora_dropout", float, "LoRA dropout (default 0.05)."),
     ("lora_target_modules", str, "Comma-separated module names (default: PEFT's choice)."),
-    ("seed", int, "Random seed (default 42)."),
+    ("seed", int, "Random seed, 0 to 4294967295 (default 42)."),
     ("eval_split", float, "Fraction of the data held out for evaluation (default 0.1)."),
     ("eval_dataset", str, "A separate evaluation file."),
     ("eval_every", int, "Evaluate every N steps (default: at each save)."),
@@ -117,12 +117,30 @@ def _resolve(config_file: str | None, flags: dict[str, Any]) -> Any:
 def train_cmd(config_file: str | None, print_config: bool, **flags: Any):
     """LoRA (or --full) SFT with TRL; built-in tiny model and data by default.
 
-    Rerunning the same command resumes from the newest valid checkpoint.
+    Rerunning the same command resumes from the newest valid checkpoint. A resume
+    continues the saved learning rate and schedule: another --learning-rate is refused;
+    another --max-steps or --epochs applies, and the schedule is recomputed for it.
+    Exit codes: 0 done, 2 bad input, 3 stopped by a signal (at any point), 4 failure.
     """
     cfg = _resolve(config_file, flags)
     if print_config:
         click.echo(to_yaml(cfg), nl=False)
         return
+    from safepoint.options import parse_signals
+    from safepoint.signals import STOP_EXIT_CODE, TrainingStopped, hold_until_exit, stop_arrived
+
+    # Until the process exits, a stop signal means exit code 3 (a scheduler requeues on
+    # it): before training, after it (the table below), or again after a stop.
+    hold_until_exit(parse_signals(cfg.signals), where=str(cfg.output_dir))
+    try:
+        code = _run(cfg)
+    except TrainingStopped:  # its line was logged where it was raised
+        return STOP_EXIT_CODE
+    return STOP_EXIT_CODE if stop_arrived() else code
+
+
+def _run(cfg: TrainConfig) -> int | None:
+    """Train, then report: the line ``done: ...`` and the run's table."""
     from safepoint.app.training import train
 
     tty = sys.stdout.isatty()
@@ -140,6 +158,7 @@ def train_cmd(config_file: str | None, print_config: bool, **flags: Any):
             f"committed, {outcome.seconds:.0f} s"
         )
     _summary(str(outcome.output_dir), cfg)
+    return None
 
 
 COMMANDS = [train_cmd]
