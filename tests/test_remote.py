@@ -347,3 +347,24 @@ def test_safepoint_train_says_the_remote_is_unavailable_in_one_line(
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "could be downloaded" in errors[0] and "rerun when the remote" in errors[0]
+
+
+def test_a_fresh_machine_never_resumes_the_line_a_rollback_replaced(tmp_path: Path) -> None:
+    remote = f"file://{tmp_path / 'remote'}"
+    opts = {"save_every": 1, "keep_last": 10, "remote": remote}
+    with Checkpointer(tmp_path / "a", total_steps=4, **opts) as c:
+        train(c, model_state(), range(4))  # 1, 2, 3, 4 mirrored
+    state = model_state(64)
+    with Checkpointer(tmp_path / "a", total_steps=4, **opts) as c:
+        assert c.restore(state, checkpoint=2) == 2  # a rollback; the new line reaches 3 only
+        train(c, state, range(2, 3))
+        c.flush()
+    new3 = (tmp_path / "a" / "checkpoint-3" / "model.safetensors").read_bytes()
+    rdir = RemoteDir(remote)
+    assert rdir.steps() == [1, 2, 3, 4] and rdir.latest_step() == 3  # the old 4 is there
+    with Checkpointer(tmp_path / "b", **opts) as c:  # a fresh machine
+        assert c.restore(model_state()) == 3
+    assert (tmp_path / "b" / "checkpoint-3" / "model.safetensors").read_bytes() == new3
+    # A newer checkpoint of the current line is taken even if the pointer lags behind it.
+    (tmp_path / "remote" / LATEST_NAME).write_text(json.dumps({"step": 2}))
+    assert [rc.step for rc in rdir.newest_first()] == [3, 2, 1]

@@ -209,13 +209,41 @@ class RemoteDir:
         return RemoteCheckpoint(step, manifest, problems)
 
     def newest_first(self) -> Iterator[RemoteCheckpoint]:
-        """Valid remote checkpoints, newest first; logs each newer one skipped."""
+        """Valid remote checkpoints of the run's current line, newest first; logs each
+        newer one skipped. A checkpoint newer than the ``latest`` pointer is taken only
+        if its manifests' parents lead back to the pointer's checkpoint: one left by a
+        line of the run that a resume from an earlier step replaced is not."""
+        pointer = self.latest_step()
         for step in reversed(self.steps()):
             rc = self.check(step)
-            if rc.valid:
-                yield rc
-            else:
+            if not rc.valid:
                 log.warning("remote %s/%s skipped: %s", self.url, rc.name, "; ".join(rc.problems))
+            elif pointer is not None and step > pointer and not self._descends(rc, pointer):
+                log.warning(
+                    "remote %s/%s skipped: another line of the run (it does not descend from "
+                    "checkpoint-%d, the remote's latest)",
+                    self.url,
+                    rc.name,
+                    pointer,
+                )
+            else:
+                yield rc
+
+    def _descends(self, rc: RemoteCheckpoint, ancestor: int) -> bool:
+        """Whether the parents recorded from ``rc`` back lead to the valid remote
+        ``checkpoint-<ancestor>`` with the very manifest it has now."""
+        manifest = rc.manifest
+        while manifest is not None and manifest.parent is not None:
+            parent = manifest.parent
+            if parent.step < ancestor:
+                return False
+            found = self.check(parent.step)
+            if found.manifest is None or found.manifest.digest != parent.manifest:
+                return False
+            if parent.step == ancestor:
+                return found.valid
+            manifest = found.manifest
+        return False
 
     def latest_step(self) -> int | None:
         """The step the ``latest`` pointer names, or None."""
