@@ -6,7 +6,7 @@ loaded (weights included: the callback loads them only once the optimizer and sc
 states fit). A rejection there is a ``Rejected``; the ``train`` wrapper catches it and
 calls the Trainer's ``train`` again from the next older valid checkpoint (the rejected
 one is skipped by the same ``Resumer.pick`` as damage found earlier, and the run record
-says why), or stops with one line when the checkpoint was named explicitly. Before the
+says why), or stops with its one-line error when the checkpoint was named explicitly. Before the
 second call it puts back what the first one changed: the RNG states (the Trainer may
 draw before ``on_train_begin``) and the optimizer the Trainer created (it keeps it
 between calls; a fresh one is built again, as in an uninterrupted run).
@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from safepoint.errors import ConfigError, CorruptCheckpointError, IncompatibleCheckpointError
+from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from safepoint.integrations import hf_sharded as sharded
 from safepoint.integrations.hf_view import remove_view
 from safepoint.rng import capture_rng, restore_rng
@@ -54,12 +54,7 @@ class Fallback:
         """Record ``rejected`` and undo the first call's changes; raise for an explicitly
         named checkpoint (one line: there is no other to fall back to)."""
         error = rejected.error
-        if explicit:
-            if isinstance(error, CorruptCheckpointError):
-                raise ConfigError(
-                    f"{error}; name another checkpoint to resume from, or let the run pick "
-                    "the newest valid one"
-                ) from None
+        if explicit:  # the error a plain Checkpointer gives for it, as every entry point
             raise error from None
         self.rejected[str(rejected.info.path)] = error
         restore_rng(self.rng)

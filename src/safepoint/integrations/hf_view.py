@@ -29,7 +29,7 @@ from typing import Any
 
 from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from safepoint.fileio import read_regular
-from safepoint.format import read_safetensors
+from safepoint.format import parse_safetensors
 from safepoint.integrations.hf_layout import (
     TRAINER_STATE_NAME,
     adapter_files,
@@ -134,7 +134,8 @@ def make_view(
         entry = manifest.files[weights_name]
         _link_or_copy(info.path / weights_name, view / weights_name, entry.size)
         # Re-read from the view: what the Trainer will load is what is verified here.
-        tensors, _ = read_safetensors(view / weights_name, size=entry.size, checksum=entry.checksum)
+        data = read_regular(view / weights_name, size=entry.size, checksum=entry.checksum)
+        tensors, _ = parse_safetensors(data, where=str(info.path / weights_name))
         _check_tensors(tensors, live, str(info.path / weights_name))
         del tensors
         (view / _config_name(weights_name)).write_bytes(config)
