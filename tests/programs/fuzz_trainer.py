@@ -106,7 +106,7 @@ def mutate_tensors(ck: Path, rng: random.Random, file: str = "optimizer.safetens
     elif kind == "drop":
         header, data = _retile(header, data, name, b"")
         del header[name]
-    elif kind in ("step_shape", "step_dtype"):
+    elif kind in ("step_shape", "step_dtype") and file.startswith("optimizer"):
         step = rng.choice([k for k in header if k.endswith(".step")])
         if kind == "step_shape":  # a step of 2 elements
             old = header[step]
