@@ -7,6 +7,8 @@ All real processes: ``safepoint train`` on the built-in tiny model, the user scr
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -77,6 +79,35 @@ def test_a_stop_prints_one_line_and_no_error(tmp_path: Path, sig: signal.Signals
     assert f"stopped by {sig.name} at step" in stops[0], stops
     assert "emergency checkpoint" in stops[0] or " holds; rerun" in stops[0], stops
     assert not [line for line in lines if "Error" in line], lines
+
+
+def test_a_stopped_and_resumed_run_fits_80_columns(tmp_path: Path) -> None:
+    """#29 item 4: every line of a run stopped by SIGINT and of its rerun (progress,
+    saves with their metrics, the stop lines, the resume, the final table) is at most
+    80 characters at COLUMNS=80, and nothing was cut: the save lines keep every metric."""
+    env = {**os.environ, "COLUMNS": "80"}
+    argv = [*safepoint_cmd("train", "--output-dir", "run"), *SHORT[2:], "--max-steps", "12"]
+    proc = subprocess.Popen(
+        argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "checkpoint-3").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, "no first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr
+    rerun = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    said = stdout + stderr + rerun.stdout + rerun.stderr
+    wide = [line for line in said.splitlines() if len(line) > 80]
+    assert not wide, "\n".join(wide)
+    assert "received SIGINT" in stderr and "stopped by SIGINT" in stderr
+    assert "resuming from run/checkpoint-" in rerun.stdout and "latest: run/checkpoint-12" in said
+    saves = [line for line in said.splitlines() if line.startswith(("saved ", "saving "))]
+    for line in saves:  # each save's metrics, whole, on its line or the next
+        after = said.splitlines()[said.splitlines().index(line) + 1]
+        assert re.search(r"loss \d+\.\d{4}$", line) or re.fullmatch(r"  \S.*\d{4}", after)
 
 
 # ---------------------------------------------------------------------- resume

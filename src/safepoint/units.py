@@ -69,3 +69,44 @@ def format_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
         for r in [head, *rows]
     ]
+
+
+# Where a long line breaks, best first: after a clause ("; "), between two fields ("  "),
+# before a parenthesis, after a colon; then at any space. Never inside a word: a number,
+# a path or a value is never cut.
+_BREAKS = tuple(
+    re.compile(r) for r in (r"(?<=; )", r"(?<=\S  )(?=\S)", r"(?<= )(?=\()", r"(?<=: )")
+)
+
+
+def wrap_text(text: str, width: int, *, indent: str = "  ") -> list[str]:
+    """``text`` as lines of at most ``width`` characters, later lines indented by
+    ``indent``, each broken at the best place (see ``_BREAKS``) in the last 40% of its
+    room, else at its last space. A word longer than the room (a long path) stays
+    whole on a line of its own."""
+    lines: list[str] = []
+    for part in text.split("\n"):
+        rest, room = part, width
+        while len(rest) > room:
+            cut = _break(rest, room)
+            if cut is None:
+                break
+            lines.append(rest[:cut].rstrip())
+            rest, room = indent + rest[cut:].lstrip(), width
+        lines.append(rest)
+    return lines
+
+
+def _break(text: str, room: int) -> int | None:
+    """Where the line ``text`` ends when it may hold ``room`` characters, or None."""
+    body = len(text) - len(text.lstrip())  # an indent is no place to break
+    for rule in _BREAKS:
+        ends = [m.start() for m in rule.finditer(text, body)]
+        fits = [e for e in ends if len(text[:e].rstrip()) <= room and e >= room * 0.6]
+        if fits:
+            return fits[-1]
+    spaces = [m.start() for m in re.finditer(" ", text) if m.start() > body]
+    inside = [s for s in spaces if s <= room]
+    if inside:
+        return inside[-1]
+    return spaces[0] if spaces else None

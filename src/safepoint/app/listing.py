@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from safepoint.app.runs import policy_from_options, retention_view, run_directory, run_policy
 from safepoint.records import save_timings
 from safepoint.remote import upload_states
-from safepoint.units import format_duration, format_size
+from safepoint.units import format_duration, format_size, wrap_text
 from safepoint.validity import Aside, CheckpointInfo, aside_folders, scan
 
 if TYPE_CHECKING:
@@ -161,7 +161,8 @@ def render_listing(listing: Listing, *, width: int | None) -> Page:
     """The listing as a page that fits ``width`` columns (None: every column)."""
     infos = listing.infos
     if not infos:
-        return Page(f"{listing.directory}: no checkpoints yet", after=aside_lines(listing))
+        after = _fitted(aside_lines(listing), width)
+        return Page(f"{listing.directory}: no checkpoints yet", after=after)
     columns = _ls_columns(listing)
     shown, fitted = _fit(columns, width)
     after = []
@@ -171,7 +172,13 @@ def render_listing(listing: Listing, *, width: int | None) -> Page:
     if listing.note:
         after.append(listing.note)
     after += aside_lines(listing)
-    return Page(str(listing.directory), _table(shown), fitted, after)
+    return Page(str(listing.directory), _table(shown), fitted, _fitted(after, width))
+
+
+def _fitted(lines: list[str], width: int | None) -> list[str]:
+    """The lines below the table fitted to ``width`` too: broken at a clause or a space,
+    never inside a name or a number (None: as they are)."""
+    return lines if width is None else [part for t in lines for part in wrap_text(t, width)]
 
 
 # ------------------------------------------------------------------ the ls table

@@ -14,7 +14,7 @@ import click
 from safepoint.app.config import TrainConfig
 from safepoint.engine import PendingSave
 from safepoint.integrations.hf import SafepointCallback
-from safepoint.units import format_duration, format_size
+from safepoint.units import format_duration, format_size, wrap_text
 from safepoint.validity import CheckpointInfo
 
 _CLEAR_LINE = "\r\x1b[K"  # back to the start of the live progress line and erase it
@@ -194,9 +194,19 @@ class JobCallback(SafepointCallback):
             what = f"saved {save.path} in {took} ({format_size(info.size)})"
         else:
             what = f"saving {save.path} in the background ({took} stall)"
-        self._echo(f"{_CLEAR_LINE if self.tty else ''}{what}{'  ' + metrics if metrics else ''}")
+        # Too wide for one line: the metrics go on the next, whole (a terminal would
+        # wrap inside a number).
+        whole = f"{what}  {metrics}" if metrics else what
+        if len(whole) > terminal_width():
+            whole = f"{what}\n  {metrics}" if metrics else what
+        if self.tty and self.reports:
+            click.echo(_CLEAR_LINE, nl=False)
+        self._echo(whole)
         self.line_open = False
 
     def _echo(self, text: str, *, nl: bool = True) -> None:
+        """``text`` to stdout (rank 0 only); a whole line is fitted to the terminal."""
         if self.reports:
+            if nl:
+                text = "\n".join(wrap_text(text, terminal_width()))
             click.echo(text, nl=nl)

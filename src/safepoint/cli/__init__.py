@@ -6,6 +6,7 @@ import errno
 import importlib
 import logging
 import re
+import shutil
 import sys
 from typing import Any
 
@@ -13,6 +14,7 @@ import click
 
 from safepoint import __version__
 from safepoint.errors import SafepointError
+from safepoint.units import wrap_text
 
 # Command name -> "module:attribute" in this package. A command's module is imported only
 # when that command runs (or `--help` lists it): `safepoint ls` never imports `train`'s
@@ -56,11 +58,18 @@ class LazyGroup(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Log every save and decision.")
 def cli(verbose: bool) -> None:
     """Crash-proof checkpointing for fine-tuning runs."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="safepoint: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Fitted("safepoint: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+
+
+class _Fitted(logging.Formatter):
+    """Log lines that fit the terminal (``COLUMNS``, else 80 when piped), broken at a
+    clause or a space into indented continuation lines: never inside a number or a path."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        width = shutil.get_terminal_size().columns
+        return "\n".join(wrap_text(super().format(record), max(width, 40)))
 
 
 def main(argv: list[str] | None = None) -> int:
