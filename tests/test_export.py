@@ -67,6 +67,30 @@ def test_bad_requests(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert (busy / "f").read_text() == "keep me"
 
 
+def test_a_corrupt_best_exits_4_and_names_the_others(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """#29 item 6: the best checkpoint's weights flipped on disk (sizes unchanged, so only
+    the checksums tell): exit 4, one line that names the checkpoints to export instead."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    capsys.readouterr()
+    assert main(["export", str(run), "--checkpoint", "best", "--out", str(tmp_path / "o")]) == 0
+    best = capsys.readouterr().out.split()[1]  # "exported <path> (adapter) to ..."
+    weights = Path(best) / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert main(["export", str(run), "--checkpoint", "best", "--out", str(tmp_path / "x")]) == 4
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"Error: {best}: "), err
+    others = sorted({"checkpoint-3", "checkpoint-6"} - {Path(best).name})
+    assert err[0].endswith(f"export another with --checkpoint <step>: {', '.join(others)}")
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_full_fine_tune_exports_with_its_tokenizer_and_generates(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -62,7 +62,13 @@ def pick(directory: Path, which: str, *, metric: str = "eval_loss") -> Checkpoin
         raise ConfigError(f"--checkpoint {which!r}: give best, latest or a step number")
     deep = inspect(info.path, deep=True)
     if not deep.valid:
-        raise CorruptCheckpointError(f"{info.path}: {'; '.join(deep.problems)}")
+        others = [i.name for i in valid if i.step != info.step]
+        then = (
+            f"export another with --checkpoint <step>: {', '.join(others)}"
+            if others
+            else "no other checkpoint to export"
+        )
+        raise CorruptCheckpointError(f"{info.path}: {'; '.join(deep.problems)}; {then}")
     return deep
 
 
