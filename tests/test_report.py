@@ -177,7 +177,7 @@ def test_cli_writes_png_and_self_contained_html(run_dir: Path, tmp_path: Path, c
 
     assert main(["report", str(run_dir), "--out", str(tmp_path / "j"), "--json"]) == 0
     body = json.loads(capsys.readouterr().out)
-    assert body["files"]["png"].endswith("report.png")
+    assert not (tmp_path / "j").exists()  # --json only prints (#29 item 8)
     assert [c["kind"] for c in body["checkpoints"]][:2] == ["deleted", "best"]
     assert body["resumes"][0]["steps_lost"] == 2
 
@@ -241,6 +241,31 @@ def test_stock_trainer_directory_shows_loss_and_checkpoints(stock_dir: Path) -> 
     page = paths["html"].read_text()
     assert "stock Trainer" in page
     assert page.count("<img class=plot") == 1  # no empty timing and disk panels
+
+
+def test_stock_trainer_page_says_what_is_true(
+    stock_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """#29 item 8: on a stock Trainer folder the checkpoint table holds the metrics that
+    matter (the others folded below it), the cards count its checkpoints (not "saves 0"),
+    and ``report --json`` prints JSON and writes nothing."""
+    data = extract(stock_dir)
+    page = write_report(data, tmp_path / "r")["html"].read_text()
+    table = page.split("<h2>Checkpoints on disk</h2>")[1].split("</table>")[0]
+    headers = re.findall(r"<th>([^<]*)</th>", table)
+    assert headers[-3:] == ["kept because", "stall", "write"]
+    assert {"loss", "eval_loss"} >= set(headers[4:-3]) and "eval_runtime" not in headers
+    assert "<details><summary>Other logged metrics" in page and "eval_runtime" in page
+    cards = dict(
+        (k, v) for v, k in re.findall(r"<div class=card><b>([^<]*)</b><span>([^<]*)</span>", page)
+    )
+    assert "saves" not in cards
+    assert cards["checkpoints (save times not recorded)"] == str(len(data.checkpoints)) != "0"
+    assert "best by eval_loss" in page
+    before = sorted(p.name for p in stock_dir.iterdir())
+    assert main(["report", str(stock_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == "trainer_state"
+    assert sorted(p.name for p in stock_dir.iterdir()) == before
 
 
 @pytest.mark.crash

@@ -59,7 +59,11 @@ def _table(headers: list[str], rows: list[list[str]], numeric: set[int]) -> str:
 def _kept_table(data: ReportData) -> str:
     if not data.kept:
         return "<p>No checkpoint on disk.</p>"
-    names = sorted({k for row in data.kept for k in row.metrics})
+    logged = sorted({k for row in data.kept for k in row.metrics})
+    # The metrics that choose and judge a checkpoint; the rest (a stock Trainer logs a
+    # dozen) go below, else the table scrolled sideways at 1200 px and hid "write".
+    names = [k for k in logged if k in ("loss", "eval_loss", data.metric)]
+    rest = [k for k in logged if k not in names]
     rows = [
         [
             r.name,
@@ -74,8 +78,24 @@ def _kept_table(data: ReportData) -> str:
         for r in data.kept
     ]
     headers = ["checkpoint", "step", "size", "saved", *names, "kept because", "stall", "write"]
-    return _table(
+    table = _table(
         headers, rows, {1, 2, *range(4, 4 + len(names)), len(headers) - 2, len(headers) - 1}
+    )
+    return table + _other_metrics(data, rest)
+
+
+def _other_metrics(data: ReportData, names: list[str]) -> str:
+    """The other metrics of each checkpoint: a folded section, one row per metric."""
+    if not names:
+        return ""
+    rows = [
+        [k, *(f"{r.metrics[k]:.4g}" if k in r.metrics else "-" for r in data.kept)] for k in names
+    ]
+    headers = ["metric", *(r.name for r in data.kept)]
+    return (
+        f"<details><summary>Other logged metrics ({len(names)})</summary>"
+        + _table(headers, rows, set(range(1, len(headers))))
+        + "</details>"
     )
 
 
@@ -88,7 +108,10 @@ def _cards(data: ReportData) -> str:
         ("last step logged", "-" if last is None else str(last)),
         ("restarts", str(len(data.resumes))),
         ("steps lost", str(sum(r.steps_lost or 0 for r in data.resumes))),
-        ("saves", str(len(committed))),
+        # A stock Trainer's folder has no record of its saves: its checkpoints, not "0".
+        ("saves", str(len(committed)))
+        if data.source != "trainer_state"
+        else ("checkpoints (save times not recorded)", str(len(data.checkpoints))),
         ("training stall, total", format_duration(sum(stalls)) if stalls else "-"),
         ("deleted by retention", str(sum(1 for m in data.checkpoints if m.deleted_by))),
         ("disk now", format_size(data.disk[-1][1]) if data.disk else "-"),
@@ -140,6 +163,13 @@ def _img(name: str, png: bytes, alt: str) -> str:
     return f'<figure><img class=plot id="plot-{name}" alt="{_esc(alt)}" src="{src}"></figure>'
 
 
+def _best_by(data: ReportData) -> str:
+    """How the best checkpoint is chosen, or that none can be: no metric logged."""
+    if any(m.kind == "best" for m in data.checkpoints):
+        return f"best by {data.metric} ({data.mode})"
+    return f"no best checkpoint: none has {data.metric}"
+
+
 def html_page(data: ReportData, images: dict[str, bytes]) -> str:
     """One HTML document with everything inline: styles, images as data URIs, tables."""
     alts = {
@@ -156,7 +186,7 @@ def html_page(data: ReportData, images: dict[str, bytes]) -> str:
 <body data-plots-loaded=0><main>
 <h1>safepoint report</h1>
 <div class=sub>{_esc(data.directory)} &middot; source: {_esc(data.source)} &middot;
-best by {_esc(data.metric)} ({_esc(data.mode)}) &middot; generated
+{_esc(_best_by(data))} &middot; generated
 {_esc(time.strftime("%Y-%m-%d %H:%M:%S"))}</div>
 {notes}<div class=cards>{_cards(data)}</div>
 {plots}

@@ -25,15 +25,15 @@ def report_cmd(directory: str, out: str | None, as_json: bool) -> None:
 
     Writes report.png and a self-contained report.html (no network needed to view it).
     Also works on a directory written by the stock Trainer (loss and checkpoints).
+    With --json it only prints the data: it writes no file.
     """
+    data = extract(directory)
+    if as_json:
+        click.echo(json.dumps(data.to_json(), indent=1))
+        return
     from safepoint.report_render import write_report
 
-    data = extract(directory)
     paths = write_report(data, Path(out) if out else Path(directory))
-    if as_json:
-        body = {"files": {k: str(v) for k, v in paths.items()}, **data.to_json()}
-        click.echo(json.dumps(body, indent=1))
-        return
     committed = [s for s in data.saves if s.result == "committed"]
     stall = sum(s.stall_s or 0.0 for s in committed)
     click.echo(
