@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +155,76 @@ def test_hunt_sigterm_resumes_on_safepoint_train(
     rc = main(args)
     out = capsys.readouterr().out
     assert rc == 0, out
+
+
+def test_a_power_cut_sample_falls_inside_the_saves() -> None:
+    """#29 item 7: ``--power-cut --sample 2`` on a 10-step run cut before the write
+    probe and after the end, so no cut fell inside a save, and it said PASS."""
+    from safepoint.app.chaos_powercut import cut_points
+    from safepoint.powercut.journal import Event
+
+    paths = [".safepoint-probe", "safepoint.log"]
+    for step in (5, 10):
+        staging = f".staging-checkpoint-{step}-ab12"
+        paths += [staging, f"{staging}/adapter_model.safetensors", f"{staging}/state.json"]
+        paths += [f"checkpoint-{step}", "safepoint.log"]
+    events = [Event(n, "write", p, {}) for n, p in enumerate(paths, 1)]
+    for k in (1, 2, 3):
+        cuts = cut_points(events, k)
+        assert len(cuts) == k
+        assert all("checkpoint-" in events[c - 1].path for c in cuts), cuts
+    assert cut_points(events, None) == list(range(1, len(events) + 2))  # all, and the end
+    assert cut_points(events[:2], 2) == []  # no save: no sample (the run says so, FAIL)
+
+
+# A run that says it started (its pid, in its output directory) and then trains long.
+SLEEPER = (
+    "import os, sys, time; os.makedirs(sys.argv[1]); "
+    "open(os.path.join(sys.argv[1], 'pid.part'), 'w').write(str(os.getpid())); "
+    "os.rename(os.path.join(sys.argv[1], 'pid.part'), os.path.join(sys.argv[1], 'pid')); "
+    "time.sleep(300)"
+)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # dead, not reaped
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize(
+    "mode", [pytest.param([], id="kills"), pytest.param(["--file-events"], id="forked")]
+)
+def test_a_stopped_chaos_ends_its_run_and_removes_its_folder(
+    tmp_path: Path, mode: list[str]
+) -> None:
+    """#29 item 7: SIGTERM once chaos has started a run (a fresh process, or one forked
+    from a warm zygote) ends that run at once, removes chaos's temporary folder, exits 3."""
+    argv = [PY, "-m", "safepoint", "chaos", *mode, "--kills", "1", "--", PY, "-c", SLEEPER]
+    proc = subprocess.Popen(
+        [*argv, "{out}"],
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (started := list(tmp_path.glob("safepoint-chaos-*/reference/pid"))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    pid = int(started[0].read_text())
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, out + err
+    assert "chaos: stopped by SIGTERM; ended its runs and removed" in err, err
+    assert list(tmp_path.glob("safepoint-chaos-*")) == []
+    deadline = time.monotonic() + 10  # SIGKILL'ed before chaos exited: gone at once
+    while not _gone(pid):
+        assert time.monotonic() < deadline, f"run {pid} still alive after chaos stopped"
+        time.sleep(0.05)
 
 
 def run_program(name: str, *args: object) -> None:

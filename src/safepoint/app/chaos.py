@@ -40,7 +40,7 @@ from safepoint.app.chaos_process import (
     watch,
 )
 from safepoint.errors import ConfigError
-from safepoint.units import format_table
+from safepoint.units import format_table, wrap_text
 from safepoint.validity import checkpoint_step, latest_checkpoint
 
 _TERM_WAIT = 120.0  # seconds a SIGTERM'ed run may take to save and exit
@@ -95,6 +95,7 @@ class Attempt:
     verdict: str = "ok"
     log: Path | None = None
     landed: bool = False  # killed after a checkpoint existed and before the end
+    why_not: str = ""  # a kill that did not count: why (the table's "counted" column)
     round: int = 1  # which fresh output directory (a run that ends early starts another)
 
     @property
@@ -254,7 +255,8 @@ def _kill_and_rerun(
         a.round = round_ + 1
         attempts.append(a)
         landed += a.landed
-        echo(f"  attempt {number}: {a.exit or 'done'}{'' if a.landed else ' (not counted)'}")
+        why = f" (not counted: {_WHY_NOT[a.why_not]})" if a.why_not else ""
+        echo(f"  attempt {number}: {_exit_said(a.exit) or 'done'}{why}")
         if a.failed:
             ok = False
             break
@@ -275,7 +277,7 @@ def _kill_and_rerun(
     for r in range(1, round_ + 2):
         _judge([a for a in attempts if a.round == r])
     ok = ok and not any(a.failed for a in attempts)
-    for line in _table(attempts):
+    for line in _table(attempts, kills):
         echo(line)
     if not attempts or not (attempts[-1].exit.startswith("0") or _finished(run, timing.total)):
         echo(f"chaos: the run did not complete; logs in {runner.logs}")
@@ -321,16 +323,21 @@ def _attempt(runner: Runner, number: int, out: Path, kill_: Kill | None) -> Atte
         # checkpoint or after the final one tests no resume.
         newest = latest_checkpoint(out, deep=False)
         done = checkpoint_step(newest.name) if newest is not None else None
-        a.landed = done is not None and (kill_.total is None or done < kill_.total)
+        if done is None:
+            a.why_not = "no checkpoint"
+        elif kill_.total is not None and done >= kill_.total:
+            a.why_not = "after the end"
         _deliver(proc, a, kill_.sig, log)
-        a.landed = a.landed and not a.exit.startswith("0")
+        if a.exit.startswith("0") and not a.why_not:
+            a.why_not = "ended first"
+        a.landed = not a.why_not
     elif rc is None:
         kill(proc)
         a.exit, a.verdict = "timeout", f"FAIL: did not finish within {runner.timeout:.0f} s"
     else:
         a.exit = "0" if rc == 0 else str(rc)
         if rc == 0 and kill_ is not None:
-            a.exit = "0 (done before the kill)"
+            a.why_not = "ended first"
         elif rc != 0:
             a.verdict = f"FAIL: exit {rc}: {last_line(log)}"
     runs = processes(out)
@@ -424,21 +431,50 @@ def _judge(attempts: list[Attempt]) -> None:
             prev.verdict = f"FAIL: {prev.lost} steps lost after SIGTERM (no emergency save)"
 
 
-def _table(attempts: list[Attempt]) -> list[str]:
-    head = ("#", "kill at", "signal", "counts", "exit", "resumed from", "reached", "steps lost")
+# Why a kill did not count, as the table says it (short) and as a sentence.
+_WHY_NOT = {
+    "no checkpoint": "killed before the first checkpoint, so no resume is tested",
+    "after the end": "killed after the final checkpoint, so no resume is tested",
+    "ended first": "the run ended before the kill",
+}
+
+
+def _exit_said(exit_: str) -> str:
+    return exit_ if exit_ in ("", "killed", "hung", "timeout") else f"exit {exit_}"
+
+
+def _table(attempts: list[Attempt], kills: int) -> list[str]:
+    """The attempts as a table that fits 80 columns (a failure's reason follows it),
+    what its columns mean, and how many kills counted of the ``kills`` asked."""
+    head = ("#", "kill at", "signal", "exit", "counted", "resumed", "reached", "lost")
     head += ("verdict",)
     rows = [
         (
             str(a.number),
             "-" if a.kill_at is None else f"{a.kill_at:.1f} s",
             a.signal or "-",
-            "yes" if a.landed else "-",
             a.exit,
+            "yes" if a.landed else f"no: {a.why_not}" if a.why_not else "-",
             "?" if a.resumed_from is None else str(a.resumed_from or "start"),
             "?" if a.reached is None else str(a.reached),
             "?" if a.lost is None else str(a.lost),
-            a.verdict,
+            "FAIL" if a.failed else "ok",
         )
         for a in attempts
     ]
-    return format_table(head, rows)
+    lines = format_table(head, rows)
+    lines += [f"attempt {a.number}: {a.verdict}" for a in attempts if a.failed]
+    lines += [
+        "resumed: the step the attempt resumed from; reached: its last step; lost: steps",
+        "the next attempt trained again; ?: not known (the run stopped before its record",
+        "said it, or no later attempt resumed); counted: a kill between the first",
+        "checkpoint and the final one, which is what tests a resume",
+    ]
+    counted = sum(a.landed for a in attempts)
+    extra = [a for a in attempts if a.why_not and a.kill_at is not None]
+    lines.append(f"{counted} of {kills} kills counted")
+    if extra:
+        lines[-1] += f"; {len(extra)} more not counted: " + "; ".join(
+            f"attempt {a.number}, {_WHY_NOT[a.why_not]}" for a in extra
+        )
+    return [part for line in lines for part in wrap_text(line, 80)]

@@ -20,6 +20,7 @@ already tested (same paths, same bytes) is not rerun: the command is determinist
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ from safepoint.app.chaos_compare import compare
 from safepoint.app.chaos_process import Runner, kill, last_line, resumed_from, watch
 from safepoint.errors import ConfigError
 from safepoint.powercut import PowerCutFS, available, tree_digest
-from safepoint.powercut.journal import Journal
+from safepoint.powercut.journal import Event, Journal
 from safepoint.units import format_table
 from safepoint.validity import latest_checkpoint
 
@@ -53,14 +54,28 @@ class Case:
         return self.verdict != "ok"
 
 
-def spread(n: int, k: int | None) -> list[int]:
-    """``k`` of the indices ``0..n-1`` spread evenly, first and last included (all when
-    ``k`` is None or not smaller)."""
-    if k is None or k >= n:
-        return list(range(n))
-    if k <= 1:
-        return [n // 2] if k == 1 else []
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+_TENSOR_FILE = re.compile(r"\.(safetensors|pt|pth|bin|ckpt)$")
+
+
+def in_a_save(event: Event) -> bool:
+    """Whether ``event`` is part of writing a checkpoint: in a checkpoint-N folder (or
+    its staging folder), or on a tensor file (a script that saves its own way)."""
+    return "checkpoint-" in event.path or bool(_TENSOR_FILE.search(event.path))
+
+
+def cut_points(events: Sequence[Event], k: int | None) -> list[int]:
+    """The events to cut the power before (1-based; ``len(events) + 1``: after the end).
+
+    All of them and the end when ``k`` is None; else ``k`` spread evenly over the events
+    of the saves (``in_a_save``), each in the middle of its share: a sample of 2 once
+    chose the write probe and the end, and no cut fell inside a save. Empty when no
+    event is part of a save."""
+    if k is None:
+        return list(range(1, len(events) + 2))
+    saves = [i + 1 for i, e in enumerate(events) if in_a_save(e)]
+    if len(saves) <= k:
+        return saves
+    return sorted({saves[int((i + 0.5) * len(saves) / k)] for i in range(k)})
 
 
 def record(run: Runner, name: str) -> tuple[Path, Journal, float]:
@@ -173,10 +188,15 @@ def _power_cut(
     run.timeout = timeout or 3 * seconds + 60
     events = journal.numbered()
     echo(f"chaos: {len(events)} file events in {seconds:.1f} s")
-    # a cut before each event, and one after the last (nothing of the end flushed yet)
+    chosen = cut_points(events, k)
+    if not chosen:
+        echo(
+            f"chaos: none of the {len(events)} file events writes a checkpoint (a "
+            "checkpoint-N folder or a tensor file): no cut fell inside a save"
+        )
+        return False
     points = [
-        (j, f"k={j}", str(events[j - 1]) if j <= len(events) else "(after the end)")
-        for j in (i + 1 for i in spread(len(events) + 1, k))
+        (j, f"k={j}", str(events[j - 1]) if j <= len(events) else "(after the end)") for j in chosen
     ]
     # (journal, cut before, label, what it came before, the states' folder prefix)
     sources: list[tuple[Journal, int | None, str, str, str]] = [

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from safepoint.errors import ConfigError
+from safepoint.errors import ConfigError, SafepointError
 from safepoint.records import read_events
 
 HOOK_ENV = "SAFEPOINT_CHAOS_HOOK"
@@ -49,6 +49,39 @@ WARM_MODULES = (
     "safepoint.integrations.hf",
 )
 _PYTHON = re.compile(r"python[0-9.]*$")
+
+
+# Every run and zygote started in this process, so that a stop of ``safepoint chaos`` (a
+# signal) can end them: a forked run left behind trained on for ~20 s, an orphan.
+_started: list[Any] = []
+_zygotes: list[Zygote] = []
+_ended = threading.Event()  # set by end_all: no run starts after it
+
+
+def end_all(*, reap: bool = True) -> None:
+    """SIGKILL every run started here that may still run (its whole session) and the
+    zygotes; later ``Runner.start`` calls refuse. For a stopped chaos run. ``reap``:
+    also wait for them (not from a signal handler: the main thread may be in a wait)."""
+    _ended.set()
+    for proc in list(_started):
+        if getattr(proc, "returncode", None) is None:
+            kill_group(proc, signal.SIGKILL)
+            if reap and isinstance(proc, subprocess.Popen):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
+    for zygote in list(_zygotes):
+        with contextlib.suppress(ProcessLookupError):
+            zygote.proc.kill()  # its forked run, killed above, is reaped by init then
+        if reap:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                zygote.proc.wait(10)
+    if reap:
+        _started.clear()
+        _zygotes.clear()
+
+
+class ChaosStopped(SafepointError, RuntimeError):
+    """A run was to start after ``end_all``: chaos is being stopped."""
 
 
 class Process(Protocol):
@@ -104,6 +137,8 @@ class Runner:
             zygotes, self._all, self._idle = self._all, [], []
         for zygote in zygotes:
             zygote.close()
+            with contextlib.suppress(ValueError):
+                _zygotes.remove(zygote)
 
     def argv(self, out: Path) -> list[str]:
         return [arg.replace("{out}", str(out)) for arg in self.command]
@@ -134,26 +169,33 @@ class Runner:
 
     def start(self, out: Path, log: Path, spec: str | None = None) -> Process:
         """The command started in ``out``, its stdout and stderr into ``log``."""
+        if _ended.is_set():
+            raise ChaosStopped("chaos is stopping: no run starts")
         argv = self.argv(out)
+        proc: Process
         if self.target is not None:
             python, kind, what, argv0, skip = self.target
             here = str(out)
             run = (python, kind, what.replace("{out}", here), argv0.replace("{out}", here), skip)
-            return self._zygote().start(run, argv, log, spec, self._release)
-        with open(log, "wb") as f:
-            try:
-                # A session of its own: a kill reaches every process the command starts.
-                return subprocess.Popen(
-                    argv,
-                    stdout=f,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    env=self.env(spec),
-                )
-            except OSError as e:
-                raise ConfigError(
-                    f"cannot run {argv[0]!r} ({e.strerror}); check the command"
-                ) from None
+            proc = self._zygote().start(run, argv, log, spec, self._release)
+        else:
+            with open(log, "wb") as f:
+                try:
+                    # A session of its own: a kill reaches every process the command starts.
+                    proc = subprocess.Popen(
+                        argv,
+                        stdout=f,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        env=self.env(spec),
+                    )
+                except OSError as e:
+                    raise ConfigError(
+                        f"cannot run {argv[0]!r} ({e.strerror}); check the command"
+                    ) from None
+        _started[:] = [p for p in _started if getattr(p, "returncode", None) is None]
+        _started.append(proc)
+        return proc
 
     def wait(self, proc: Process, seconds: float) -> int | None:
         """Exit code, or None after killing it ``seconds`` from now."""
@@ -168,6 +210,7 @@ class Runner:
         zygote = Zygote(self.target[0], self.env(None), self.logs / f"zygote-{number}.log")
         with self._lock:
             self._all.append(zygote)
+            _zygotes.append(zygote)
         return zygote
 
     def _release(self, zygote: Zygote) -> None:

@@ -3,13 +3,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import click
 
 from safepoint.app.chaos import check_command, make_workdir, parse_modes, random_kills
 from safepoint.app.chaos_events import file_events as run_file_events
 from safepoint.app.chaos_events import parse_points
+from safepoint.app.chaos_process import end_all
+from safepoint.signals import STOP_EXIT_CODE
 from safepoint.units import parse_duration
 
 
@@ -120,7 +127,8 @@ def chaos_cmd(
     \b
         safepoint chaos --kills 5 -- safepoint train --max-steps 30 --output-dir {out}
 
-    Exit code 0: every resume worked and the results are the same; 1 otherwise.
+    Exit code 0: every resume worked and the results are the same; 1 otherwise; 3 when
+    stopped by SIGTERM or SIGINT (its runs ended, its temporary folder removed).
     """
     check_command(command)
     # Every check before the first directory is made: a refused command leaves nothing.
@@ -129,6 +137,93 @@ def chaos_cmd(
     grace = parse_duration(grace_text, what="--grace") if file_events and not power_cut else 0.0
     only = parse_points(points_text) if points_text and file_events and not power_cut else None
     work = make_workdir(workdir)
+    try:
+        with _stop_signals():
+            ok, kept = _run(
+                command,
+                work,
+                kills,
+                seed,
+                pattern,
+                use_signals,
+                file_events,
+                mode_list,
+                sample,
+                only,
+                jobs,
+                cold,
+                grace,
+                power_cut,
+                samples,
+                limit,
+            )
+    except _Stopped as e:
+        # Its runs go with it (a forked one would train on, an orphan), and a temporary
+        # folder of its own: nothing of a stopped chaos run is left but --workdir.
+        end_all()
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+        where = f"kept {work}" if workdir else f"removed {work}"
+        click.echo(f"chaos: stopped by {e.name}; ended its runs and {where}", err=True)
+        return STOP_EXIT_CODE
+    # A passed run's own temporary folder goes, a failed one's stays.
+    click.echo(f"chaos: {'PASS' if ok else 'FAIL'}")
+    if ok and workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    elif not ok:
+        click.echo(f"chaos: {kept} kept in {work}")
+    return 0 if ok else 1
+
+
+class _Stopped(BaseException):  # not an Exception: no "except Exception" may hold it
+    """SIGTERM or SIGINT arrived: unwind to ``chaos_cmd``, which ends the runs."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise ``_Stopped`` in the main thread (once: a second one while
+    the runs are ended is ignored); the previous handlers come back after."""
+
+    def stop(signum: int, _frame: object) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        end_all(reap=False)  # now: threads waiting on a run (--jobs) must not wait on
+        raise _Stopped(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(
+    command: tuple[str, ...],
+    work: Path,
+    kills: int,
+    seed: int,
+    pattern: str | None,
+    use_signals: bool,
+    file_events: bool,
+    mode_list: list[str],
+    sample: int | None,
+    only: set[int] | None,
+    jobs: int,
+    cold: bool,
+    grace: float,
+    power_cut: bool,
+    samples: int,
+    limit: float | None,
+) -> tuple[bool, str]:
+    """The chaos run of the mode asked: (passed, what a failure keeps)."""
     if power_cut:
         from safepoint.app.chaos_powercut import power_cut as run_power_cut
 
@@ -173,13 +268,7 @@ def chaos_cmd(
             echo=click.echo,
         )
         kept = "both runs"
-    # A passed run's own temporary folder goes, a failed one's stays.
-    click.echo(f"chaos: {'PASS' if ok else 'FAIL'}")
-    if ok and workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
-    elif not ok:
-        click.echo(f"chaos: {kept} kept in {work}")
-    return 0 if ok else 1
+    return ok, kept
 
 
 COMMANDS = [chaos_cmd]
