@@ -1,7 +1,8 @@
 """Training time lost to checkpointing: no saving vs stock Trainer vs safepoint sync / async.
 
 usage: python benchmarks/save_overhead.py [--quick] [--only full,lora,writer,busy]
-       [--steps N] [--save-every N] [--dir DIR] [--layers N] [--repeat N]
+       [--steps N] [--save-every N] [--dir DIR] [--layers N] [--repeat N] [--seed N]
+       [--variants none,floor,stock,...]
 
 (a) full fine-tune of a GPT-2-style model built from config (n_embd 768, 12 layers,
     vocabulary 1024: ~86M parameters, ~1 GB of weights + AdamW state), saving every 5
@@ -15,17 +16,26 @@ usage: python benchmarks/save_overhead.py [--quick] [--only full,lora,writer,bus
 (d) on_busy: a plain loop saving every step, faster than the disk can write, with
     ``on_busy="wait"`` vs ``"skip"``: total time, saves done, stall.
 
-Each variant runs in its own process (clean peak RSS). Per variant: per-save training
-stall (median, max: the wall time of the save call, ``Trainer._save_checkpoint`` for the
-stock one, ``SafepointCallback._save`` for safepoint; the run record's ``stall_s``, the
-capture-to-handover part, as a column of its own), total train() time and its overhead
-over no saving, split into the steps' share (stalls, and steps slowed by the writes
-beside them) and what comes after the last step (the final save's write); for (b) also
-the time lost paired inside each run. The "floor" variant is the least a background
-save can cost here: the copy to host memory and an ``O_DIRECT`` write and fsync of the
-same bytes, nothing else. Also: save start -> durable commit, write throughput next to
-``dd conv=fsync`` of the same size measured in the same run, peak RSS. ``--quick``
-shrinks everything to check that the script works (numbers meaningless).
+(a) and (b) run in rounds (``--repeat``): each round runs every variant once, each in
+its own process (clean peak RSS), in a new random order (``--seed``; printed), with the
+two ``dd`` baselines (``oflag=direct`` and through the page cache, both ``conv=fsync``,
+of the size of the async checkpoint) at a random place in it. Every figure is paired
+within a round: a variant's overhead is its ``train()`` time less that of the same
+round's run without saving, and its ratios are to the stock Trainer's and the floor's
+overhead in the same round; the write rate is divided by the same round's ``dd``. The
+result is the median over rounds with a bootstrap 95% interval (``_common.bootstrap_ci``),
+and every round's figures are printed.
+
+The stall is the wall time of the save call (``Trainer._save_checkpoint`` for the stock
+one, ``SafepointCallback._save`` for safepoint; the run record's ``stall_s``, the
+capture-to-handover part, in the details). Every variant keeps the last 2 checkpoints;
+the deletions made inside the save call on the training thread (the stock Trainer's
+``rotate_checkpoints``; safepoint's retention, in line only: a background save deletes
+on its writer thread) are timed and shown, and "stall less retention" takes them out so
+that the stalls compared are the same work. The "floor" variant is the least a
+background save can cost here: the copy to host memory and an ``O_DIRECT`` write and
+fsync of the same bytes, nothing else. ``--quick`` shrinks everything to check that the
+script works (numbers meaningless).
 """
 
 from __future__ import annotations
@@ -33,18 +43,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import dd_seconds, table, write_results
+from _common import bootstrap_ci, dd_write, format_ci, load_avg, table, write_results
 
 VARIANTS = (
     "none",
@@ -205,35 +217,88 @@ def _callbacks(variant: str, save_every: int, out: Path) -> list[Any]:
     return []
 
 
-def _time_calls(owner: Any, name: str) -> list[float]:
+class _TrainingThreadClock:
+    """Seconds the training (main) thread spends in the functions it wraps: the
+    deletions of old checkpoints, wherever each saver makes them."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def wrap(self, owner: Any, name: str) -> None:
+        real = getattr(owner, name)
+
+        def timed(*a: Any, **kw: Any) -> Any:
+            if threading.current_thread() is not threading.main_thread():
+                return real(*a, **kw)
+            t0 = time.perf_counter()
+            try:
+                return real(*a, **kw)
+            finally:
+                self.total += time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+
+
+def _time_calls(
+    owner: Any, name: str, retention: _TrainingThreadClock
+) -> tuple[list[float], list[float]]:
     """Wall seconds of each call of ``owner.<name>`` from now on (the training thread
-    waits for all of it): the stock Trainer's ``_save_checkpoint``, safepoint's save."""
+    waits for all of it): the stock Trainer's ``_save_checkpoint``, safepoint's save;
+    and of each, the seconds ``retention`` counted inside it."""
     stalls: list[float] = []
+    deletes: list[float] = []
     real = getattr(owner, name)
 
     def timed(*a: Any, **kw: Any) -> Any:
-        t0 = time.perf_counter()
+        t0, r0 = time.perf_counter(), retention.total
         try:
             return real(*a, **kw)
         finally:
             stalls.append(time.perf_counter() - t0)
+            deletes.append(retention.total - r0)
 
     setattr(owner, name, timed)
-    return stalls
+    return stalls, deletes
+
+
+def _time_retention(variant: str) -> _TrainingThreadClock:
+    """Count the deletions of old checkpoints made on the training thread: the stock
+    Trainer's ``rotate_checkpoints`` (inside ``_save_checkpoint``, always), safepoint's
+    ``Retention.apply`` and ``settle`` (inside the save call in line; a background save
+    makes them on its writer thread, where they stall nothing)."""
+    clock = _TrainingThreadClock()
+    if variant == "stock":
+        import transformers.trainer as hf
+
+        if hasattr(hf, "rotate_checkpoints"):  # transformers 5
+            clock.wrap(hf, "rotate_checkpoints")
+        else:
+            clock.wrap(hf.Trainer, "_rotate_checkpoints")
+    if variant in SAFEPOINT_VARIANTS:
+        from safepoint.engine.retain import Retention
+
+        clock.wrap(Retention, "apply")
+        clock.wrap(Retention, "settle")
+    return clock
 
 
 def _run_trainer(trainer: Any, variant: str, out: Path) -> dict[str, Any]:
     clock = _StepClock()
     trainer.add_callback(clock)
-    stalls = _time_calls(trainer, "_save_checkpoint") if variant == "stock" else []
+    retention = _time_retention(variant)
+    stalls: list[float] = []
+    deletes: list[float] = []
+    if variant == "stock":
+        stalls, deletes = _time_calls(trainer, "_save_checkpoint", retention)
     if variant == "floor":
         floor = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "join"))
-        stalls = _time_calls(floor, "save")
+        stalls, deletes = _time_calls(floor, "save", retention)
     if variant in SAFEPOINT_VARIANTS:
         from safepoint import SafepointCallback
 
         cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SafepointCallback))
-        stalls = _time_calls(cb, "_save")  # measured as the stock one: the whole call
+        # measured as the stock one: the whole call
+        stalls, deletes = _time_calls(cb, "_save", retention)
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
@@ -243,6 +308,7 @@ def _run_trainer(trainer: Any, variant: str, out: Path) -> dict[str, Any]:
         "step_times": clock.times,
         "peak_rss": _peak_rss(),
         "stalls": stalls,
+        "retention_in_stall": deletes,
     }
     if variant in SAFEPOINT_VARIANTS:
         from safepoint.records import read_events
@@ -322,7 +388,12 @@ def child_lora(variant: str, out: Path, steps: int, save_every: int, quick: bool
     from transformers.trainer_utils import SaveStrategy
 
     from safepoint.app.config import TrainConfig
-    from safepoint.app.job import build_trainer, plan
+    from safepoint.app.job import plan
+
+    try:
+        from safepoint.app.sft import build_trainer
+    except ImportError:  # before build_trainer moved out of app/job.py
+        from safepoint.app.job import build_trainer  # type: ignore[attr-defined,no-redef]
 
     # Evaluation every half interval: the steps that evaluate without saving are each
     # run's own control for the ones that evaluate and save (``_paired``).
@@ -412,12 +483,13 @@ def _write_loop(
     done.put((n, busy, cpu))
 
 
-def child_writer(out: Path, steps: int, quick: bool) -> dict:
+def child_writer(out: Path, steps: int, quick: bool, seed: int = 0) -> dict:
     """Median step time of a training loop: idle, and while each write path writes 1 GB
     over and over in the background (thread or process, page cache or O_DIRECT, hash in
     the write pass or after it). Writer CPU seconds per GB from the writer thread's own
-    clock (kernel writeback threads are not in it). Conditions alternate over 3 rounds
-    so that a change of machine load hits all alike.
+    clock (kernel writeback threads are not in it). Conditions alternate over 3 rounds,
+    in a random order each (seeded by ``seed``), so that a change of machine load hits
+    all alike and none always follows the same one.
     """
     import queue
     import threading
@@ -463,9 +535,15 @@ def child_writer(out: Path, steps: int, quick: bool) -> dict:
     time.sleep(5.0)  # a child process imports torch
     step_times()  # warm-up
     times: dict[str, list[float]] = {"idle": [], **{name: [] for name in writers}}
+    rng, orders = random.Random(seed), []
     for _ in range(3):
-        times["idle"] += step_times()
-        for name, (active, _) in writers.items():
+        order = rng.sample(list(times), len(times))
+        orders.append(order)
+        for name in order:
+            if name == "idle":
+                times["idle"] += step_times()
+                continue
+            active = writers[name][0]
             active.set()
             time.sleep(0.2)
             times[name] += step_times()
@@ -481,7 +559,9 @@ def child_writer(out: Path, steps: int, quick: bool) -> dict:
         rows.append([name, step, step / idle, n * gb / busy if busy else None, cpu / (n * gb)])
     for w, _ in stops:
         w.join()
-    return {"rows": rows, "gb": gb, "peak_rss": _peak_rss()}
+    short = {name: str(i) for i, name in enumerate(times)}  # idle 0, then the table's rows
+    order_text = "; ".join(" ".join(short[n] for n in o) for o in orders)
+    return {"rows": rows, "gb": gb, "peak_rss": _peak_rss(), "orders": order_text}
 
 
 def child_busy(out: Path, steps: int, quick: bool) -> dict:
@@ -523,6 +603,7 @@ def _child(kind: str, variant: str, base: Path, args: argparse.Namespace) -> dic
     out = base / f"{kind}-{variant}"
     cmd = [sys.executable, __file__, "--child", kind, "--variant", variant, "--out", str(out)]
     cmd += ["--steps", str(args.steps[kind]), "--save-every", str(args.save_every[kind])]
+    cmd += ["--seed", str(args.seed)]
     cmd += ["--quick"] if args.quick else []
     cmd += ["--layers", str(args.layers)] if args.layers else []
     t0 = time.perf_counter()
@@ -537,53 +618,32 @@ def _child(kind: str, variant: str, base: Path, args: argparse.Namespace) -> dic
     return result
 
 
-def _median_run(runs: list[dict]) -> dict:
-    """The run of median total time (the lower middle one of an even count)."""
-    total = statistics.median_low(r["total_s"] for r in runs)
-    run = next(r for r in runs if r["total_s"] == total)
-    return {**run, "all_total_s": [r["total_s"] for r in runs], "all_runs": runs}
-
-
 # Steps around a save whose time it may lengthen: the saving step (safepoint saves in
 # on_step_end), the next (the stock Trainer saves after the callbacks) and two more (a
 # background write of 1 GB takes a step or two).
 WINDOW = 4
 
 
-def _by_round(res: dict[str, dict], v: str) -> list[float] | None:
-    """``v``'s overhead over no saving as a share of the stock Trainer's, one per round:
-    the variants of a round run one after the other, so a change of machine speed
-    between rounds (the run without saving took 15.0 to 16.2 s in one benchmark) hits
-    the three alike."""
-    if v not in res or "stock" not in res:
-        return None
-    rounds = zip(res[v]["all_runs"], res["stock"]["all_runs"], res["none"]["all_runs"], strict=True)
-    return [(r["total_s"] - n["total_s"]) / (s["total_s"] - n["total_s"]) for r, s, n in rounds]
-
-
-def _paired(runs: list[dict], save_every: int) -> float | None:
-    """Training time lost to saving, paired inside each run: the excess of the steps
+def _lost_in_run(run: dict, save_every: int) -> float | None:
+    """Training time lost to saving, paired inside one run: the excess of the steps
     around each save less the mean excess of the same steps around the evaluations that
-    do not save (half an interval earlier: (b) evaluates every half interval); median of
-    runs. Immune to a run's speed and to the evaluation's cost, which the saving runs
-    and the one that does not save both pay (their difference drifts with the load as
-    much as a small save costs). The table subtracts the value of the run that does not
-    save (the two sets of evaluation steps differ a little there too)."""
+    do not save (half an interval earlier: (b) evaluates every half interval). Immune to
+    a run's speed and to the evaluation's cost, which the saving runs and the one that
+    does not save both pay. The round's figure subtracts the value of the run that does
+    not save in the same round (the two sets of evaluation steps differ a little there
+    too)."""
     half = save_every // 2
-    if not runs or save_every % 2 or not all(r.get("step_times") for r in runs):
+    times = run.get("step_times")
+    if not times or save_every % 2:
         return None
-    lost = []
-    for r in runs:
-        times = r["step_times"]
-        median = statistics.median(times)
+    median = statistics.median(times)
 
-        def excess(step: int, times: list[float] = times, median: float = median) -> float:
-            return sum(t - median for t in times[step - 1 : step - 1 + WINDOW])
+    def excess(step: int) -> float:
+        return sum(t - median for t in times[step - 1 : step - 1 + WINDOW])
 
-        saves = range(save_every, len(times) + 1, save_every)
-        control = statistics.mean(excess(s - half) for s in saves)
-        lost.append(sum(excess(s) - control for s in saves))
-    return statistics.median(lost)
+    saves = range(save_every, len(times) + 1, save_every)
+    control = statistics.mean(excess(s - half) for s in saves)
+    return sum(excess(s) - control for s in saves)
 
 
 def _med(xs: list[float] | None) -> float | None:
@@ -591,139 +651,287 @@ def _med(xs: list[float] | None) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def _trainer_table(res: dict[str, dict], dd_gb_s: float, save_every: int) -> tuple[str, dict]:
-    base = res["none"]
-    rows, summary = [], {}
-    base_paired = _paired(base.get("all_runs", []), save_every)
-    paired = base_paired is not None
-    for v in res:
-        r = res[v]
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``; None where ``b`` is not above zero (a round where the stock Trainer
+    cost nothing measurable gives no ratio, rather than a huge or negative one)."""
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
+def round_figures(rnd: dict, save_every: int) -> dict[str, dict[str, float | None]]:
+    """Each variant's figures in one round, paired with the same round's run without
+    saving (the variants of a round run back to back, in a random order, so a change of
+    machine speed between rounds does not enter a difference or a ratio)."""
+    runs, dd = rnd["runs"], rnd["dd"]
+    none = runs["none"]
+    none_lost = _lost_in_run(none, save_every)
+    figs: dict[str, dict[str, float | None]] = {}
+    for v, r in runs.items():
         stalls = r.get("stalls") or []
-        nbytes = _med(r.get("bytes"))
-        write = _med(r.get("write_s"))
-        overhead = r["total_s"] - base["total_s"]
-        extra_rss = r["peak_rss"] - base["peak_rss"]
-        row = {
-            "variant": VARIANT_NAMES[v],
-            "saves": len(stalls),
-            "stall_med_s": _med(stalls),
-            "stall_max_s": max(stalls) if stalls else None,
-            "recorded_stall_s": _med(r.get("recorded_stalls")),
+        retention = r.get("retention_in_stall") or [0.0] * len(stalls)
+        nbytes, write = _med(r.get("bytes")), _med(r.get("write_s"))
+        write_gb_s = nbytes / write / 1e9 if nbytes and write else None
+        lost = _lost_in_run(r, save_every)
+        figs[v] = {
             "total_s": r["total_s"],
-            "overhead_s": overhead if v != "none" else None,
-            "overhead_by_round": _by_round(res, v) if v not in ("none", "stock") else None,
+            "overhead_s": r["total_s"] - none["total_s"],
             # the overhead in two parts: the steps (the stall, and training slowed by the
             # writes beside it), and after the last step (the final save's write)
-            "steps_over_s": sum(r["step_times"]) - sum(base["step_times"]) if v != "none" else None,
+            "steps_over_s": sum(r["step_times"]) - sum(none["step_times"]),
             "after_last_s": (r["total_s"] - sum(r["step_times"]))
-            - (base["total_s"] - sum(base["step_times"]))
-            if v != "none"
+            - (none["total_s"] - sum(none["step_times"])),
+            "saves": len(stalls),
+            "stall_s": _med(stalls),
+            "stall_max_s": max(stalls) if stalls else None,
+            # the same work for every variant: the stall less the deletions of old
+            # checkpoints made inside the save call (on the training thread)
+            "stall_less_retention_s": _med([s - d for s, d in zip(stalls, retention, strict=True)]),
+            "retention_in_stall_s": _med(retention) if stalls else None,
+            "recorded_stall_s": _med(r.get("recorded_stalls")),
+            "lost_paired_s": lost - none_lost
+            if lost is not None and none_lost is not None
             else None,
-            # less the same measure of the run that does not save: its steps around the
-            # evaluations of the saving steps and of the others differ a little already
-            "paired_s": _paired(r.get("all_runs", []), save_every) - base_paired
-            if paired and v != "none"
-            else base_paired,
             "commit_s": _med(r.get("commit_s")),
-            "write_gb_s": nbytes / write / 1e9 if nbytes and write else None,
-            "dd_gb_s": dd_gb_s if v in SAFEPOINT_VARIANTS else None,
+            "write_gb_s": write_gb_s,
+            "write_over_dd_direct": _ratio(write_gb_s, (dd.get("direct") or {}).get("gb_s")),
+            "write_over_dd_cache": _ratio(write_gb_s, (dd.get("cache") or {}).get("gb_s")),
             "peak_rss_gb": r["peak_rss"] / 1e9,
-            "extra_rss_x_ckpt": extra_rss / nbytes if nbytes and v != "none" else None,
+            "extra_rss_x_ckpt": (r["peak_rss"] - none["peak_rss"]) / nbytes if nbytes else None,
             "ckpt_gb": nbytes / 1e9 if nbytes else None,
             "busy_waits": r.get("waits"),
-            "fence_s": r.get("fence_s") if v == "async-free" else None,
+            "fence_s": r.get("fence_s"),
+            "memcpy_s": r.get("memcpy_s"),
         }
-        summary[v] = row
-        rows.append([x for k, x in row.items() if k != "overhead_by_round"])
-    headers = [
-        "variant", "saves", "stall median s", "stall max s", "recorded stall s", "train s",
-        "overhead s", "of it in steps s", "after the last step s", "lost, paired s",
-        "start->durable s", "write GB/s", "dd GB/s", "peak RSS GB", "extra RSS / ckpt",
+    stock, floor = figs.get("stock", {}), figs.get("floor", {})
+    for f in figs.values():
+        f["over_stock"] = _ratio(f["overhead_s"], stock.get("overhead_s"))
+        f["over_floor"] = _ratio(f["overhead_s"], floor.get("overhead_s"))
+        f["stall_over_stock"] = _ratio(
+            f["stall_less_retention_s"], stock.get("stall_less_retention_s")
+        )
+        f["lost_over_stock"] = _ratio(f["lost_paired_s"], stock.get("lost_paired_s"))
+    return figs
+
+
+def _across(per_round: list[dict], v: str, key: str, seed: int) -> tuple[float, ...] | None:
+    """Median over rounds of ``key`` for ``v`` and its bootstrap 95% interval."""
+    return bootstrap_ci([r[v][key] for r in per_round if v in r], seed=seed)
+
+
+def _dd_cell(dd: dict, mode: str) -> float | None:
+    return (dd.get(mode) or {}).get("gb_s")
+
+
+def _per_round_table(rounds: list[dict], per_round: list[dict], variants: list[str]) -> str:
+    shown = [v for v in variants if v != "none"]
+    headers = ["round", "order", "no saving s", "dd direct GB/s", "dd cache GB/s"]
+    headers += [f"{v} s (/stock)" for v in shown]
+    rows = []
+    for i, (rnd, figs) in enumerate(zip(rounds, per_round, strict=True), 1):
+        row: list[Any] = [i, " ".join(rnd["order"]), figs["none"]["total_s"]]
+        row += [_dd_cell(rnd["dd"], "direct"), _dd_cell(rnd["dd"], "cache")]
+        for v in shown:
+            f = figs[v]
+            ratio = "" if f["over_stock"] is None else f" ({f['over_stock']:.2f})"
+            row.append(f"{f['overhead_s']:.3g}{ratio}")
+        rows.append(row)
+    return table(headers, rows)
+
+
+def _trainer_tables(
+    rounds: list[dict], variants: list[str], save_every: int, seed: int
+) -> tuple[str, dict]:
+    """The per-round table, the paired summary (median over rounds [bootstrap 95%
+    interval]), the details and the headline ratios of part (a) or (b)."""
+    per_round = [round_figures(r, save_every) for r in rounds]
+    summary = {
+        v: {key: _across(per_round, v, key, seed) for key in per_round[0][v]} for v in variants
+    }
+
+    def ci(v: str, key: str, digits: int = 3) -> str:
+        return format_ci(summary[v][key], digits)
+
+    lora = any(summary[v]["lost_paired_s"] for v in variants if v != "none")
+    main_headers = [
+        "variant", "saves", "stall s", "stall less retention s", "retention in stall s",
+        "overhead s", "of it in steps s", "after the last step s", "overhead / stock",
+        "overhead / floor", *(["lost, paired s", "lost, paired / stock"] if lora else []),
+    ]  # fmt: skip
+    main_rows, detail_rows = [], []
+    for v in variants:
+        saves = summary[v]["saves"]
+        row: list[Any] = [VARIANT_NAMES[v], int(saves[0]) if saves else None]
+        row += [ci(v, k) for k in ("stall_s", "stall_less_retention_s", "retention_in_stall_s")]
+        if v == "none":
+            row += ["0 (the baseline)", "-", "-", "-", "-"] + (["-", "-"] if lora else [])
+        else:
+            row += [ci(v, k) for k in ("overhead_s", "steps_over_s", "after_last_s")]
+            row += [ci(v, "over_stock"), ci(v, "over_floor")]
+            row += [ci(v, "lost_paired_s"), ci(v, "lost_over_stock")] if lora else []
+        main_rows.append(row)
+        med = {k: c[0] if c else None for k, c in summary[v].items()}
+        detail_rows.append([
+            VARIANT_NAMES[v], med["recorded_stall_s"], med["stall_max_s"], med["commit_s"],
+            med["write_gb_s"], ci(v, "write_over_dd_direct", 2), med["write_over_dd_cache"],
+            med["peak_rss_gb"], med["extra_rss_x_ckpt"] if v != "none" else None,
+            med["ckpt_gb"], med["busy_waits"], med["fence_s"] if v == "async-free" else None,
+        ])  # fmt: skip
+    detail_headers = [
+        "variant", "recorded stall s", "stall max s", "start->durable s", "write GB/s",
+        "write / dd direct", "write / dd cache", "peak RSS GB", "extra RSS / ckpt",
         "ckpt GB", "busy waits", "step() waited s",
     ]  # fmt: skip
-    text = table(headers, rows)
-    stock, asy = summary["stock"], summary["async"]
-    if stock["stall_med_s"] and asy["stall_med_s"] is not None:
-        text += (
-            f"\n\nasync stall / stock stall = {asy['stall_med_s'] / stock['stall_med_s']:.3f} "
-            f"(target <= 0.05); memory-copy floor {res['async'].get('memcpy_s', 0):.3f} s; "
+    n = len(rounds)
+    text = (
+        f"Per round (order as run; each variant's overhead = its train() time less the "
+        f"same round's run without saving; in brackets its ratio to the stock Trainer's "
+        f"overhead in the same round):\n\n{_per_round_table(rounds, per_round, variants)}"
+        f"\n\nPaired over the {n} rounds: median [bootstrap 95% interval] of the per-round "
+        "figures. Retention is the same for all (keep the last 2); 'stall less retention' "
+        "takes out the deletions made inside the save call (the stock Trainer's "
+        "rotate_checkpoints; safepoint's retention on the training thread, in line "
+        "only), so that every stall is the same work:\n\n"
+        + table(main_headers, main_rows)
+        + "\n\nDetails (median over rounds):\n\n"
+        + table(detail_headers, detail_rows)
+        + "\n\n"
+        + _headline(summary, n)
+    )
+    return text, {"per_round": per_round, "summary": summary}
+
+
+def _headline(summary: dict[str, dict], rounds: int) -> str:
+    """The ratios the README quotes, each a median over rounds with its interval."""
+
+    def have(v: str, key: str) -> bool:
+        return v in summary and summary[v][key] is not None
+
+    lines = []
+    if have("async", "over_stock"):
+        lines.append(f"async overhead / stock: {format_ci(summary['async']['over_stock'])}")
+    for v in ("floor", "sync", "async-free"):
+        if have(v, "over_stock"):
+            lines.append(f"{v} overhead / stock: {format_ci(summary[v]['over_stock'])}")
+    if have("async", "over_floor"):
+        lines.append(f"async overhead / floor: {format_ci(summary['async']['over_floor'])}")
+    if have("async", "stall_over_stock"):
+        lines.append(
+            "async stall / stock stall, both less retention: "
+            + format_ci(summary["async"]["stall_over_stock"])
         )
-    if stock["overhead_s"] and asy["overhead_s"] is not None:
-        text += f"async overhead / stock overhead = {asy['overhead_s'] / stock['overhead_s']:.3f}"
-        text += " (target <= 0.2)"
-        floor = summary.get("floor")
-        if floor and floor["overhead_s"]:
-            text += (
-                f"; the floor's overhead / stock = {floor['overhead_s'] / stock['overhead_s']:.3f}"
-                f", async / floor = {asy['overhead_s'] / floor['overhead_s']:.2f}"
-            )
-        for v, row in summary.items():
-            ratios = row.get("overhead_by_round")
-            if ratios and len(ratios) > 1:
-                text += (
-                    f"; {v} overhead / stock by round: median {statistics.median(ratios):.3f} "
-                    f"({', '.join(f'{x:.2f}' for x in ratios)})"
-                )
-    if paired and stock["paired_s"]:
-        text += (
-            f"; lost to saving paired in each run (saving steps vs evaluation-only steps), "
-            f"async / stock = {asy['paired_s'] / stock['paired_s']:.3f}"
+    if have("async", "lost_over_stock"):
+        lines.append(
+            f"async lost, paired / stock: {format_ci(summary['async']['lost_over_stock'])}"
         )
-        for v in ("sync", "floor"):
-            if v in summary:
-                text += f", {v} / stock = {summary[v]['paired_s'] / stock['paired_s']:.3f}"
-        text += f" (target <= 0.2; the run that does not save, subtracted: {base_paired:.3f} s)"
-    if asy["write_gb_s"]:
-        text += f"; async write / dd = {asy['write_gb_s'] / dd_gb_s:.2f} (target >= 0.8)"
-    free = summary.get("async-free")
-    if free and stock["stall_med_s"] and stock["overhead_s"]:
-        text += (
-            f"\n\ncopy-free / stock: stall {free['stall_med_s'] / stock['stall_med_s']:.3f}, "
-            f"overhead {free['overhead_s'] / stock['overhead_s']:.3f}; optimizer.step() waited "
-            f"{free['fence_s']:.3f} s in all"
+    if have("async", "write_over_dd_direct"):
+        lines.append(
+            "async write / dd oflag=direct: "
+            + format_ci(summary["async"]["write_over_dd_direct"], 2)
+            + " (dd conv=fsync through the page cache: "
+            + format_ci(summary["async"]["write_over_dd_cache"], 2)
+            + ")"
         )
-    return text, summary
+    if have("async", "memcpy_s"):
+        lines.append(f"memory-copy floor: {format_ci(summary['async']['memcpy_s'])} s")
+    head = f"Headline (median over {rounds} rounds [bootstrap 95% interval]; a ratio of 1 "
+    head += "inside the interval means no difference shown; a round whose stock or floor "
+    head += "overhead was not above zero gives no ratio to it: see the per-round table):"
+    return head + "\n\n" + "\n".join(f"- {x}" for x in lines)
+
+
+def _dd_pair(base: Path, nbytes: int, rng: random.Random) -> dict[str, Any]:
+    """``dd`` with ``oflag=direct`` and through the page cache, in a random order."""
+    modes = rng.sample(["direct", "cache"], 2)
+    return {m: dd_write(base, nbytes, direct=m == "direct") for m in modes}
+
+
+def round_order(variants: list[str], rng: random.Random, first: bool) -> list[str]:
+    """The variants in a random order, with "dd" (both baselines) at a random place; in
+    the first round "dd" comes last, as it writes the size the async run reported."""
+    order = rng.sample(variants, len(variants))
+    at = len(order) if first else rng.randrange(len(order) + 1)
+    return [*order[:at], "dd", *order[at:]]
+
+
+def _trainer_part(
+    kind: str, base: Path, args: argparse.Namespace, rng: random.Random
+) -> tuple[list[dict], int]:
+    """``args.repeat`` rounds of part (a) or (b): every variant once per round, each in
+    its own process, in a new random order each round (printed)."""
+    rounds: list[dict] = []
+    nbytes = 0
+    for i in range(args.repeat):
+        order = round_order(args.variants, rng, first=i == 0)
+        print(f"  round {i + 1}/{args.repeat} order: {' '.join(order)}", flush=True)
+        rnd: dict[str, Any] = {"order": order, "runs": {}, "dd": {}, "load_before": load_avg()}
+        for v in order:
+            if v == "dd":
+                rnd["dd"] = _dd_pair(base, nbytes or (1 << 30), rng)
+                rnd["dd_bytes"] = nbytes or (1 << 30)
+                continue
+            rnd["runs"][v] = _child(kind, v, base, args)
+            if v == "async":
+                nbytes = int(_med(rnd["runs"][v].get("bytes")) or nbytes)
+        rnd["load_after"] = load_avg()
+        rounds.append(rnd)
+    return rounds, nbytes
+
+
+def _disk_line(dds: list[dict]) -> str:
+    """The disk's speed as measured in this run: median GB/s of each ``dd``."""
+    parts = []
+    for mode, label in (("direct", "dd oflag=direct"), ("cache", "dd conv=fsync")):
+        speeds = [d[mode]["gb_s"] for d in dds if d.get(mode)]
+        if speeds:
+            parts.append(f"{label} {statistics.median(speeds):.2f} GB/s")
+        elif mode == "direct":
+            parts.append(f"{label} refused by the file system")
+    size = max((d[m]["bytes"] for d in dds for m in d if d[m]), default=0)
+    return ", ".join(parts) + f" (median of {len(dds)}, {size / 1e9:.2g} GB each)"
 
 
 def parent(args: argparse.Namespace) -> None:
+    load_before = load_avg()
+    rng = random.Random(args.seed)
     base = Path(tempfile.mkdtemp(prefix="sp-overhead-", dir=args.dir))
-    body, data = [], {"quick": args.quick, "steps": args.steps, "save_every": args.save_every}
+    data: dict[str, Any] = {
+        "quick": args.quick,
+        "steps": args.steps,
+        "save_every": args.save_every,
+        "seed": args.seed,
+        "retention": "keep the last 2 for every variant; stalls also shown less the "
+        "deletions made inside the save call",
+    }
+    body, dds = [f"Seed {args.seed}; variants of (a)/(b): {', '.join(args.variants)}."], []
+    print(body[0], flush=True)
     t_start = time.perf_counter()
     try:
         for kind in ("full", "lora"):
             if kind not in args.only:
                 continue
             print(f"{kind}:", flush=True)
-            runs: dict[str, list[dict]] = {v: [] for v in args.variants}
-            dds = []
-            for _ in range(args.repeat):  # rounds interleave variants: load drifts hit all
-                for v in args.variants:
-                    runs[v].append(_child(kind, v, base, args))
-                nbytes = int(_med(runs["async"][-1].get("bytes")) or (1 << 30))
-                dds.append(dd_seconds(base, nbytes))
-            res = {v: _median_run(rs) for v, rs in runs.items()}
-            dd_s = statistics.median(dds)
-            text, summary = _trainer_table(res, nbytes / dd_s / 1e9, args.save_every[kind])
+            rounds, _ = _trainer_part(kind, base, args, rng)
+            dds += [r["dd"] for r in rounds]
+            text, summary = _trainer_tables(rounds, args.variants, args.save_every[kind], args.seed)
+            params = rounds[0]["runs"]["none"].get("params", 0)
             title = {
-                "full": f"(a) full fine-tune, GPT-2 style {res['none'].get('params', 0) / 1e6:.0f}M"
-                f" params, {args.steps[kind]} steps, save every {args.save_every[kind]}",
+                "full": f"(a) full fine-tune, GPT-2 style {params / 1e6:.0f}M params, "
+                f"{args.steps[kind]} steps, save every {args.save_every[kind]}",
                 "lora": f"(b) `safepoint train` default LoRA run, {args.steps[kind]} steps, "
                 f"save every {args.save_every[kind]}",
             }[kind]
             body.append(f"## {title}\n\n{text}")
-            data[kind] = {"raw": res, "summary": summary, "dd_s": dd_s, "dd_bytes": nbytes}
+            data[kind] = {"rounds": rounds, **summary}
         if "writer" in args.only:
             print("writer:", flush=True)
             r = _child("writer", "-", base, args)
-            rows = r["rows"]
             body.append(
                 "## (c) background write path: page cache or O_DIRECT, hash in pass or after, "
                 "thread or process\n\nstep time of a training loop "
                 f"while {r['gb']} GB is written and fsync'd over and over in the background "
-                "(3 alternating rounds)\n\n"
+                f"(3 rounds, conditions in a random order each: {r['orders']})\n\n"
                 + table(
                     ["writer", "step median s", "x idle", "write GB/s", "writer CPU s/GB"],
-                    rows,
+                    r["rows"],
                 )
             )
             data["writer"] = r
@@ -736,17 +944,27 @@ def parent(args: argparse.Namespace) -> None:
                 + table(["on_busy", "total s", "saves", "skipped", "stall median s"], r["rows"])
             )
             data["busy"] = r
+        if not dds:  # (c)/(d) only: the disk's speed still goes with the result
+            dds.append(_dd_pair(base, (64 << 20) if args.quick else (1 << 30), rng))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     total = time.perf_counter() - t_start
     body.append(f"Whole benchmark: {total:.0f} s.")
     data["run_s"] = total
+    data["dd"] = dds
     name = "save_overhead" + ("_quick" if args.quick else "")
     if args.only != set(ALL_PARTS):
         name += "_" + "_".join(p for p in ALL_PARTS if p in args.only)
     if args.layers:
         name += f"_{args.layers}layers"
-    write_results(name, "Save overhead during training", "\n\n".join(body), data)
+    write_results(
+        name,
+        "Save overhead during training",
+        "\n\n".join(body),
+        data,
+        load_before=load_before,
+        disk=_disk_line(dds),
+    )
 
 
 def main() -> None:
@@ -757,7 +975,12 @@ def main() -> None:
     p.add_argument("--save-every", type=int, default=None)
     p.add_argument("--dir", type=Path, default=None, help="where checkpoints go (temp)")
     p.add_argument("--layers", type=int, default=None, help="layers of (a)'s model (12: 86M)")
-    p.add_argument("--repeat", type=int, default=1, help="rounds of (a)/(b); median run kept")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="rounds of (a)/(b), each variant once per round"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="of the random order of the variants in each round"
+    )
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
@@ -770,7 +993,10 @@ def main() -> None:
     if args.child:
         kind, out = args.child, args.out
         if kind in ("writer", "busy"):
-            res = (child_writer if kind == "writer" else child_busy)(out, args.steps, args.quick)
+            if kind == "writer":
+                res = child_writer(out, args.steps, args.quick, args.seed)
+            else:
+                res = child_busy(out, args.steps, args.quick)
         else:
             if kind == "full":
                 res = child_full(
