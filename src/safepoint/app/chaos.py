@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from safepoint.app.chaos_attempts import WHY_NOT, Attempt, exit_said, judge, table
 from safepoint.app.chaos_compare import compare
 from safepoint.app.chaos_events import MODES
 from safepoint.app.chaos_process import (
@@ -40,7 +41,6 @@ from safepoint.app.chaos_process import (
     watch,
 )
 from safepoint.errors import ConfigError
-from safepoint.units import format_table, wrap_text
 from safepoint.validity import checkpoint_step, latest_checkpoint
 
 _TERM_WAIT = 120.0  # seconds a SIGTERM'ed run may take to save and exit
@@ -79,28 +79,6 @@ def make_workdir(workdir: str | None) -> Path:
             f"{where}: cannot create it ({e.strerror}); give a writable --workdir"
         ) from None
     return work
-
-
-@dataclass
-class Attempt:
-    """One run of the command in the chaos directory."""
-
-    number: int
-    kill_at: float | None  # seconds after launch, None: run to the end
-    signal: str | None = None
-    exit: str = ""
-    resumed_from: int | None = None
-    reached: int | None = None
-    lost: int | None = None
-    verdict: str = "ok"
-    log: Path | None = None
-    landed: bool = False  # killed after a checkpoint existed and before the end
-    why_not: str = ""  # a kill that did not count: why (the table's "counted" column)
-    round: int = 1  # which fresh output directory (a run that ends early starts another)
-
-    @property
-    def failed(self) -> bool:
-        return self.verdict != "ok"
 
 
 def kill_plan(kills: int, seed: int) -> list[float]:
@@ -255,8 +233,8 @@ def _kill_and_rerun(
         a.round = round_ + 1
         attempts.append(a)
         landed += a.landed
-        why = f" (not counted: {_WHY_NOT[a.why_not]})" if a.why_not else ""
-        echo(f"  attempt {number}: {_exit_said(a.exit) or 'done'}{why}")
+        why = f" (not counted: {WHY_NOT[a.why_not]})" if a.why_not else ""
+        echo(f"  attempt {number}: {exit_said(a.exit) or 'done'}{why}")
         if a.failed:
             ok = False
             break
@@ -275,9 +253,9 @@ def _kill_and_rerun(
         run, previous = runs[round_], 0.0
         pending = kill_plan(kills - landed, seed + round_)
     for r in range(1, round_ + 2):
-        _judge([a for a in attempts if a.round == r])
+        judge([a for a in attempts if a.round == r])
     ok = ok and not any(a.failed for a in attempts)
-    for line in _table(attempts, kills):
+    for line in table(attempts, kills):
         echo(line)
     if not attempts or not (attempts[-1].exit.startswith("0") or _finished(run, timing.total)):
         echo(f"chaos: the run did not complete; logs in {runner.logs}")
@@ -403,78 +381,3 @@ def _deliver(proc: Process, a: Attempt, sig: signal.Signals, log: Path) -> None:
     a.exit = "killed" if rc == -signal.SIGKILL else str(rc)
     if rc not in ((3, 0) if sig == signal.SIGTERM else (-sig, 0)):
         a.verdict = f"FAIL: exit {rc} after {sig.name}: {last_line(log)}"
-
-
-# --------------------------------------------------------------------- judging
-
-
-def _judge(attempts: list[Attempt]) -> None:
-    """Steps lost per kill, and a verdict on each resume.
-
-    An attempt stopped before it chose where to resume from (``resumed_from`` None: in
-    its imports, or before its restore) says nothing about the one before it: each
-    attempt that got somewhere is judged against the next one that resumed."""
-    for i, prev in enumerate(attempts):
-        if prev.reached is None:
-            continue
-        nxt = next(
-            (i + 1 + j for j, x in enumerate(attempts[i + 1 :]) if x.resumed_from is not None), None
-        )
-        if nxt is None:
-            continue
-        a = attempts[nxt]
-        prev.lost = max(prev.reached - a.resumed_from, 0)  # type: ignore[operator]
-        earlier = [x.resumed_from for x in attempts[:nxt] if x.resumed_from]
-        if earlier and a.resumed_from < max(earlier) and not a.failed:  # type: ignore[operator]
-            a.verdict = f"FAIL: resumed from step {a.resumed_from}, older than {max(earlier)}"
-        if prev.signal == "TERM" and prev.exit == "3" and prev.lost and not prev.failed:
-            prev.verdict = f"FAIL: {prev.lost} steps lost after SIGTERM (no emergency save)"
-
-
-# Why a kill did not count, as the table says it (short) and as a sentence.
-_WHY_NOT = {
-    "no checkpoint": "killed before the first checkpoint, so no resume is tested",
-    "after the end": "killed after the final checkpoint, so no resume is tested",
-    "ended first": "the run ended before the kill",
-}
-
-
-def _exit_said(exit_: str) -> str:
-    return exit_ if exit_ in ("", "killed", "hung", "timeout") else f"exit {exit_}"
-
-
-def _table(attempts: list[Attempt], kills: int) -> list[str]:
-    """The attempts as a table that fits 80 columns (a failure's reason follows it),
-    what its columns mean, and how many kills counted of the ``kills`` asked."""
-    head = ("#", "kill at", "signal", "exit", "counted", "resumed", "reached", "lost")
-    head += ("verdict",)
-    rows = [
-        (
-            str(a.number),
-            "-" if a.kill_at is None else f"{a.kill_at:.1f} s",
-            a.signal or "-",
-            a.exit,
-            "yes" if a.landed else f"no: {a.why_not}" if a.why_not else "-",
-            "?" if a.resumed_from is None else str(a.resumed_from or "start"),
-            "?" if a.reached is None else str(a.reached),
-            "?" if a.lost is None else str(a.lost),
-            "FAIL" if a.failed else "ok",
-        )
-        for a in attempts
-    ]
-    lines = format_table(head, rows)
-    lines += [f"attempt {a.number}: {a.verdict}" for a in attempts if a.failed]
-    lines += [
-        "resumed: the step the attempt resumed from; reached: its last step; lost: steps",
-        "the next attempt trained again; ?: not known (the run stopped before its record",
-        "said it, or no later attempt resumed); counted: a kill between the first",
-        "checkpoint and the final one, which is what tests a resume",
-    ]
-    counted = sum(a.landed for a in attempts)
-    extra = [a for a in attempts if a.why_not and a.kill_at is not None]
-    lines.append(f"{counted} of {kills} kills counted")
-    if extra:
-        lines[-1] += f"; {len(extra)} more not counted: " + "; ".join(
-            f"attempt {a.number}, {_WHY_NOT[a.why_not]}" for a in extra
-        )
-    return [part for line in lines for part in wrap_text(line, 80)]

@@ -51,17 +51,15 @@ WARM_MODULES = (
 _PYTHON = re.compile(r"python[0-9.]*$")
 
 
-# Every run and zygote started in this process, so that a stop of ``safepoint chaos`` (a
-# signal) can end them: a forked run left behind trained on for ~20 s, an orphan.
+# Every run and zygote started here: a stopped chaos ends them (a forked run trained on).
 _started: list[Any] = []
 _zygotes: list[Zygote] = []
 _ended = threading.Event()  # set by end_all: no run starts after it
 
 
 def end_all(*, reap: bool = True) -> None:
-    """SIGKILL every run started here that may still run (its whole session) and the
-    zygotes; later ``Runner.start`` calls refuse. For a stopped chaos run. ``reap``:
-    also wait for them (not from a signal handler: the main thread may be in a wait)."""
+    """SIGKILL every run started here (its session) and the zygotes; no run starts
+    after. ``reap``: wait for them too (not in a signal handler: the main thread waits)."""
     _ended.set()
     for proc in list(_started):
         if getattr(proc, "returncode", None) is None:
@@ -75,9 +73,6 @@ def end_all(*, reap: bool = True) -> None:
         if reap:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 zygote.proc.wait(10)
-    if reap:
-        _started.clear()
-        _zygotes.clear()
 
 
 class ChaosStopped(SafepointError, RuntimeError):
@@ -193,8 +188,7 @@ class Runner:
                     raise ConfigError(
                         f"cannot run {argv[0]!r} ({e.strerror}); check the command"
                     ) from None
-        _started[:] = [p for p in _started if getattr(p, "returncode", None) is None]
-        _started.append(proc)
+        _started[:] = [*(p for p in _started if getattr(p, "returncode", 0) is None), proc]
         return proc
 
     def wait(self, proc: Process, seconds: float) -> int | None:
