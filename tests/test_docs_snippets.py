@@ -48,6 +48,8 @@ LISTINGS = {
         " cli/           click commands (< 200 lines each): flags in, app calls, exit codes",
     ),
     ("docs/ARCHITECTURE.md", 'ckpt.step(120, state, metrics={"loss": 0.8})'),
+    # docs/config.md: the YAML example, trained with by tests/test_train_settings.py
+    ("docs/config.md", "# run.yaml: safepoint train --config run.yaml"),
     (
         "docs/ARCHITECTURE.md",
         "ckpt.restore(state)                              SafepointCallback: trainer.train()",
@@ -252,6 +254,27 @@ def test_snippet_runs(
         f"{case.block.file} line {case.block.line}: the snippet failed ({done.returncode})\n"
         f"--- snippet as run\n{case.script}--- stdout (tail)\n{done.stdout[-2000:]}\n"
         f"--- stderr (tail)\n{done.stderr[-4000:]}"
+    )
+    if case.block.lang == "python" and "LoraConfig(" in case.script:
+        check_peft_loads(cwd, env)
+
+
+# A LoRA checkpoint loads by the auto class its adapter config names (#29 item 9: a
+# LoraConfig without task_type gave "Cannot infer the auto class").
+LOAD_PEFT = """\
+import sys
+from pathlib import Path
+from peft import AutoPeftModelForCausalLM
+ckpts = sorted(Path(sys.argv[1]).glob("runs/*/checkpoint-*"), key=lambda p: int(p.name[11:]))
+model = AutoPeftModelForCausalLM.from_pretrained(str(ckpts[-1]))
+print(type(model).__name__, ckpts[-1])
+"""
+
+
+def check_peft_loads(cwd: Path, env: dict[str, str]) -> None:
+    done = run([sys.executable, "-c", LOAD_PEFT, str(cwd)], cwd, env)
+    assert done.returncode == 0 and "PeftModelForCausalLM" in done.stdout, (
+        f"AutoPeftModelForCausalLM cannot load the snippet's checkpoint:\n{done.stderr[-2000:]}"
     )
 
 

@@ -87,3 +87,48 @@ def test_safepoint_train_hands_every_option_to_the_engine(tmp_path: Path) -> Non
     callback = job_callback(cfg, tty=False)
     assert callback.options == cfg.options()
     assert (callback.options.keep_after_step, callback.options.on_busy) == (4, "skip")
+
+
+def test_help_speaks_to_a_command_line_user(capsys: pytest.CaptureFixture[str]) -> None:
+    """#29 item 5: the flag help came from the Python docs: "None keeps all.; 0 keeps
+    all", "None", and `"auto", the old default`, which no flag takes. The Python docs
+    keep their words."""
+    from safepoint.cli import main
+
+    for command in ("prune", "plan", "train"):
+        assert main([command, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "None" not in text and "old default" not in text, command
+        assert ".;" not in text, command
+    assert "Keep the newest N checkpoints; 0 keeps all (default 3)." in text  # train's
+    assert "None keeps all" in Options.help("keep_last")
+    assert "the old default" in Options.help("async_save")
+    assert Options.help("keep_last", flag=True) == "Keep the newest N checkpoints; 0 keeps all."
+
+
+def test_plan_names_the_bad_value_before_a_missing_one(capsys) -> None:
+    """#29 item 5: `plan --step-time abc` said "pass --save-time"."""
+    from safepoint.cli import main
+
+    assert main(["plan", "--step-time", "abc"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "Error: --step-time 'abc' is not a duration; write e.g. 30s, 15m, 2h"
+    )
+
+
+def test_a_plain_checkpointer_says_it_resumed(tmp_path: Path, capsys) -> None:
+    """#29 item 5: the callback says "resuming from"; the plain Checkpointer said
+    nothing (its INFO line is hidden by Python's default logging)."""
+    import torch
+
+    from safepoint import Checkpointer
+
+    model = torch.nn.Linear(2, 2)
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(3, {"model": model})
+    capsys.readouterr()
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.restore({"model": model}) == 3
+    assert capsys.readouterr().err.splitlines() == [
+        f"safepoint: resumed from {tmp_path}/checkpoint-3 (step 3)"
+    ]

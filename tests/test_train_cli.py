@@ -290,3 +290,42 @@ def builtin() -> Path:
     from safepoint.app.tiny import builtin_dataset_path
 
     return builtin_dataset_path()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "saved"),
+    [
+        ("--gradient-accumulation-steps", "2", "1"),
+        ("--lr-scheduler-type", "cosine", "linear"),
+        ("--warmup-steps", "3", "2"),
+        ("--warmup-ratio", "0.1", "None"),
+    ],
+)
+def test_resume_refuses_another_schedule_setting(
+    reference: Path, tmp_path: Path, capsys, flag: str, value: str, saved: str
+) -> None:
+    """#29 item 2: the new settings are named as SCHEDULE_KEYS, so the resume check
+    (item 3) covers them: another value is refused in one line, nothing written."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = sorted(p.name for p in out.iterdir())
+    code = main(["train", "--output-dir", str(out), *FAST, flag, value])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"Error: {flag} {value}: {out}/checkpoint-12 was trained with {saved}")
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_resume_path_is_named_once(tmp_path: Path, capsys) -> None:
+    """#29 item 5: `--resume /x/checkpoint-5: /x/checkpoint-5: no such checkpoint`."""
+    path = tmp_path / "checkpoint-5"
+    err = _bad(tmp_path, capsys, "--resume", str(path))
+    assert err.startswith(f"Error: --resume {path}: ") and err.count(str(path)) == 1, err
+
+
+def test_one_checkpoint_is_singular(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code = main(["train", "--output-dir", str(out), "--max-steps", "1", "--eval-split", "0"])
+    captured = capsys.readouterr()
+    assert code in (None, 0), captured.err[-2000:]
+    assert "done: 1 step, 1 checkpoint committed" in captured.out

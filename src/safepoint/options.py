@@ -27,9 +27,11 @@ DEFAULT_SIGNALS = "TERM,INT,USR1"
 DEFAULT_MTBF = "24h"
 
 
-def _doc(text: str, *, json: bool = True) -> Any:
+def _doc(text: str, *, json: bool = True, flag: str | None = None) -> Any:
     # ``help`` is the one description of an option: the flag help and the docs use it.
-    return {"help": " ".join(text.split()), "json": json}
+    # ``flag``: the words for a command-line user where the Python ones do not fit (a
+    # flag has no None; the CLI writes the option names in it as flags).
+    return {"help": " ".join(text.split()), "json": json, "flag": flag and " ".join(flag.split())}
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,10 @@ class Options:
         metadata=_doc(
             """Steps (500), a fraction of the run (10%), a time (15m), 'epoch', 'auto'
             (from the measured save cost and mtbf), or a comma list of these, whichever
-            comes first (10,15m). None: only at the end of the run and on a stop signal."""
+            comes first (10,15m). None: only at the end of the run and on a stop signal.""",
+            flag="""Steps (500), a fraction of the run (10%), a time (15m), 'epoch', 'auto'
+            (from the measured save cost and --mtbf), or a comma list of these, whichever
+            comes first (10,15m).""",
         ),
     )
     total_steps: int | None = field(
@@ -51,25 +56,41 @@ class Options:
     )
     mtbf: str | float = field(
         default=DEFAULT_MTBF,
-        metadata=_doc("Expected time between failures, for save_every='auto'."),
+        metadata=_doc(
+            "Expected time between failures, for save_every='auto'.",
+            flag="Expected time between failures, for save_every auto (e.g. 6h).",
+        ),
     )
     max_overhead: float = field(
         default=DEFAULT_MAX_OVERHEAD,
-        metadata=_doc("Largest share of the run that save_every='auto' may spend saving."),
+        metadata=_doc(
+            "Largest share of the run that save_every='auto' may spend saving.",
+            flag="Largest share of the run that save_every auto may spend saving.",
+        ),
     )
     # ---- what to keep (rules.py)
     keep_last: int | None = field(
-        default=None, metadata=_doc("Keep the newest N checkpoints; None keeps all.")
+        default=None,
+        metadata=_doc(
+            "Keep the newest N checkpoints; None keeps all.",
+            flag="Keep the newest N checkpoints; 0 keeps all.",
+        ),
     )
     keep_best: int = field(
         default=0,
         metadata=_doc(
             """Keep the best K by metric (the best is then protected even from max_disk);
-            0 ranks nothing."""
+            0 ranks nothing.""",
+            flag="""Keep the best K by metric (the best is then protected even from
+            max_disk); 0 ranks nothing.""",
         ),
     )
     metric: str = field(
-        default="eval_loss", metadata=_doc("The metric that ranks checkpoints for keep_best.")
+        default="eval_loss",
+        metadata=_doc(
+            "The metric that ranks checkpoints for keep_best.",
+            flag="The metric that ranks checkpoints for keep_best.",
+        ),
     )
     mode: Literal["min", "max"] = field(
         default="min", metadata=_doc("Whether lower (min) or higher (max) metric is better.")
@@ -95,7 +116,10 @@ class Options:
         metadata=_doc(
             """Write in the background (True: training waits only for the copy to host
             memory; in line when host memory is short) or in line (False: the save
-            returns once the checkpoint is durable). "auto", the old default, means True."""
+            returns once the checkpoint is durable). "auto", the old default, means True.""",
+            flag="""Write in the background (training waits only for the copy to host
+            memory; in line when host memory is short), or in line (a save returns once
+            the checkpoint is durable).""",
         ),
     )
     copy_free: bool = field(
@@ -105,14 +129,19 @@ class Options:
             state, on the CPU) as they are instead of copying them first: no copy, no
             second checkpoint in RAM; the next optimizer.step() waits until they are
             written. A tensor changed in place outside optimizer.step() meanwhile fails
-            that save loudly (nothing is committed); a change through .data is not seen."""
+            that save loudly (nothing is committed); a change through .data is not seen.""",
+            flag="""With async_save, write the tensors the optimizer owns as they are
+            instead of copying them first: no second checkpoint in RAM; the next step
+            waits until they are written.""",
         ),
     )
     on_busy: Literal["wait", "skip"] = field(
         default="wait",
         metadata=_doc(
             """With async_save, a save due while the previous one is still writing:
-            wait for it, or skip this one (the end of the run is never skipped)."""
+            wait for it, or skip this one (the end of the run is never skipped).""",
+            flag="""A save due while the previous one is still writing in the background:
+            wait for it, or skip this one (the end of the run is never skipped).""",
         ),
     )
     on_save_error: Literal["stop", "continue"] = field(
@@ -154,7 +183,9 @@ class Options:
         default=DEFAULT_SIGNALS,
         metadata=_doc(
             """Signals that stop the run with an emergency checkpoint and exit code 3
-            ('TERM,INT,USR1'; None or 'none' for none)."""
+            ('TERM,INT,USR1'; None or 'none' for none).""",
+            flag="""Signals that stop the run with an emergency checkpoint and exit code 3
+            (TERM,INT,USR1, or none).""",
         ),
     )
     grace: str | float | None = field(
@@ -230,9 +261,11 @@ class Options:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def help(cls, name: str) -> str:
-        """The one description of option ``name``."""
-        return _FIELDS[name].metadata["help"]
+    def help(cls, name: str, *, flag: bool = False) -> str:
+        """The one description of option ``name``; ``flag``: in a command-line user's
+        words (no None, other options named as flags) where they differ."""
+        meta = _FIELDS[name].metadata
+        return (flag and meta["flag"]) or meta["help"]
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any], *, where: str = "Checkpointer") -> Options:

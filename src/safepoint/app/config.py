@@ -12,54 +12,118 @@ import dataclasses
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from safepoint.errors import ConfigError
 from safepoint.options import Options
+
+
+def _help(text: str) -> dict[str, str]:
+    # ``help`` is the one description of a job key: ``--help`` and docs/config.md use it.
+    return {"help": " ".join(text.split())}
 
 
 @dataclass
 class _Job:
     """The job half of ``TrainConfig``: model, data, LoRA, the loop."""
 
-    model: str = "tiny"
-    """``tiny`` (built in), a local folder, or a Hugging Face model name already cached."""
-    dataset: str = "builtin"
-    """``builtin`` or a file: .jsonl, .json, .csv, .parquet, .txt."""
-    text_field: str | None = None
-    """Column holding plain text; unset: ``text``, ``prompt``/``completion`` or ``messages``."""
-    output_dir: str = "runs/default"
-    """Where checkpoints go; rerunning with the same directory resumes."""
-    epochs: float = 3.0
-    """Passes over the data (ignored when ``max_steps`` is set)."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps."""
-    batch_size: int = 8
-    learning_rate: float = 1e-2
-    max_length: int = 64
-    """Longest tokenized example; longer ones are truncated."""
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] | None = None
-    """Module names LoRA adapts; unset: PEFT's default for the architecture."""
-    full: bool = False
-    """Fine-tune every weight instead of a LoRA adapter."""
-    fsdp: bool = False
-    """Under torchrun: shard the model over the processes (FSDP2); each saves its pieces."""
-    seed: int = 42
-    eval_split: float = 0.1
-    """Fraction of the data held out for evaluation (0: none)."""
-    eval_dataset: str | None = None
-    """A separate evaluation file (then ``eval_split`` is not used)."""
-    eval_every: int | None = None
-    """Evaluate every N steps; unset: at each step save when saving every N steps."""
-    early_stopping: int | None = None
-    """Stop after this many evaluations without a better ``metric``."""
-    resume: str = "auto"
-    """``auto`` (newest valid checkpoint), ``never`` (fresh, in a new directory) or a path."""
+    model: str = field(
+        default="tiny", metadata=_help("'tiny' (built in), a model folder, or a cached hub name.")
+    )
+    dataset: str = field(
+        default="builtin", metadata=_help("'builtin' or a .jsonl/.json/.csv/.parquet/.txt file.")
+    )
+    text_field: str | None = field(
+        default=None,
+        metadata=_help("Column with plain text (unset: text, prompt/completion or messages)."),
+    )
+    output_dir: str = field(
+        default="runs/default", metadata=_help("Where checkpoints go; a rerun resumes there.")
+    )
+    epochs: float = field(
+        default=3.0, metadata=_help("Passes over the data (a step limit overrides it).")
+    )
+    max_steps: int | None = field(
+        default=None, metadata=_help("Stop after this many optimizer steps.")
+    )
+    batch_size: int = field(default=8, metadata=_help("Examples per device and step."))
+    eval_batch_size: int | None = field(
+        default=None, metadata=_help("Examples per device in evaluation (unset: the batch size).")
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata=_help("Batches whose gradients add up to one optimizer step.")
+    )
+    learning_rate: float = field(default=1e-2, metadata=_help("Peak learning rate."))
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata=_help(
+            "Learning-rate schedule: linear, cosine, constant_with_warmup, or another of HF's."
+        ),
+    )
+    warmup_steps: int = field(
+        default=2, metadata=_help("Steps of linear warmup to the peak learning rate.")
+    )
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata=_help("Warmup as a share of the run (e.g. 0.05), instead of a number of steps."),
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32",
+        metadata=_help("Mixed precision: bf16 (recent GPUs, and CPUs), fp16 (CUDA GPUs) or fp32."),
+    )
+    max_length: int = field(
+        default=64, metadata=_help("Longest example in tokens; longer ones are truncated.")
+    )
+    lora_r: int = field(default=8, metadata=_help("LoRA rank."))
+    lora_alpha: int = field(default=16, metadata=_help("LoRA alpha."))
+    lora_dropout: float = field(default=0.05, metadata=_help("LoRA dropout."))
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata=_help("Module names LoRA adapts, comma-separated (unset: PEFT's choice)."),
+    )
+    full: bool = field(
+        default=False, metadata=_help("Fine-tune every weight instead of a LoRA adapter.")
+    )
+    fsdp: bool = field(
+        default=False,
+        metadata=_help(
+            "Under torchrun: shard the model over the processes (FSDP2); each saves its pieces."
+        ),
+    )
+    seed: int = field(default=42, metadata=_help("Random seed, 0 to 4294967295."))
+    eval_split: float = field(
+        default=0.1, metadata=_help("Share of the data held out for evaluation (0: none).")
+    )
+    eval_dataset: str | None = field(
+        default=None, metadata=_help("A separate evaluation file (then no split is held out).")
+    )
+    eval_every: int | None = field(
+        default=None, metadata=_help("Evaluate every N steps (unset: at each step save).")
+    )
+    early_stopping: int | None = field(
+        default=None, metadata=_help("Stop after N evaluations without a better metric.")
+    )
+    report_to: str = field(
+        default="none",
+        metadata=_help(
+            "Where the Trainer logs metrics too: none, tensorboard, wandb (comma list)."
+        ),
+    )
+    trainer: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_help(
+            """Any other SFTConfig/TrainingArguments field, as is (YAML: a trainer: block;
+            flag: KEY=VALUE, repeatable)."""
+        ),
+    )
+    resume: str = field(
+        default="auto",
+        metadata=_help(
+            "auto (the newest valid checkpoint), never (fresh, in a new directory) or a path."
+        ),
+    )
 
     # ------------------------------------------------------------------ build
 
@@ -73,7 +137,10 @@ class _Job:
         values: dict[str, Any] = {}
         if file is not None:
             values.update(_read_yaml(Path(file)))
-        values.update({k: v for k, v in flags.items() if v is not None})
+        given = {k: v for k, v in flags.items() if v is not None}
+        if isinstance(values.get("trainer"), dict) and "trainer" in given:
+            given["trainer"] = {**values["trainer"], **given["trainer"]}  # key by key
+        values.update(given)
         types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
         cfg.validate()
@@ -81,8 +148,14 @@ class _Job:
             cfg.keep_last = None  # 0 is how a flag says "keep all"
         return cfg
 
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The one description of key ``name`` (a job key's, or ``Options.help``)."""
+        return TrainConfig.__dataclass_fields__[name].metadata["help"]
+
     def validate(self) -> None:
-        """Raise ``ConfigError`` on any bad value; writes nothing."""
+        """Raise ``ConfigError`` on any bad value; writes nothing. (``report_to``, the
+        scheduler and the ``trainer`` block are checked by ``sft.check`` in ``job.plan``.)"""
         if not 0 <= self.seed < SEED_LIMIT:
             raise ConfigError(f"seed must be in 0..{SEED_LIMIT - 1}, numpy's limit; e.g. 42")
         for key in self.keys():  # torch and numpy hold counts and sizes in 64 bits
@@ -99,6 +172,23 @@ class _Job:
             (self.epochs > 0, "epochs must be more than 0"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be at least 1"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
+            (
+                self.eval_batch_size is None or self.eval_batch_size >= 1,
+                "eval_batch_size must be at least 1",
+            ),
+            (
+                self.gradient_accumulation_steps >= 1,
+                "gradient_accumulation_steps must be at least 1",
+            ),
+            (self.warmup_steps >= 0, "warmup_steps must be 0 or more"),
+            (
+                self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
+                "warmup_ratio must be a share in [0, 1), e.g. 0.05",
+            ),
+            (
+                self.precision in ("fp32", "bf16", "fp16"),
+                f"precision {self.precision!r} must be fp32, bf16 or fp16",
+            ),
             (self.learning_rate > 0, "learning_rate must be more than 0"),
             (self.max_length >= 8, "max_length must be at least 8 tokens"),
             (self.lora_r >= 1, "lora_r must be at least 1"),
@@ -247,6 +337,10 @@ def _coerce(key: str, value: Any, kind: str) -> Any:
             if not isinstance(items, list):
                 raise ValueError
             return [str(v).strip() for v in items if str(v).strip()]
+        if base == "dict[str, Any]":
+            if not isinstance(value, dict):
+                raise ValueError
+            return {str(k).replace("-", "_"): v for k, v in value.items()}
         if base == "str":
             if isinstance(value, (dict, list)):
                 raise ValueError

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from safepoint.app.config import SCHEDULE_KEYS, TrainConfig
 from safepoint.app.runs import checkpoints
+from safepoint.app.sft import build_trainer, check, root_reason
 from safepoint.app.tiny import BUILTIN_DATASET, TINY_MODEL, builtin_dataset_path, tiny_model_path
 from safepoint.engine.resume import check_resumable
 from safepoint.errors import ConfigError, IncompatibleCheckpointError, SafepointError
@@ -25,6 +25,8 @@ from safepoint.lock import check_unlocked
 from safepoint.validity import CheckpointInfo, newest_first
 
 log = logging.getLogger("safepoint")
+
+__all__ = ["Plan", "build_trainer", "plan"]  # build_trainer: sft.py's, wrapped by tests here
 
 _LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -59,7 +61,7 @@ def resolve_model(name: str) -> str:
             json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise ConfigError(
-                f"--model {name}: cannot read {path / 'config.json'} ({_root_reason(e)}); "
+                f"--model {name}: cannot read {path / 'config.json'} ({root_reason(e)}); "
                 "give a model folder saved by save_pretrained"
             ) from None
         return str(path)
@@ -169,21 +171,13 @@ def _load_file(path_text: str, what: str) -> Any:
         data = load_dataset(loader, data_files=str(path), split="train")
     except Exception as e:  # datasets wraps parser errors in many types
         raise ConfigError(
-            f"--{what} {path_text}: cannot read it as {loader} ({_root_reason(e)}); fix the file"
+            f"--{what} {path_text}: cannot read it as {loader} ({root_reason(e)}); fix the file"
         ) from None
     finally:
         datasets_log.setLevel(level)
     if len(data) == 0:
         raise ConfigError(f"--{what} {path_text}: the data set is empty; give it some examples")
     return data
-
-
-def _root_reason(e: BaseException) -> str:
-    """The first line of the innermost cause: datasets' own message is generic."""
-    while (inner := e.__cause__ or e.__context__) is not None:
-        e = inner
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _check_columns(data: Any, cfg: TrainConfig, where: str) -> None:
@@ -286,7 +280,10 @@ def choose_output(cfg: TrainConfig) -> tuple[Path, str | None, bool]:
         try:
             check_resumable(path, out, deep=False)
         except SafepointError as e:
-            raise ConfigError(f"--resume {cfg.resume}: {e}") from None
+            said = str(e)  # the engine's line starts with the path, as given here
+            for prefix in (f"{cfg.resume}: ", f"{path}: "):
+                said = said.removeprefix(prefix)
+            raise ConfigError(f"--resume {cfg.resume}: {said}") from None
         _check_identity(path, cfg, out)
         return out, str(path), check_schedule(path, cfg)
     for info in newest_first(out, deep=False):
@@ -382,6 +379,7 @@ def plan(cfg: TrainConfig) -> Plan:
     out, resume, new_length = choose_output(cfg)
     train, eval_data = load_data(cfg)  # before importing transformers: seconds sooner
     _quiet_libraries()
+    check(cfg)  # the trainer block, scheduler, precision, loggers: before the model
     model_path = resolve_model(cfg.model)
     return Plan(cfg, model_path, out, resume, train, eval_data, new_length)
 
@@ -399,107 +397,3 @@ def _quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-# ------------------------------------------------------------------------ run
-
-
-def build_trainer(p: Plan, callback: Any) -> Any:
-    """The TRL ``SFTTrainer`` for a plan, with ``callback`` (a ``SafepointCallback``)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
-    from trl import SFTConfig, SFTTrainer
-
-    cfg = p.config
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(p.model_path)
-        model = AutoModelForCausalLM.from_pretrained(p.model_path, **_sharding(cfg))
-    except (OSError, ValueError, KeyError) as e:  # missing or unreadable model files
-        raise ConfigError(
-            f"--model {cfg.model}: cannot load it ({_root_reason(e)}); give a folder "
-            "saved by save_pretrained (config, weights and tokenizer), or 'tiny'"
-        ) from None
-    peft_config = None
-    if not cfg.full:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target_modules,
-            task_type="CAUSAL_LM",
-        )
-    eval_every = cfg.eval_every or (int(cfg.save_every) if cfg.save_every.isdigit() else 10)
-    args = SFTConfig(
-        output_dir=str(p.output_dir),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps or -1,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        max_length=cfg.max_length,
-        dataset_text_field=cfg.text_field or "text",
-        seed=cfg.seed,
-        logging_steps=1,
-        eval_strategy="steps" if p.eval is not None else "no",
-        eval_steps=eval_every,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(),  # TRL defaults to bf16, which needs a GPU
-        dataloader_num_workers=0,
-        lr_scheduler_type="linear",
-        warmup_steps=2,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=p.train,
-        eval_dataset=p.eval,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[callback],
-    )
-    trainer.remove_callback(PrinterCallback)
-    if p.new_length:
-        trainer.add_callback(_schedule_for_new_length())  # after safepoint's restore
-    return trainer
-
-
-def _schedule_for_new_length() -> Any:
-    """A callback that, once safepoint has restored the optimizer and scheduler, sets the
-    learning rate of the resumed step from the schedule for the run's new length: the
-    restored optimizer holds the rate the old schedule gave (0.0 at a finished run's
-    end), and the Trainer's first step would use it before the scheduler steps."""
-    from transformers import TrainerCallback
-
-    class ScheduleForNewLength(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            sched = kw.get("lr_scheduler")
-            lambdas = getattr(sched, "lr_lambdas", None)
-            if sched is None or lambdas is None or state.global_step == 0:
-                return
-            step = sched.last_epoch
-            lrs = [base * f(step) for base, f in zip(sched.base_lrs, lambdas, strict=True)]
-            for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
-                group["lr"] = lr
-            sched._last_lr = lrs
-
-    return ScheduleForNewLength()
-
-
-def _sharding(cfg: TrainConfig) -> dict[str, Any]:
-    """``from_pretrained`` arguments that shard the model over the processes of a
-    torchrun launch (``--fsdp``): FSDP2 by transformers, one shard per process. The
-    callback then saves it sharded; one process loads it whole."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not cfg.fsdp or world < 2:
-        return {}
-    from transformers.distributed.configuration_utils import DistributedConfig
-
-    return {"distributed_config": DistributedConfig(fsdp_size=world)}
-
-
-def stdout_is_tty() -> bool:
-    return sys.stdout.isatty()

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import click
 
 from safepoint.app.runs import POLICY_KEYS
 from safepoint.options import Options
+
+_HELP = {"keep_last": "Keep the newest N checkpoints."}  # here N >= 1: no "0 keeps all"
+
+
+def flagged(text: str) -> str:
+    """An option's help with the other options it names written as flags
+    (``save_every`` as ``--save-every``): the library's words for a command line."""
+    names = "|".join(n for n in Options.names() if "_" in n)
+    return re.sub(rf"\b({names})\b", lambda m: "--" + m[1].replace("_", "-"), text)
 
 
 def policy_options(f: Any) -> Any:
@@ -26,5 +36,6 @@ def policy_options(f: Any) -> Any:
             ctype = click.IntRange(min=0)
         else:
             ctype = None
-        f = click.option("--" + name.replace("_", "-"), type=ctype, help=Options.help(name))(f)
+        text = _HELP.get(name) or flagged(Options.help(name, flag=True))
+        f = click.option("--" + name.replace("_", "-"), type=ctype, help=text)(f)
     return f

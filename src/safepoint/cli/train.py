@@ -10,72 +10,70 @@ from typing import Any
 import click
 
 from safepoint.app.config import JOB_DEFAULTS, TrainConfig, checkpoint_keys, to_yaml
+from safepoint.cli.options import flagged
 from safepoint.errors import ConfigError
 from safepoint.options import Options
 
-# The job's flags (flag name = config key, click type, help); every key is also a YAML
-# key. The checkpointing flags are made from ``Options`` (``_checkpoint_flags``).
-_OPTIONS: list[tuple[str, Any, str]] = [
-    ("model", str, "'tiny' (built in, default), a model folder, or a cached hub name."),
-    ("dataset", str, "'builtin' (default) or a .jsonl/.json/.csv/.parquet/.txt file."),
-    ("text_field", str, "Column with plain text (default: text, prompt/completion, messages)."),
-    ("output_dir", str, "Where checkpoints go (default runs/default); a rerun resumes there."),
-    ("epochs", float, "Passes over the data (default 3)."),
-    ("max_steps", int, "Stop after this many optimizer steps (overrides --epochs)."),
-    ("batch_size", int, "Examples per step (default 8)."),
-    ("learning_rate", float, "Peak learning rate (default 1e-2)."),
-    ("max_length", int, "Longest example in tokens (default 64)."),
-    ("lora_r", int, "LoRA rank (default 8)."),
-    ("lora_alpha", int, "LoRA alpha (default 16)."),
-    ("lora_dropout", float, "LoRA dropout (default 0.05)."),
-    ("lora_target_modules", str, "Comma-separated module names (default: PEFT's choice)."),
-    ("seed", int, "Random seed, 0 to 4294967295 (default 42)."),
-    ("eval_split", float, "Fraction of the data held out for evaluation (default 0.1)."),
-    ("eval_dataset", str, "A separate evaluation file."),
-    ("eval_every", int, "Evaluate every N steps (default: at each save)."),
-    ("early_stopping", int, "Stop after N evaluations without improvement."),
-    ("resume", str, "auto (default), never (fresh, in a new directory) or a checkpoint path."),
-]
+# Every config key is a flag, made here from ``TrainConfig``'s fields: name, type and
+# help (``TrainConfig.help``: the job's keys, and ``Options.help`` for the engine's).
+_BOOL_FLAGS = {"async_save": "--async-save/--sync-save", "full": "--full/--lora"}
 
 
-_BOOL_FLAGS = {"async_save": "--async-save/--sync-save"}  # names older than Options
-
-
-def _checkpoint_flags() -> list[Any]:
-    """A flag for every engine option: type from the field, help from ``Options``."""
+def _flags() -> list[Any]:
     import dataclasses
 
     types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    engine = set(checkpoint_keys())
     flags = []
-    for name in checkpoint_keys():
+    for name in types:
         kind, dashed = types[name], "--" + name.replace("_", "-")
-        default = JOB_DEFAULTS.get(name, TrainConfig.__dataclass_fields__[name].default)
-        note = "; 0 keeps all" if name == "keep_last" else ""  # the flag's own "all"
-        text = f"{Options.help(name)}{note} (default {'none' if default is None else default})."
+        field = TrainConfig.__dataclass_fields__[name]
+        default = JOB_DEFAULTS.get(name, field.default)
+        if field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        text = flagged(Options.help(name, flag=True)) if name in engine else TrainConfig.help(name)
+        decl = _BOOL_FLAGS.get(name, f"{dashed}/--no-{dashed[2:]}")
+        if default is True:
+            default = decl.split("/")[0]
+        if not (default is None or default is False or default == {}):
+            text = f"{text.removesuffix('.')} (default {default})."
         if kind.startswith("bool"):
-            decl = _BOOL_FLAGS.get(name, f"{dashed}/--no-{dashed[2:]}")
             flags.append(click.option(decl, name, default=None, help=text))
-            continue
-        if kind.startswith("Literal"):
-            ctype: Any = click.Choice(re.findall(r"'([^']+)'", kind))
+        elif kind.startswith("dict"):
+            flags.append(click.option(dashed, name, multiple=True, metavar="KEY=VALUE", help=text))
         else:
-            ctype = {"int": int, "float": float}.get(kind.split(" |")[0], str)
-        flags.append(click.option(dashed, name, type=ctype, help=text))
+            if kind.startswith("Literal"):
+                ctype: Any = click.Choice(re.findall(r"'([^']+)'", kind))
+            else:
+                ctype = {"int": int, "float": float}.get(kind.split(" |")[0], str)
+            flags.append(click.option(dashed, name, type=ctype, help=text))
     return flags
 
 
 def _decorate(f: Any) -> Any:
-    for flag in reversed(_checkpoint_flags()):
+    for flag in reversed(_flags()):
         f = flag(f)
-    for name, kind, text in reversed(_OPTIONS):
-        f = click.option(f"--{name.replace('_', '-')}", name, type=kind, help=text)(f)
-    f = click.option(
-        "--fsdp/--no-fsdp",
-        "fsdp",
-        default=None,
-        help="Under torchrun: shard the model over the processes (FSDP2); each saves its pieces.",
-    )(f)
-    return click.option("--full/--lora", "full", default=None, help="Full fine-tune, or LoRA.")(f)
+    return f
+
+
+def _pairs(given: tuple[str, ...]) -> dict[str, Any] | None:
+    """``--trainer KEY=VALUE`` flags as a mapping; a VALUE is read as YAML (3, 0.1, true)."""
+    import yaml
+
+    if not given:
+        return None
+    out = {}
+    for pair in given:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(
+                f"--trainer {pair}: write KEY=VALUE, e.g. --trainer weight_decay=0.01"
+            )
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
 
 
 def _summary(directory: str, cfg: TrainConfig) -> None:
@@ -122,7 +120,7 @@ def train_cmd(config_file: str | None, print_config: bool, **flags: Any):
     another --max-steps or --epochs applies, and the schedule is recomputed for it.
     Exit codes: 0 done, 2 bad input, 3 stopped by a signal (at any point), 4 failure.
     """
-    cfg = _resolve(config_file, flags)
+    cfg = _resolve(config_file, {**flags, "trainer": _pairs(flags["trainer"])})
     if print_config:
         click.echo(to_yaml(cfg), nl=False)
         return
@@ -154,8 +152,10 @@ def _run(cfg: TrainConfig) -> int | None:
             click.echo("")
         stopped = " (early stopping)" if outcome.steps < outcome.max_steps else ""
         click.echo(
-            f"done: {outcome.steps} steps{stopped}, {outcome.commits} checkpoints "
-            f"committed, {outcome.seconds:.0f} s"
+            f"done: {outcome.steps} step{'' if outcome.steps == 1 else 's'}{stopped}, "
+            f"{outcome.commits} "
+            f"checkpoint{'' if outcome.commits == 1 else 's'} committed, "
+            f"{outcome.seconds:.0f} s"
         )
     _summary(str(outcome.output_dir), cfg)
     return None
