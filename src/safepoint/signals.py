@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -86,6 +87,25 @@ def hold_until_exit(signals: Iterable[signal.Signals], *, where: str) -> None:
         signal.signal(sig, _held)
 
 
+def start_line() -> None:
+    """End the line a progress bar holds (a tqdm bar, or the ``^C`` a terminal echoes
+    after it), so that a stop's message starts on a line of its own instead of being
+    glued to the bar. ``safepoint train``'s live line ends itself (a filter it puts on
+    the logger), so only a bar or a bare terminal get the newline."""
+    try:
+        if _bar_live() or (sys.stderr.isatty() and not log.filters):
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+    except (AttributeError, OSError, RuntimeError, ValueError):  # closed, or re-entered
+        pass
+
+
+def _bar_live() -> bool:
+    std = sys.modules.get("tqdm.std")  # no bar unless tqdm was imported
+    bars = getattr(getattr(std, "tqdm", None), "_instances", None) or ()
+    return any(not getattr(bar, "disable", True) for bar in list(bars))
+
+
 def _held(signum: int, _frame: object) -> None:
     global _arrived, _said_again
     sig = signal.Signals(signum)
@@ -99,6 +119,7 @@ def _held(signum: int, _frame: object) -> None:
         f"stopped by {sig.name} outside a training step; the checkpoints in {_held_where} "
         "are as they were; rerun the same command to resume"
     )
+    start_line()
     log.warning("%s", message)
     raise TrainingStopped(message)
 
@@ -176,6 +197,7 @@ class SignalGuard:
         if self.signal is None:
             self.signal = sig
             self.received_at = time.monotonic()
+            start_line()
             log.warning(
                 "received %s: saving an emergency checkpoint when this step ends "
                 "(send it again to stop at once without saving)",
@@ -192,6 +214,7 @@ class SignalGuard:
             f"checkpoint; rerun the same command to resume from the newest checkpoint in "
             f"{self.where}"
         )
+        start_line()
         log.warning("%s", message)
         raise TrainingStopped(message)
 

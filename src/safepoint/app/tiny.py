@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -48,6 +49,12 @@ def tiny_model_path() -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Seconds to a minute of silence otherwise (tokenizer, 50 steps of pre-training).
+    print(
+        f"safepoint: building the built-in tiny model in {target} (once; up to a minute)",
+        file=sys.stderr,
+        flush=True,
+    )
     tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=target.parent))
     try:
         _build(tmp)

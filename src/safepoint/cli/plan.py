@@ -31,11 +31,28 @@ def plan_cmd(directory: str | None, as_json: bool, **opts: Any) -> None:
     Give the numbers (--step-time --save-time --mtbf --steps ...) or a run's DIRECTORY,
     whose recorded measurements fill in what is not given.
     """
+    _check_values(opts)
     result = make_plan(Path(directory) if directory else None, opts)
     if as_json:
         click.echo(json.dumps(result, indent=1))
     else:
         _print_plan(result)
+
+
+def _check_values(opts: dict[str, Any]) -> None:
+    """A value that was given is read first: a typo in it is the error to report, not
+    a number still missing (``--step-time abc`` said "pass --save-time")."""
+    from safepoint.units import parse_duration, parse_size
+
+    for key, parse in (
+        ("step_time", parse_duration),
+        ("save_time", parse_duration),
+        ("mtbf", parse_duration),
+        ("checkpoint_size", parse_size),
+        ("free_disk", parse_size),
+    ):
+        if opts[key] is not None:
+            parse(opts[key], what="--" + key.replace("_", "-"))
 
 
 def _print_plan(r: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from safepoint.distributed import QuietRecord, Ranks
 from safepoint.engine.decide import Decider
 from safepoint.engine.emergency import EmergencyStop
 from safepoint.engine.preflight import Preflight
-from safepoint.engine.resume import Resumed, Resumer, T
+from safepoint.engine.resume import Resumed, Resumer, T, say_resumed
 from safepoint.engine.saver import PendingSave, Saver
 from safepoint.engine.sharded import save_sharded
 from safepoint.errors import ConfigError, SaveFailedError
@@ -104,7 +104,7 @@ class Checkpointer:
         warning (``engine/resume.py`` says what raises). Runs ``preflight`` first."""
         self.preflight(state)
         resumed = self.resume(lambda info: self.load(info, state), checkpoint)
-        return None if resumed is None else resumed.info.step
+        return None if resumed is None else say_resumed(resumed.info)
 
     def resume(
         self,

@@ -29,7 +29,13 @@ import torch
 from safepoint.errors import SafepointError
 from safepoint.options import Options, parse_signals
 from safepoint.records import RunRecord
-from safepoint.signals import NonFiniteLossError, SaveInterrupted, SignalGuard, TrainingStopped
+from safepoint.signals import (
+    NonFiniteLossError,
+    SaveInterrupted,
+    SignalGuard,
+    TrainingStopped,
+    start_line,
+)
 from safepoint.validity import CheckpointInfo
 
 log = logging.getLogger("safepoint")
@@ -244,6 +250,7 @@ class EmergencyStop:
         )
 
     def _stopped(self, message: str) -> NoReturn:
+        start_line()  # a user's tqdm bar is still on screen
         log.warning("%s", message)
         raise TrainingStopped(message)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +128,7 @@ class Resumer:
         return progress
 
     def _resumed(self, info: CheckpointInfo, loaded: T, failed: Mapping[str, str]) -> Resumed[T]:
-        log.info("resumed from %s", info.path)
+        log.info("resumed from %s (step %d)", info.path, info.step)
         reached = self.reached_before
         self.record.event(
             "resume",
@@ -150,6 +151,15 @@ class Resumer:
                 problem = "checksum verification failed"
             skipped.append({"checkpoint": i.name, "status": i.status, "problem": problem})
         return skipped
+
+
+def say_resumed(info: CheckpointInfo) -> int:
+    """The plain ``Checkpointer.restore`` resumed from ``info``: its INFO line (``_resumed``)
+    is hidden by Python's default logging, so say it on stderr then, as the Trainer
+    callback does; otherwise a resume looks like a loop that jumped ahead. Its step."""
+    if not (log.isEnabledFor(logging.INFO) and log.hasHandlers()):
+        print(f"safepoint: resumed from {info.path} (step {info.step})", file=sys.stderr)
+    return info.step
 
 
 def check_resumable(path: Path, directory: Path, *, deep: bool) -> CheckpointInfo:
