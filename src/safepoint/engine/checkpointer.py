@@ -99,9 +99,8 @@ class Checkpointer:
         *,
         checkpoint: str | os.PathLike[str] | int | None = None,
     ) -> int | None:
-        """Load the newest valid checkpoint (or ``checkpoint``) into ``state``; the step
-        restored, or None (nothing to resume). A damaged newer one is skipped with a
-        warning (``engine/resume.py`` says what raises). Runs ``preflight`` first."""
+        """Load the newest valid checkpoint (or ``checkpoint``) into ``state`` after
+        ``preflight``; the step, or None. Skips damaged ones (``engine/resume.py``)."""
         self.preflight(state)
         resumed = self.resume(lambda info: self.load(info, state), checkpoint)
         return None if resumed is None else say_resumed(resumed.info)
@@ -117,8 +116,7 @@ class Checkpointer:
         resumed = self.resumer.pick(checkpoint, load)
         if resumed is not None:
             self.decider.begin(step=resumed.info.step)
-            if self.ranks.is_writer:  # lineage: the next commit descends from this one
-                self.saver.resumed_from(resumed.info)
+            self.saver.resumed_from(resumed.info, writer=self.ranks.is_writer)  # lineage
         return resumed
 
     def load(

@@ -114,9 +114,12 @@ class Saver:
 
     # ------------------------------------------------------------------ commit
 
-    def resumed_from(self, info: CheckpointInfo) -> None:
+    def resumed_from(self, info: CheckpointInfo, *, writer: bool = True) -> None:
         """The run continues from ``info``: its next commit descends from it, and sets
-        aside every later folder first (another line of the run: ``Store.set_aside_later_than``)."""
+        aside every later folder first (another line of the run: ``Store.set_aside_later_than``).
+        Only the ``writer`` (rank 0) touches the store."""
+        if not writer:
+            return
         self.written()
         assert info.manifest is not None
         self._tip = Parent(info.step, info.manifest.digest)
