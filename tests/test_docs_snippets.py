@@ -50,6 +50,7 @@ LISTINGS = {
     ("docs/ARCHITECTURE.md", 'ckpt.step(120, state, metrics={"loss": 0.8})'),
     # docs/config.md: the YAML example, trained with by tests/test_train_settings.py
     ("docs/config.md", "# run.yaml: safepoint train --config run.yaml"),
+    ("README.md", "# run.yaml: safepoint train --config run.yaml"),
     (
         "docs/ARCHITECTURE.md",
         "ckpt.restore(state)                              SafepointCallback: trainer.train()",

@@ -147,3 +147,19 @@ def test_a_logger_whose_package_is_missing_says_what_to_install(
 def test_bad_settings(tmp_path: Path, capsys, flag: str, value: str, needle: str) -> None:
     err = refused(capsys, tmp_path / "out", flag, value)
     assert err.startswith(f"Error: {flag}") and needle in err
+
+
+def test_the_readme_example_is_a_valid_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's shorter YAML example resolves as written (and means what it says)."""
+    readme = DOC.parent.parent / "README.md"
+    blocks = re.findall(r"^```yaml\n(.*?)^```$", readme.read_text(), flags=re.S | re.M)
+    (block,) = [b for b in blocks if b.startswith("# run.yaml")]
+    config = tmp_path / "run.yaml"
+    config.write_text(block)
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    written = yaml.safe_load(block)
+    assert {k: resolved[k] for k in written} == written
