@@ -195,10 +195,13 @@ def mutate_state(ck: Path, rng: random.Random) -> str:
             pick[1] = rng.choice([[1, 2], "x", 3, None])
             key = "whole"
         else:
-            other = rng.choice([p[1]["exp_avg"]["__tensor__"] for p in pairs] + ["missing"])
-            st[key] = rng.choice([bad, {"__tensor__": other}])
-            if st[key] == {"__tensor__": f"state.{pairs[0][0]}.{key}"}:
-                st[key] = {"__tensor__": "missing"}
+            # Another state tensor of another shape (one of the same shape is consistent
+            # data, loaded as data: the threat model's re-signed values), or none.
+            shapes = {k: v["shape"] for k, v in st_read(ck / "optimizer.safetensors")[0].items()
+                      if k != "__metadata__"}  # fmt: skip
+            mine = shapes.get(st[key]["__tensor__"]) if isinstance(st[key], dict) else None
+            others = [n for n, shape in shapes.items() if shape != mine] + ["missing"]
+            st[key] = rng.choice([bad, {"__tensor__": rng.choice(others)}])
         where = f"{kind}:{key}"
     elif kind == "state_missing":
         st = rng.choice(pairs)[1]
