@@ -128,8 +128,7 @@ class Mirror:
                     error=_short(e),
                 )  # fmt: skip
                 log.warning(
-                    "remote %s/%s could not be downloaded (%s, after retries); trying an "
-                    "older one",
+                    "remote %s/%s could not be downloaded (%s, after retries); trying an older one",
                     self.url,
                     rc.name,
                     _short(e),
