@@ -44,6 +44,8 @@ LAYERS: list[tuple[str, set[str]]] = [
             "sharding",
             "restore",
             "fits",
+            "writing",
+            "thinning",
         },
     ),
     ("policies", {"plan", "schedule", "options", "retention", "disk", "signals", "data_order"}),

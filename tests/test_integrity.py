@@ -91,6 +91,7 @@ def test_a_damaged_newest_is_set_aside_and_its_step_saved_anew(tmp_path: Path, a
 
 def test_a_rollback_sets_the_later_line_aside_at_its_first_commit(tmp_path: Path, async_save: bool):
     opts = {"save_every": "1", "keep_last": 10, "total_steps": 4, "async_save": async_save}
+    opts["keep_full"] = None  # rolls back to an old one: every checkpoint stays full
     with Checkpointer(tmp_path, **opts) as ckpt:
         train(ckpt, make_state(0), range(1, 5))
     old3 = weights(tmp_path / "checkpoint-3")
@@ -117,7 +118,7 @@ def test_a_rollback_sets_the_later_line_aside_at_its_first_commit(tmp_path: Path
 
 
 def test_a_rollback_stopped_before_any_save_changes_nothing(tmp_path: Path):
-    opts = {"save_every": "1", "keep_last": 10, "total_steps": 4}
+    opts = {"save_every": "1", "keep_last": 10, "total_steps": 4, "keep_full": None}
     with Checkpointer(tmp_path, **opts) as ckpt:
         train(ckpt, make_state(0), range(1, 5))
     with Checkpointer(tmp_path, **opts) as ckpt:
@@ -140,7 +141,7 @@ def test_the_same_save_again_keeps_the_folder_it_finds(tmp_path: Path):
 
 
 def test_a_fresh_run_records_its_line_of_descent(tmp_path: Path):
-    with Checkpointer(tmp_path, save_every="1", keep_last=5, total_steps=3) as ckpt:
+    with Checkpointer(tmp_path, save_every="1", keep_last=5, total_steps=3, keep_full=0) as ckpt:
         train(ckpt, make_state(0), range(1, 4))
     one, two, three = (manifest_of(tmp_path / f"checkpoint-{s}") for s in (1, 2, 3))
     assert one.parent is None
@@ -167,7 +168,7 @@ def test_a_bad_parent_makes_the_manifest_corrupt(tmp_path: Path):
 def test_ls_lists_what_was_set_aside(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ):
-    opts = {"save_every": "1", "keep_last": 10, "total_steps": 3}
+    opts = {"save_every": "1", "keep_last": 10, "total_steps": 3, "keep_full": None}
     with Checkpointer(tmp_path, **opts) as ckpt:
         train(ckpt, make_state(0), range(1, 4))
     with Checkpointer(tmp_path, **opts) as ckpt:
@@ -211,6 +212,8 @@ def train_cli(out: Path, home: Path, *args: str) -> subprocess.CompletedProcess[
             "0",
             "--save-every",
             "5",
+            "--keep-full",
+            "0",  # the rollbacks here resume from old checkpoints: all stay full
             *args,
         ],
         capture_output=True,

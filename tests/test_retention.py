@@ -20,6 +20,7 @@ from safepoint.retention import (
     plan,
     policy_from_json,
     policy_to_json,
+    thin_steps,
 )
 from tests.conftest import run_toy
 
@@ -323,3 +324,17 @@ def test_runs_made_one_after_another_share_one_reaper_thread(tmp_path: Path) -> 
         assert _on_disk(tmp_path / str(run)) == [3]
     reapers = [t for t in threading.enumerate() if t.name.startswith("safepoint-reaper")]
     assert len(reapers) == 1
+
+
+def test_thin_steps_spares_the_newest_full_ones_and_the_best() -> None:
+    """keep_full: of what the plan keeps, all full ones but the newest N and the best are
+    thinned; thin ones are not counted among the newest full; 0 or None thins nothing."""
+    policy = RetentionPolicy(keep_last=5, keep_best=1, metric="loss")
+    cands = [Candidate(s, 10, {"loss": 1.0 if s == 2 else 5.0}, thin=s == 1) for s in range(1, 8)]
+    decision = plan(cands, policy)
+    assert sorted(decision.keep) == [2, 3, 4, 5, 6, 7]
+    assert thin_steps(cands, decision, policy, 2) == (3, 4, 5)
+    assert thin_steps(cands, decision, policy, 9) == ()
+    assert thin_steps(cands, decision, policy, 0) == thin_steps(cands, decision, policy, None) == ()
+    no_best = RetentionPolicy(keep_last=5)
+    assert thin_steps(cands, plan(cands, no_best), no_best, 1) == (3, 4, 5, 6)

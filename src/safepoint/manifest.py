@@ -23,7 +23,12 @@ from safepoint.schema import SchemaError, is_int, is_number, require
 
 MANIFEST_NAME = "safepoint.json"
 FORMAT_NAME = "safepoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest version this safepoint reads. A full checkpoint's manifest is still
+written as version 1 (byte for byte what older releases read); a thin one's as version
+2, so that an older safepoint calls it foreign ("upgrade safepoint") and never tries to
+resume from it."""
+THIN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,21 @@ class Parent:
 
 
 @dataclass(frozen=True)
+class Thin:
+    """The mark of a thin checkpoint: what evaluation and export need was kept (the
+    files its manifest lists, each with the size and checksum it had in the full one),
+    the resumable-only state dropped. ``full``: the manifest checksum of the full
+    checkpoint it was thinned from (a child's ``parent`` may name that one);
+    ``dropped``: the names of the files left out."""
+
+    full: str
+    dropped: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"full": self.full, "dropped": list(self.dropped)}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Parsed ``safepoint.json``."""
 
@@ -61,8 +81,15 @@ class Manifest:
     info: dict[str, Any] = field(default_factory=dict)
     parent: Parent | None = None
     """None: the first checkpoint of a run started from scratch (or an older manifest)."""
+    thin: Thin | None = None
+    """Set on a thin checkpoint (never resumed from); None: full, resumable."""
     stored_digest: str | None = field(default=None, compare=False, repr=False)
     """The ``manifest_checksum`` read (and checked) by ``from_json``."""
+
+    @property
+    def is_thin(self) -> bool:
+        """Thinned: weights and what evaluation needs, never resumed from."""
+        return self.thin is not None
 
     @property
     def total_bytes(self) -> int:
@@ -86,7 +113,7 @@ class Manifest:
     def _body(self) -> dict[str, Any]:
         body = {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": 1 if self.thin is None else THIN_VERSION,
             "step": self.step,
             "created": self.created,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
@@ -102,6 +129,8 @@ class Manifest:
         }
         if self.parent is not None:  # absent, not null: older readers' manifests unchanged
             body["parent"] = self.parent.to_json()
+        if self.thin is not None:
+            body["thin"] = self.thin.to_json()
         return body
 
     @classmethod
@@ -199,6 +228,13 @@ class Manifest:
             parent,
             "an object with a step and a manifest checksum",
         )
+        thin = _thin(body.get("thin"))
+        require(
+            thin is None or body.get("version") == THIN_VERSION,
+            "thin",
+            body.get("thin"),
+            f"only in a version {THIN_VERSION} manifest",
+        )
         return cls(
             step=step,
             files=files,
@@ -209,6 +245,7 @@ class Manifest:
             versions=dict(versions),
             info=info,
             parent=None if parent is None else Parent(parent["step"], parent["manifest"]),
+            thin=thin,
             stored_digest=stored,
         )
 
@@ -243,6 +280,22 @@ def _check_info(info: dict[str, Any]) -> None:
         require(policy["mode"] in ("min", "max"), "info.policy.mode", policy["mode"], "min/max")
     if "metric" in policy:
         require(isinstance(policy["metric"], str), "info.policy.metric", policy["metric"], "text")
+
+
+def _thin(raw: Any) -> Thin | None:
+    if raw is None:
+        return None
+    require(
+        isinstance(raw, dict)
+        and isinstance(raw.get("full"), str)
+        and _HEX32.fullmatch(raw["full"]) is not None
+        and isinstance(raw.get("dropped"), list)
+        and all(is_safe_name(n) for n in raw["dropped"]),
+        "thin",
+        raw,
+        "an object with the full manifest's checksum and the dropped file names",
+    )
+    return Thin(raw["full"], tuple(raw["dropped"]))
 
 
 def _metrics(raw: Any) -> dict[str, float]:

@@ -103,6 +103,18 @@ class Options:
         default=None,
         metadata=_doc("Also keep every checkpoint after this step (the end of a run)."),
     )
+    keep_full: int | None = field(
+        default=2,
+        metadata=_doc(
+            """Keep the full resumable state (optimizer, RNG, scheduler) in the newest N
+            checkpoints and the best only; older kept ones are thinned to what evaluation
+            and export need (weights or adapter, configs, trainer state), and never
+            resumed from. 0 or None: every kept checkpoint stays full.""",
+            flag="""Keep the full resumable state (optimizer, RNG, scheduler) in the newest N
+            checkpoints and the best only; older kept ones are thinned to the weights,
+            configs and trainer state (export, evaluation; not resume). 0: all full.""",
+        ),
+    )
     max_disk: str | int | None = field(
         default=None,
         metadata=_doc(
@@ -317,6 +329,7 @@ def _check_ints(options: Options) -> None:
         "keep_best": 0,
         "keep_every": 1,
         "keep_after_step": 0,
+        "keep_full": 0,
     }
     hints = {"keep_last": ": keep at least 1 checkpoint (None keeps all)"}  # message tails
     for name, low in bounds.items():

@@ -30,6 +30,8 @@ class Candidate:
     step: int
     size: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
+    thin: bool = False
+    """Thinned already (``thinning.py``): ``size`` is what it holds now."""
 
 
 class Rule(Protocol):
@@ -224,6 +226,27 @@ def plan(candidates: Sequence[Candidate], policy: RetentionPolicy) -> RetentionP
     keep = {s: tuple(r) for s, r in reasons.items() if r}
     delete = tuple(s for s, r in reasons.items() if not r)
     return RetentionPlan(keep, delete, over)
+
+
+def thin_steps(
+    candidates: Sequence[Candidate],
+    decision: RetentionPlan,
+    policy: RetentionPolicy,
+    keep_full: int | None,
+) -> tuple[int, ...]:
+    """The full checkpoints among those ``decision`` keeps that are to be thinned, oldest
+    first: all but the newest ``keep_full`` full ones and (with ``keep_best``) the best
+    one. ``keep_full`` None or 0 thins nothing. The newest full ones stay full so that a
+    newest found damaged still falls back to a resumable one (the default 2); the best
+    stays full so that a run can go on from it. A thin one is never made full again."""
+    if not keep_full:
+        return ()
+    full = sorted((c for c in candidates if c.step in decision.keep and not c.thin),
+                  key=lambda c: c.step)  # fmt: skip
+    spared = {c.step for c in full[-keep_full:]}
+    if policy.keep_best:
+        spared.update(best_steps(candidates, policy)[:1])
+    return tuple(c.step for c in full if c.step not in spared)
 
 
 def next_deletions(

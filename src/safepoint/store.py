@@ -11,11 +11,13 @@ a folder is; everything here acts on its answer.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
 import secrets
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -24,10 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safepoint.errors import SafepointError, SaveFailedError
-from safepoint.faults import crash_point, fault_point
-from safepoint.fileio import new_hasher, read_regular, write_all
+from safepoint.faults import crash_point
+from safepoint.fileio import read_regular
 from safepoint.format import write_safetensors
 from safepoint.manifest import MANIFEST_NAME, FileEntry, Manifest, Parent
+from safepoint.thinning import thin_manifest, thin_selection
 from safepoint.validity import (
     STAGING_PREFIX,
     CheckpointInfo,
@@ -36,6 +39,16 @@ from safepoint.validity import (
     inspect,
     note_written,
     scan,
+)
+from safepoint.writing import (
+    create_file,
+    fsync_committed,
+    fsync_dir,
+    link_or_copy,
+    save_failed_message,
+    start_writeback,
+    write_into,
+    write_new_file,
 )
 
 if TYPE_CHECKING:
@@ -47,92 +60,6 @@ log = logging.getLogger("safepoint")
 TRASH_PREFIX = ".trash-"
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a folder; a file system that cannot (EINVAL, ENOTSUP: some FUSE and CIFS
-    mounts) is said once, and the save goes on: it flushes folders its own way."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fault_point("dir_fsync")
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-        if not _fsync_unsupported:
-            _fsync_unsupported.append(path)
-            log.warning(
-                "the file system of %s cannot fsync a folder (%s); checkpoints are still "
-                "committed by rename, durable once the file system flushes",
-                path,
-                e.strerror,
-            )
-    finally:
-        os.close(fd)
-
-
-_fsync_unsupported: list[Path] = []
-
-
-def _create(path: Path) -> int:
-    # 0o666 and 0o777 (staging) go through the umask: a checkpoint gets the modes of any
-    # new file and folder, and the rename keeps them (no private temp-file modes).
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-
-
-def _write_into(
-    fd: int,
-    content: TensorFile | bytes,
-    *,
-    crash_at: str | None,
-    abort: Callable[[], None] | None = None,
-) -> FileEntry:
-    """Write ``content`` to the new file ``fd``, hashed in the same pass; not fsync'd."""
-    from safepoint.snapshot import TensorFile  # loaded already: a save holds tensors
-
-    if isinstance(content, TensorFile):
-        calls = []
-
-        def on_chunk(_written: int) -> None:
-            # Crash tests: die once per save, mid-file, after its first chunk.
-            if crash_at and not calls:
-                calls.append(1)
-                crash_point(crash_at)
-            if abort is not None:
-                abort()
-
-        size, digest = write_safetensors(
-            fd, content.tensors, content.metadata, on_chunk=on_chunk, image=content.image
-        )
-        return FileEntry(size, digest)
-    write_all(fd, memoryview(content))
-    hasher = new_hasher()
-    hasher.update(content)
-    return FileEntry(len(content), hasher.hexdigest())
-
-
-def _start_writeback(fd: int) -> None:
-    """Start writing ``fd``'s dirty pages to the disk without waiting (Linux: the
-    ``POSIX_FADV_DONTNEED`` advice does, as PostgreSQL's checkpointer uses it). Done for
-    every file of a save before the first fsync waits, the blocks of all of them are
-    allocated in one journal transaction, and the fsyncs after it share its commit."""
-    if _FADVISE is not None:
-        with contextlib.suppress(OSError):  # only a hint: the fsync after it does the work
-            os.posix_fadvise(fd, 0, 0, _FADVISE)
-
-
-_FADVISE = getattr(os, "POSIX_FADV_DONTNEED", None)
-
-
-def _write_file(path: Path, content: bytes) -> FileEntry:
-    """One new file, written and fsync'd (the manifest)."""
-    fd = _create(path)
-    try:
-        entry = _write_into(fd, content, crash_at=None)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return entry
-
-
 class Store:
     """Reads and writes the checkpoints of one output directory.
 
@@ -142,6 +69,7 @@ class Store:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         self._reaping: list[tuple[str, Future[None]]] = []
+        self._no_exchange = False  # the file system refused RENAME_EXCHANGE: no thinning
 
     def path_for(self, step: int) -> Path:
         return self.directory / f"checkpoint-{step}"
@@ -236,11 +164,13 @@ class Store:
         entries: dict[str, FileEntry] = {}
         try:
             for i, (name, content) in enumerate(files.items()):
-                fds.append(_create(staging / name))
+                fds.append(create_file(staging / name))
                 crash_at = "tensor_file" if i == 0 else None
-                entries[name] = _write_into(fds[-1], content, crash_at=crash_at, abort=abort)
+                entries[name] = write_into(
+                    fds[-1], content, crash_at=crash_at, abort=abort, write=write_safetensors
+                )
             for fd in fds:
-                _start_writeback(fd)
+                start_writeback(fd)
             for fd in fds:
                 os.fsync(fd)
         finally:
@@ -279,15 +209,15 @@ class Store:
             },
             parent=parent,
         )
-        _write_file(staging / MANIFEST_NAME, manifest.to_json())
+        write_new_file(staging / MANIFEST_NAME, manifest.to_json())
         crash_point("after_manifest")
         fsync_dir(staging)
         if not self._make_room_for(target, manifest):
             shutil.rmtree(staging)
             return inspect(target)
-        os.replace(staging, target)
+        self._put(staging, target)
         crash_point("after_rename")
-        _fsync_committed(self.directory, target)
+        fsync_committed(self.directory, target)
         note_written(target, manifest)
         return CheckpointInfo(target, snapshot.step, "valid", (), manifest, manifest.total_bytes)
 
@@ -298,7 +228,7 @@ class Store:
 
     def failure(self, step: int, e: OSError) -> SaveFailedError:
         """The ``SaveFailedError`` of a save of ``step`` that failed with ``e``."""
-        return SaveFailedError(_save_failed_message(self.path_for(step), e))
+        return SaveFailedError(save_failed_message(self.path_for(step), e))
 
     def adopt(self, staging: Path, step: int) -> CheckpointInfo:
         """Commit a staging folder whose files were written and fsynced elsewhere (a
@@ -308,7 +238,7 @@ class Store:
         raw = read_regular(staging / MANIFEST_NAME, max_size=16 << 20)
         manifest = Manifest.from_json(bytes(raw), where=str(staging / MANIFEST_NAME))
         if self._make_room_for(target, manifest):
-            os.replace(staging, target)
+            self._put(staging, target)
             fsync_dir(self.directory)
         else:
             shutil.rmtree(staging)
@@ -329,8 +259,31 @@ class Store:
         if existing.valid and existing.manifest is not None and existing.manifest.same_files(new):
             log.info("%s already holds this same checkpoint (every checksum equal)", target)
             return False
+        if existing.thin and not new.is_thin and existing.manifest is not None:
+            old = existing.manifest.files
+            if all(new.files.get(n) == e for n, e in old.items()):
+                return True  # the thin form of this same checkpoint: _put swaps it out
         self.set_aside(existing, "superseded" if existing.valid else existing.status)
         return True
+
+    def _put(self, staging: Path, target: Path) -> None:
+        """The commit's rename of ``staging`` to ``target``. Where ``target`` is still
+        there (``_make_room_for`` kept it: a thin checkpoint whose every file, size and
+        checksum the new full one holds), the two are swapped atomically and the thin
+        one leaves as a deletion does: nothing of it is lost, and it is not "another
+        line of the run" to set aside."""
+        if not os.path.lexists(target):
+            os.replace(staging, target)
+            return
+        _exchange(staging, target)
+        self._trash_later(staging, target.name, "its thin version")
+
+    def _trash_later(self, path: Path, name: str, what: str) -> None:
+        """Rename ``path`` (what was ``name``) to a ``.trash-`` folder; its files go on
+        the reaper thread."""
+        trash = self.directory / f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}"
+        os.replace(path, trash)
+        self._reaping.append((f"{name} ({what})", _reaper().submit(self._remove, trash)))
 
     def set_aside(self, info: CheckpointInfo, why: str) -> Path:
         """Rename the folder of ``info`` out of the run to ``checkpoint-N.<why>-<time>``:
@@ -395,6 +348,47 @@ class Store:
         crash_point("retention")
         shutil.rmtree(trash)
 
+    def thin(self, info: CheckpointInfo) -> CheckpointInfo | None:
+        """Replace the full checkpoint ``info`` by its thin version (``thinning.py``)
+        atomically; the thin one, or None where it stays full (nothing to drop, sharded,
+        a file system that cannot swap two folders: said once). A staging folder gets a
+        hard link (else a copy) of each kept file and the thin manifest, fsync'd with
+        the folder; then one ``renameat2(RENAME_EXCHANGE)`` swaps it with
+        ``checkpoint-N``: that name holds the full checkpoint up to this instant and the
+        thin one from it on, never neither (a rename onto a non-empty folder fails on
+        Linux; a rename away first would leave a window with no ``checkpoint-N``). The
+        full one, now under the staging name (never read by resume; a crash here leaves
+        it to the next start's ``sweep``), leaves as a deletion does; its kept files'
+        inodes live on in the thin one."""
+        chosen = info.manifest and thin_selection(info.path, info.manifest)
+        if not chosen or info.manifest is None or self._no_exchange:
+            return None
+        manifest = thin_manifest(info.manifest, *chosen)
+        staging = self.begin(info.step)
+        try:
+            for name in manifest.files:
+                link_or_copy(info.path / name, staging / name)
+            write_new_file(staging / MANIFEST_NAME, manifest.to_json())
+            fsync_dir(staging)
+            crash_point("thin_staged")
+            _exchange(staging, info.path)
+        except OSError as e:
+            self.discard(staging)
+            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            self._no_exchange = True
+            log.warning(
+                "the file system of %s cannot swap two folders atomically (%s); older "
+                "checkpoints stay full (keep_full applies where it can)",
+                self.directory,
+                e.strerror or e,
+            )
+            return None
+        crash_point("thin_exchanged")
+        note_written(info.path, manifest)
+        self._trash_later(staging, info.name, "its full version")
+        return CheckpointInfo(info.path, info.step, "valid", (), manifest, manifest.total_bytes)
+
     def settle(self) -> list[tuple[str, OSError]]:
         """Wait for the removals of background deletes; (checkpoint name, error) of each
         that failed (its folder is out of the run already: a ``.trash-`` folder is left)."""
@@ -419,28 +413,38 @@ def _reaper() -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_REAPER.clear)
 
 
-def _fsync_committed(directory: Path, target: Path) -> None:
-    # After the rename the checkpoint is committed: a failed fsync of the parent (an I/O
-    # error) may cost the rename at a power cut, never the folder's content. Say so; it
-    # is not a failed save.
-    try:
-        fsync_dir(directory)
-    except OSError as e:
-        log.warning(
-            "%s is committed, but fsync of %s failed (%s): after a power cut the run may "
-            "resume from the checkpoint before it; check the disk",
-            target.name,
-            directory,
-            e.strerror or e,
-        )
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
 
 
-def _save_failed_message(target: Path, e: OSError) -> str:
-    why = e.strerror or str(e)
-    if e.errno == errno.ENOSPC:
-        hint = "free space, lower keep_last, set max_disk, or use another output directory"
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "make the output directory writable or choose another output directory"
-    else:
-        hint = "check the disk; earlier checkpoints are intact"
-    return f"saving {target} failed: {why}; the previous checkpoints are intact; {hint}"
+def _exchange(a: Path, b: Path) -> None:
+    """Swap the names ``a`` and ``b`` atomically: Linux ``renameat2`` with
+    ``RENAME_EXCHANGE`` (3.15+, ext4, xfs, btrfs, tmpfs; not NFS, not a FUSE file system
+    without it: EINVAL). Raises ``OSError``; ENOSYS where the C library lacks it. Raised
+    first as the audit event ``os.rename`` (it is one, twice over), so that whatever
+    watches renames (the chaos file-event hook) sees it."""
+    fn = _renameat2()
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available here", str(a))
+    sys.audit("os.rename", str(a), str(b), -1, -1)
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _renameat2() -> Callable[..., int] | None:
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = getattr(libc, "renameat2", None)
+        except OSError:
+            fn = None
+        if fn is not None:
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+            fn.argtypes += [ctypes.c_uint]
+            fn.restype = ctypes.c_int
+        _LIBC.append(fn)
+    return _LIBC[0]
+
+
+_LIBC: list[Callable[..., int] | None] = []

@@ -51,6 +51,17 @@ class CheckpointInfo:
         return self.path.name
 
     @property
+    def thin(self) -> bool:
+        """A thin checkpoint (``Manifest.thin``): valid, verified whole, exported and
+        reported from, never resumed from."""
+        return self.manifest is not None and self.manifest.is_thin
+
+    @property
+    def resumable(self) -> bool:
+        """Valid and full: what resume may pick."""
+        return self.valid and not self.thin
+
+    @property
     def metrics(self) -> dict[str, float]:
         return dict(self.manifest.metrics) if self.manifest else {}
 
@@ -252,9 +263,12 @@ def note_written(path: Path, manifest: Manifest) -> None:
 
 def _parse_state(path: Path, manifest: Manifest, *, deep: bool) -> list[str]:
     """Problems of ``state.json``: listed, readable, and valid against its schema, so
-    that a checkpoint resume would fail on is ``corrupt`` in ``ls`` already."""
+    that a checkpoint resume would fail on is ``corrupt`` in ``ls`` already. A thin
+    checkpoint has none, by design: only its ``trainer_state.json`` is checked."""
     from safepoint.schema import STATE_NAME, parse_state
 
+    if manifest.thin is not None:
+        return _check_trainer_state(path, manifest, deep=deep)
     entry = manifest.files.get(STATE_NAME)
     if entry is None:
         return [f"{STATE_NAME} is not listed in the manifest: nothing to restore from"]
@@ -384,7 +398,8 @@ def scan(directory: str | os.PathLike[str], *, deep: bool = False) -> list[Check
 
 
 def latest_checkpoint(directory: str | os.PathLike[str], *, deep: bool = True) -> Path | None:
-    """The newest valid checkpoint of ``directory``, or None. Logs each newer one skipped."""
+    """The newest valid full checkpoint of ``directory`` (the one a run resumes from), or
+    None. Logs each newer one skipped; thin ones are not candidates."""
     for info in newest_first(directory, deep=deep):
         return info.path
     return None
@@ -393,11 +408,12 @@ def latest_checkpoint(directory: str | os.PathLike[str], *, deep: bool = True) -
 def newest_first(
     directory: str | os.PathLike[str], *, deep: bool = True
 ) -> Iterator[CheckpointInfo]:
-    """Yield valid checkpoints newest first, logging why each newer folder was skipped."""
+    """Yield resumable checkpoints newest first, logging why each newer folder was
+    skipped. A thin checkpoint is not a candidate (not damage): passed over silently."""
     if not Path(directory).is_dir():
         return
     for info in reversed(scan(directory)):
-        if info.status == "staging":
+        if info.status == "staging" or info.thin:
             continue
         if info.valid and deep:
             info = inspect(info.path, deep=True)

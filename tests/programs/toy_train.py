@@ -1,7 +1,7 @@
 """A small plain-PyTorch training loop on safepoint, run as a real process by the tests.
 
 usage: python toy_train.py OUT_DIR [--steps N] [--save-every S] [--keep-last K]
-       [--width W] [--step-sleep SECONDS] [--reference-step-sleep SECONDS]
+       [--keep-full F] [--width W] [--step-sleep SECONDS] [--reference-step-sleep SECONDS]
        [--async-save] [--copy-free] [--on-busy wait|skip]
 
 Draws its data and dropout masks from the torch and numpy RNGs, so a resume that does
@@ -57,6 +57,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--save-every", default="5")
     p.add_argument("--keep-last", type=int, default=None)
+    p.add_argument("--keep-full", type=int, default=2)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--reference-step-sleep", type=float, default=None)
@@ -76,6 +77,7 @@ def main(argv: list[str]) -> int:
         args.out,
         save_every=args.save_every,
         keep_last=args.keep_last,
+        keep_full=args.keep_full,
         total_steps=args.steps,
         async_save=args.async_save,
         copy_free=args.copy_free,

@@ -49,6 +49,7 @@ def info_json(info: CheckpointInfo, *, verified: bool) -> dict[str, object]:
         "path": str(info.path),
         "step": info.step,
         "status": shown_status(info, verified=verified),
+        "kind": ("thin" if info.thin else "full") if info.valid else None,
         "problems": list(info.problems),
         "size": info.size,
         "created": m.created if m else None,
@@ -221,7 +222,10 @@ def _ls_columns(listing: Listing) -> list[_Column]:
     def state(i: CheckpointInfo) -> str:
         text = shown_status(i, verified=False)
         remote = f", {uploads.get(i.name, 'local only')}" if uploads and i.valid else ""
-        return f"[{_STYLE[text]}]{text}[/]{remote}"
+        # full (resumable) is the rule and says nothing more; thin (keep_full: weights,
+        # configs, trainer state; exported, never resumed from) says so
+        thin = ", [cyan]thin[/]" if i.thin else ""
+        return f"[{_STYLE[text]}]{text}[/]{thin}{remote}"
 
     # Give-way order, least useful first: the write and stall times (the report has
     # them), the note (problems then print below the table), the save time, the

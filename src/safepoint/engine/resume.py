@@ -185,4 +185,11 @@ def check_resumable(path: Path, directory: Path, *, deep: bool) -> CheckpointInf
             f"{path} is {info.status}: {'; '.join(info.problems)}; resume from another "
             "checkpoint or run `safepoint verify` for details"
         )
+    if info.thin:  # valid, but its optimizer and RNG state were dropped (keep_full)
+        full = [i.name for i in scan(directory) if i.resumable] if directory.is_dir() else []
+        raise IncompatibleCheckpointError(
+            f"{path} is thin (weights only: its optimizer, scheduler and RNG state were "
+            f"dropped by keep_full), so no run resumes from it; resume from a full one "
+            f"({', '.join(full) or 'none'}) or export it"
+        )
     return info

@@ -13,7 +13,13 @@ import os
 from safepoint.errors import CheckpointNotFoundError
 from safepoint.options import Options
 from safepoint.records import RunRecord
-from safepoint.retention import Candidate, RetentionPolicy, free_before_commit, plan
+from safepoint.retention import (
+    Candidate,
+    RetentionPolicy,
+    free_before_commit,
+    plan,
+    thin_steps,
+)
 from safepoint.snapshot import Snapshot
 from safepoint.store import Store
 from safepoint.validity import CheckpointInfo, checkpoint_step, inspect
@@ -93,18 +99,56 @@ class Retention:
         one damaged since it was saved sends retention back to the folder, so that it
         never deletes a good checkpoint in favour of a bad one."""
         valid = self.valid()
-        decision = plan([Candidate(i.step, i.size, i.metrics) for i in valid], self.policy)
+        decision = plan(_candidates(valid), self.policy)
         kept = [i for i in valid if i.step not in decision.delete]
-        if decision.delete and not all(_still_valid(i) for i in kept if i is not self._fresh):
+        thin = thin_steps(_candidates(valid), decision, self.policy, self.options.keep_full)
+        if (decision.delete or thin) and not all(
+            _still_valid(i) for i in kept if i is not self._fresh
+        ):
             self._names = None
             valid = self.valid()
-            decision = plan([Candidate(i.step, i.size, i.metrics) for i in valid], self.policy)
+            decision = plan(_candidates(valid), self.policy)
+            thin = thin_steps(_candidates(valid), decision, self.policy, self.options.keep_full)
         if decision.over_budget:
             log.warning(
                 "the checkpoints that must be kept exceed max_disk=%s bytes", self.policy.max_bytes
             )
         rule = self.policy.describe()
-        return [i for i in valid if i.step in decision.delete and self.delete(i, rule, later=True)]
+        deleted = [
+            i for i in valid if i.step in decision.delete and self.delete(i, rule, later=True)
+        ]
+        for info in valid:
+            if info.step in thin:
+                self.thin(info)
+        return deleted
+
+    def thin(self, info: CheckpointInfo) -> CheckpointInfo | None:
+        """Thin ``info`` (``Store.thin``: atomic, its full version removed off this
+        thread); the thin one, or None if it stays full. Never raises ``OSError``: the new
+        checkpoint is committed, so a thinning that fails (a full disk for a copy, EIO)
+        is a warning and the checkpoint stays full."""
+        try:
+            thin = self.store.thin(info)
+        except OSError as e:
+            self.record.warning(
+                f"could not thin {info.name} ({e.strerror or e}); it stays full and "
+                "training goes on"
+            )
+            return None
+        if thin is None:
+            return None
+        self._known[thin.name] = thin
+        self.record.event(
+            "thin",
+            step=thin.step,
+            checkpoint=thin.name,
+            bytes=thin.size,
+            freed=max(info.size - thin.size, 0),
+            dropped=list(thin.manifest.thin.dropped)
+            if thin.manifest and thin.manifest.thin
+            else [],
+        )
+        return thin
 
     def free_for(self, snapshot: Snapshot) -> int:
         """Delete now what the policy will delete once ``snapshot`` is committed, sparing
@@ -112,9 +156,7 @@ class Retention:
         self.settle()
         valid = self.valid()
         incoming = Candidate(snapshot.step, snapshot.nbytes, dict(snapshot.metrics))
-        steps = free_before_commit(
-            [Candidate(i.step, i.size, i.metrics) for i in valid], self.policy, incoming
-        )
+        steps = free_before_commit(_candidates(valid), self.policy, incoming)
         gone = [i for i in valid if i.step in steps and self.delete(i, "free space")]
         return sum(i.size for i in gone)
 
@@ -153,6 +195,10 @@ class Retention:
             "new checkpoint is committed and training goes on; remove it by hand if the "
             "disk is short"
         )
+
+
+def _candidates(infos: list[CheckpointInfo]) -> list[Candidate]:
+    return [Candidate(i.step, i.size, i.metrics, i.thin) for i in infos]
 
 
 def _still_valid(info: CheckpointInfo) -> bool:

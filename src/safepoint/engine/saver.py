@@ -306,8 +306,8 @@ class Saver:
         return deleted
 
     def latest(self) -> CheckpointInfo | None:
-        """The newest valid checkpoint (shallow check), or None."""
-        return next((i for i in reversed(self.store.scan()) if i.valid), None)
+        """The newest resumable checkpoint (shallow check; not a thin one), or None."""
+        return next((i for i in reversed(self.store.scan()) if i.resumable), None)
 
     def written(self) -> None:
         """Wait until the background save in flight has finished, well or not (a failure
