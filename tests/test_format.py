@@ -164,3 +164,12 @@ def test_malformed_trees_are_corrupt_not_crashes(tree) -> None:
 )
 def test_safe_names(name, ok) -> None:
     assert is_safe_name(name) is ok
+
+
+@pytest.mark.parametrize("keys", [[0, 0], [1, True], [3, 3.0]], ids=["same", "bool", "float"])
+def test_a_dict_holding_a_key_twice_is_corrupt(keys: list[object]) -> None:
+    # Decoded silently, the second pair would replace the first: an optimizer's state for
+    # one parameter vanishes, or moves to another (found by the Trainer fuzz test).
+    tree = {"__dict__": [[k, {"__tuple__": [i]}] for i, k in enumerate(keys)]}
+    with pytest.raises(CorruptCheckpointError, match="appears twice"):
+        decode_tree(tree, {})

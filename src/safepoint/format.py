@@ -188,8 +188,13 @@ def decode_tree(tree: Any, tensors: Mapping[str, torch.Tensor], *, where: str = 
         if "__tuple__" in x:
             return tuple(dec(v) for v in _expect(x["__tuple__"], list))
         if "__dict__" in x:
-            pairs = _expect(x["__dict__"], list)
-            return {_hashable(dec(_expect(p, list)[0])): dec(p[1]) for p in pairs}
+            out: dict[Any, Any] = {}
+            for pair in _expect(x["__dict__"], list):
+                key = _hashable(dec(_expect(pair, list)[0]))
+                if key in out:  # a dict never holds a key twice (True and 1 are one key)
+                    raise CorruptCheckpointError(f"{where}: the key {key!r} appears twice")
+                out[key] = dec(pair[1])
+            return out
         if "__ndarray__" in x:
             t = dec({"__tensor__": x.get("data")})
             dtype = np.dtype(str(x["__ndarray__"]))
