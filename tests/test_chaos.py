@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -229,3 +230,50 @@ def test_a_stopped_chaos_ends_its_run_and_removes_its_folder(
 
 def run_program(name: str, *args: object) -> None:
     subprocess.run([PY, str(PROGRAMS / name), *map(str, args)], check=True, capture_output=True)
+
+
+def _fits_80(out: str) -> None:
+    wide = [line for line in out.splitlines() if len(line) > 80]
+    assert not wide, "\n".join(wide)
+
+
+@pytest.mark.slow  # ~25 s on 2 loaded cores
+@pytest.mark.crash
+def test_random_kill_output_fits_80_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#29 item 4: every line of the random-kill mode fits 80 columns: the lines naming
+    its folders (a tmp_path passed 80) and an attempt's reason for not counting (92)."""
+    monkeypatch.setenv("COLUMNS", "80")
+    args = ["chaos", "--kills", "2", "--seed", "3", "--signals", "--workdir", str(tmp_path)]
+    args += ["--compare", "{out}/final.safetensors", "--"]
+    args += [PY, str(PROGRAMS / "toy_train.py"), "{out}", "--steps", "20", "--save-every", "3"]
+    rc = main([*args, "--step-sleep", "0.05"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    _fits_80(out)
+    assert str(tmp_path / "reference") in out
+    assert "kills counted" in out and "chaos: PASS" in out
+
+
+@pytest.mark.slow  # ~60 s: a run on the FUSE power-cut file system and 13 reruns
+@pytest.mark.crash
+def test_power_cut_output_fits_80_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#29 item 4: ``chaos --power-cut --sample 2``: its table reached 113 columns (the
+    event cut before, 50 wide and cut off); now every line fits, each event whole."""
+    from safepoint.powercut import available
+
+    if (why := available()) is not None:
+        pytest.skip(f"power cuts: {why}")
+    monkeypatch.setenv("COLUMNS", "80")
+    args = ["chaos", "--power-cut", "--sample", "2", "--workdir", str(tmp_path)]
+    args += ["--compare", "{out}/final.safetensors", "--"]
+    args += [PY, str(PROGRAMS / "toy_train.py"), "{out}", "--steps", "10", "--save-every", "3"]
+    rc = main(args)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    _fits_80(out)
+    assert "newest intact" in out and "chaos: PASS" in out
+    assert re.search(r"^  write /\.staging-checkpoint-\d+-\w+/\S+\.safetensors$", out, re.M), out

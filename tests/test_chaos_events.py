@@ -4,6 +4,7 @@ at them in three modes and passes only on runs that resume to identical results.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -255,3 +256,29 @@ def test_the_hook_normalizes_folder_names_as_the_harness_does() -> None:
 
     hook_source = (Path(chaos_events.__file__).parent / "chaos_hook.py").read_text()
     assert f'r"{chaos_events._RANDOM_SUFFIX.pattern}"' in hook_source
+
+
+@pytest.mark.crash
+def test_file_events_output_fits_80_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#29 item 4: every line ``chaos --file-events`` prints fits 80 columns (its table
+    reached 103: the event column was 47 wide; a path in tmp_path passed 80 too) and
+    nothing is cut: each point's event is whole, at its row's end or on the next line."""
+    monkeypatch.setenv("COLUMNS", "80")
+    args = ["chaos", "--file-events", "--modes", "kill", "--sample", "2"]
+    args += ["--workdir", str(tmp_path), "--compare", "{out}/final.safetensors", "--"]
+    args += [PY, str(PROGRAMS / "toy_train.py"), "{out}", "--steps", "10", "--save-every", "3"]
+    rc = main(args)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    wide = [line for line in out.splitlines() if len(line) > 80]
+    assert not wide, "\n".join(wide)
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("event  mode"))
+    points = re.findall(r"^  \d/2 kill at (\d+) \((.*)\): ok$", out, re.M)
+    assert len(points) == 2, out
+    for number, event in points:  # each row, its event whole at its end or on the next line
+        row = next(i for i, line in enumerate(lines) if line.startswith(f"{number} "))
+        assert row > head and "kill" in lines[row]
+        assert lines[row].endswith(event) or lines[row + 1] == f"  {event}", out

@@ -266,20 +266,43 @@ def _rerun(runner: Runner, ref: Reference, point: Point, out: Path, pattern: str
 
 
 def table(points: Sequence[Point]) -> list[str]:
-    head = ("event", "mode", "what", "exit", "newest", "resumed", "verdict")
+    """The points as a table: the event last, so that a long one (up to 60 characters)
+    breaks onto a line of its own at 80 columns, never cut; failures' reasons and notes
+    below the table."""
+    head = ("event", "mode", "exit", "newest", "resumed", "verdict", "what")
     rows = [
         (
             str(p.event.number),
             p.mode,
-            str(p.event)[:60],
             p.exit,
             p.expected,
             p.resumed,
-            p.verdict + (f" ({'; '.join(p.notes)})" if p.notes else ""),
+            "FAIL" if p.failed else "ok",
+            str(p.event),
         )
         for p in points
     ]
-    return format_table(head, rows)
+    lines = last_column_below(format_table(head, rows))
+    lines += [
+        f"event {p.event.number} {p.mode}: {p.verdict}"
+        + (f" ({'; '.join(p.notes)})" if p.notes else "")
+        for p in points
+        if p.failed or p.notes
+    ]
+    return lines
+
+
+def last_column_below(lines: list[str], width: int = 80) -> list[str]:
+    """A table's rows wider than ``width`` with their last column (a path with spaces,
+    which ``wrap_text`` would break inside) whole on the next line, indented."""
+    at = lines[0].rindex("  ") + 2 if "  " in lines[0] else 0
+    fitted = []
+    for line in lines:
+        if len(line) > width and at:
+            fitted += [line[:at].rstrip(), "  " + line[at:]]
+        else:
+            fitted.append(line)
+    return fitted
 
 
 def file_events(
@@ -318,7 +341,7 @@ def _file_events(
     echo: Callable[[str], None],
 ) -> bool:
     if runner.warm:
-        echo("chaos: runs start warm, forked from a Python with torch and transformers imported")
+        echo("chaos: runs start warm, forked from a Python with torch and transformers loaded")
     elif runner.asked_warm:
         echo("chaos: not a Python program started plainly: every run is a fresh process")
     echo(f"chaos: fault-free run in {work / 'reference'}, counting file events")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safepoint.app.chaos_compare import compare
+from safepoint.app.chaos_events import last_column_below
 from safepoint.app.chaos_process import Runner, kill, last_line, resumed_from, watch
 from safepoint.errors import ConfigError
 from safepoint.powercut import PowerCutFS, available, tree_digest
@@ -180,7 +181,7 @@ def _power_cut(
     echo: Callable[[str], None],
 ) -> bool:
     if run.warm:
-        echo("chaos: runs start warm, forked from a Python with torch and transformers imported")
+        echo("chaos: runs start warm, forked from a Python with torch and transformers loaded")
     elif run.asked_warm:
         echo("chaos: not a Python program started plainly: every run is a fresh process")
     echo(f"chaos: fault-free run on the power-cut file system, output in {work / 'reference'}")
@@ -260,16 +261,14 @@ def _power_cut(
 
 
 def table(cases: Sequence[Case]) -> list[str]:
-    head = ("point", "cut before", "mode", "newest intact", "resumed", "verdict")
+    """The surviving states as a table: the event cut before last (whole, on the next
+    line where the row would pass 80 columns), failures and twins below it."""
+    head = ("point", "mode", "newest intact", "resumed", "verdict", "cut before")
     rows = [
-        (
-            c.point,
-            c.what[:50],
-            c.mode,
-            c.expected,
-            c.resumed,
-            c.verdict + (f" (same state as {c.same_as})" if c.same_as else ""),
-        )
+        (c.point, c.mode, c.expected, c.resumed, "FAIL" if c.failed else "ok", c.what)
         for c in cases
     ]
-    return format_table(head, rows)
+    lines = last_column_below(format_table(head, rows))
+    lines += [f"{c.point} {c.mode}: {c.verdict}" for c in cases if c.failed]
+    lines += [f"{c.point} {c.mode}: the same state as {c.same_as}" for c in cases if c.same_as]
+    return lines

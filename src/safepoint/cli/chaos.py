@@ -17,7 +17,7 @@ from safepoint.app.chaos_events import file_events as run_file_events
 from safepoint.app.chaos_events import parse_points
 from safepoint.app.chaos_process import end_all
 from safepoint.signals import STOP_EXIT_CODE
-from safepoint.units import parse_duration
+from safepoint.units import parse_duration, wrap_text
 
 
 @click.command(
@@ -164,14 +164,14 @@ def chaos_cmd(
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)
         where = f"kept {work}" if workdir else f"removed {work}"
-        click.echo(f"chaos: stopped by {e.name}; ended its runs and {where}", err=True)
+        _say(f"chaos: stopped by {e.name}; ended its runs and {where}", err=True)
         return STOP_EXIT_CODE
     # A passed run's own temporary folder goes, a failed one's stays.
     click.echo(f"chaos: {'PASS' if ok else 'FAIL'}")
     if ok and workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     elif not ok:
-        click.echo(f"chaos: {kept} kept in {work}")
+        _say(f"chaos: {kept} kept in {work}")
     return 0 if ok else 1
 
 
@@ -238,7 +238,7 @@ def _run(
             pattern=pattern,
             jobs=jobs,
             warm=not cold,
-            echo=click.echo,
+            echo=_say,
         )
         kept = "runs, failed surviving states and logs"
     elif file_events:
@@ -253,7 +253,7 @@ def _run(
             only=only,
             jobs=jobs,
             warm=not cold,
-            echo=click.echo,
+            echo=_say,
         )
         kept = "runs and logs"
     else:
@@ -265,10 +265,17 @@ def _run(
             use_signals=use_signals,
             timeout=limit,
             pattern=pattern,
-            echo=click.echo,
+            echo=_say,
         )
         kept = "both runs"
     return ok, kept
+
+
+def _say(text: str, *, err: bool = False) -> None:
+    """One of chaos's lines, broken to fit 80 columns (a long path, a failure's reason;
+    a table row's last column goes whole onto the next line), never cut."""
+    for line in wrap_text(text, 80):
+        click.echo(line, err=err)
 
 
 COMMANDS = [chaos_cmd]
