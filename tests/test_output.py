@@ -157,3 +157,48 @@ def test_export_prints_only_its_own_line(finished: Path, tmp_path: Path) -> None
     adapter = run([*export, "6", "--out", str(tmp_path / "a")])
     assert adapter.stderr == ""
     assert "(adapter)" in adapter.stdout and (tmp_path / "a/adapter_model.safetensors").is_file()
+
+
+def test_ctrl_c_under_a_users_tqdm_bar_starts_its_own_line(tmp_path: Path) -> None:
+    """#29 item 5: a Ctrl-C under a user's Trainer with tqdm's bar on. The bar's line ends
+    in ``\\r... 3/10 [...]`` with no newline; safepoint's stop lines were glued to it
+    (``...it/s]received SIGINT``). Each must follow a ``\\n``: a line of its own."""
+    from safepoint.app.tiny import tiny_model_path
+
+    script = Path(__file__).parent / "programs" / "tqdm_sigint_train.py"
+    argv = [sys.executable, str(script), str(tmp_path / "run"), str(tiny_model_path())]
+    # bytes: text mode would turn the bar's \r into \n and hide the glued line
+    proc = subprocess.run([*argv, "--steps", "10", "--sigint-at", "3"], capture_output=True)
+    err = proc.stderr.decode()
+    assert proc.returncode == 3, err
+    assert re.search(r"\r\s*\d+%\|", err), err  # tqdm's bar was drawn
+    for said in ("received SIGINT", "stopped by SIGINT at step"):
+        at = err.index(said)
+        start = max(err.rfind("\n", 0, at), err.rfind("\r", 0, at)) + 1
+        assert err[start - 1] == "\n", repr(err[start - 200 : at + 40])
+        assert err[start:at] in ("", "safepoint: "), repr(err[start - 200 : at + 40])
+
+
+def test_a_fresh_home_says_it_builds_the_tiny_model_first(tmp_path: Path) -> None:
+    """#29 item 5: the first run with an empty SAFEPOINT_HOME builds the built-in model
+    (up to a minute) and said nothing meanwhile. It says so before anything else of the
+    run; the test stops it there (the build itself is not the subject)."""
+    env = {**os.environ, "SAFEPOINT_HOME": str(tmp_path / "home")}
+    argv = safepoint_cmd("train", "--output-dir", str(tmp_path / "run"), "--max-steps", "1")
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        said = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            said.append(line)
+            if "building the built-in tiny model" in line:
+                break
+        else:
+            raise AssertionError("never said it builds the tiny model:\n" + "".join(said))
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert said[-1].startswith("safepoint: building the built-in tiny model in ")
+    assert str(tmp_path / "home") in said[-1] and "(once; up to a minute)" in said[-1]
+    assert not [line for line in said[:-1] if "step" in line or "loss" in line], said

@@ -302,3 +302,27 @@ def test_background_and_skipped_saves(tmp_path: Path) -> None:
     assert data.skipped_saves == [4]
     page = write_report(data, tmp_path / "out")["html"].read_text()
     assert "saves skipped (writer busy)" in page
+
+
+def test_a_run_without_eval_loss_says_it_has_no_best(tmp_path: Path) -> None:
+    """#29 item 8: a run that logs only its training loss has no best checkpoint; the page
+    said "best by eval_loss (min)" all the same. A real Checkpointer run, in process."""
+    import torch
+
+    from safepoint import Checkpointer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Checkpointer(tmp_path / "run", save_every=2, total_steps=4) as ckpt:
+        for step in range(1, 5):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ckpt.step(step, {"model": model, "optimizer": opt}, metrics={"loss": loss.item()})
+    data = extract(tmp_path / "run")
+    assert data.source == "record" and len(data.kept) == 2
+    page = write_report(data, tmp_path / "r")["html"].read_text()
+    assert "best by" not in page
+    assert f"no best checkpoint: none has {data.metric}" in page
