@@ -101,7 +101,7 @@ MISFITS = {
     ),
     "optimizer moment of the wrong shape": (
         lambda ck: _retensor(ck, "optimizer.safetensors", _optimizer_tensor(ck), torch.zeros(4, 3)),
-        "the parameter (3, 4)",
+        "the parameter float32 [3, 4]",
     ),
     "model weight of the wrong shape": (
         lambda ck: _retensor(ck, "model.safetensors", "weight", torch.zeros(4, 3)),

@@ -90,14 +90,15 @@ def test_a_symlinked_lock_or_record_is_refused_not_written_through(
     with pytest.raises(UnsafeFileError, match=f"{name} is a symlink.*remove it"):
         Checkpointer(out, signals=None)
     proc = cli("prune", out, "--keep-last", "1")
-    text = no_traceback(proc)
+    text = " ".join(no_traceback(proc).split())  # log lines wrap at 80 columns
     assert f"{name} is a symlink" in text, text
     if name == LOCK_NAME:  # no lock, no pruning
         assert proc.returncode == 2 and (out / "checkpoint-5").is_dir()
     else:  # pruning needs no record: it goes on, and its event is not written through
         assert proc.returncode == 0 and not (out / "checkpoint-5").exists()
         proc = cli("ls", out)
-        assert proc.returncode == 2 and f"{name} is a symlink" in no_traceback(proc)
+        said = " ".join(no_traceback(proc).split())
+        assert proc.returncode == 2 and f"{name} is a symlink" in said
     assert victim.read_text() == "precious\n"
 
 
