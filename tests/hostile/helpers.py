@@ -39,7 +39,8 @@ def make_run(out: Path | bytes, steps: tuple[int, ...] = (5, 9)) -> dict[int, di
     weights saved at each step."""
     state = small_state()
     saved = {}
-    with Checkpointer(os.fsdecode(out), save_every="1000", signals=None) as ckpt:
+    # keep_full=0: every checkpoint stays full, so a fallback can reach the oldest
+    with Checkpointer(os.fsdecode(out), save_every="1000", signals=None, keep_full=0) as ckpt:
         for step in steps:
             train_step(state)
             ckpt.save(step, state)

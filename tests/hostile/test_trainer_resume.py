@@ -141,6 +141,7 @@ def test_safepoint_train_resume(base_run: Path, tmp_path: Path, case: str) -> No
     proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300, env=env)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Traceback" not in text, text[-3000:]
+    text = " ".join(text.split())  # its lines wrap at 80 columns
     _, resumed, reason = CASES[case]
     assert f"resuming from {out / f'checkpoint-{resumed}'} (step {resumed})" in text, text
     if reason:
