@@ -123,6 +123,7 @@ _PARAM_SHAPED = frozenset(
     "SGD Adam AdamW Adamax NAdam RAdam RMSprop Adagrad Adadelta ASGD Rprop SparseAdam".split()  # noqa: SIM905
 )
 _SCALARS = frozenset({"step", "mu_product", "eta", "mu"})
+_MAY_BE_NONE = frozenset({"momentum_buffer"})
 _REQUIRED = {"Adam": ("exp_avg", "exp_avg_sq"), "AdamW": ("exp_avg", "exp_avg_sq")}
 
 
@@ -181,7 +182,9 @@ def _check_state_value(
             raise no(f"{what} is {_show(t)}, the optimizer holds {_show(live)}")
         return
     if not isinstance(t, torch.Tensor):
-        if known and k not in _SCALARS and t is not None:
+        # torch's own optimizers store None only for SGD's momentum_buffer (momentum=0);
+        # any other None reaches the step's kernels (fused Adam: a TypeError mid-run)
+        if known and k not in _SCALARS and (t is not None or k not in _MAY_BE_NONE):
             raise no(f"{what} is {_show(t)}, not a tensor")
         return
     if known and k in _SCALARS:
