@@ -39,7 +39,8 @@ def _trainer(out: Path, **options: object):
         dataloader_num_workers=0,
         seed=0,
     )
-    cb = SafepointCallback(output_dir=out, save_every="2", keep_last=None, **options)
+    # keep_full=0: every checkpoint stays whole, to be compared file by file
+    cb = SafepointCallback(output_dir=out, save_every="2", keep_last=None, keep_full=0, **options)
     return Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
 
 
