@@ -351,7 +351,7 @@ def test_safepoint_train_says_the_remote_is_unavailable_in_one_line(
 
 def test_a_fresh_machine_never_resumes_the_line_a_rollback_replaced(tmp_path: Path) -> None:
     remote = f"file://{tmp_path / 'remote'}"
-    opts = {"save_every": 1, "keep_last": 10, "remote": remote}
+    opts = {"save_every": 1, "keep_last": 10, "keep_full": 0, "remote": remote}
     with Checkpointer(tmp_path / "a", total_steps=4, **opts) as c:
         train(c, model_state(), range(4))  # 1, 2, 3, 4 mirrored
     state = model_state(64)
