@@ -90,6 +90,9 @@ def test_a_busy_mount_point_in_an_old_checkpoint(
         try:
             with caplog.at_level(logging.WARNING, logger="safepoint"):
                 assert ckpt.save(4, state).wait().valid
+                # The removal runs on the reaper thread: wait for it (prune settles)
+                # before the mount goes, or it may find the mount gone and succeed.
+                ckpt.prune()
         finally:
             mounted = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
             for point in mounted:
