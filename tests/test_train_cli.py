@@ -244,7 +244,7 @@ def test_a_longer_run_says_its_length_applies_and_the_schedule_follows_it(
         f"safepoint: --max-steps 14 applies: {out}/checkpoint-12 was saved by a run of "
         "--max-steps 12; the learning-rate schedule is recomputed for the new length from "
         "step 12 on"
-    ) in proc.stderr.splitlines()
+    ) in " ".join(proc.stderr.split())  # one message, wrapped at 80 columns
     rates = _learning_rates(out)
     assert rates[12] == pytest.approx(0.01 * 1 / 10)  # the first run: lambda(11), T=12
     assert rates[13] == pytest.approx(0.01 * 2 / 12)
