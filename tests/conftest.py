@@ -49,6 +49,23 @@ def same_tensors(a: Path, b: Path) -> bool:
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_as_they_were() -> Iterator[None]:
+    """``safepoint train`` holds its stop-signal handlers until the process exits (exit
+    code 3 whenever a stop signal came); run in-process by a test, it must not leave them,
+    nor the stop it saw, to the tests after it."""
+    import signal
+
+    from safepoint.signals import forget_stop
+
+    stops = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
+    before = {sig: signal.getsignal(sig) for sig in stops}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+    forget_stop()
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory: pytest.TempPathFactory):
     """An uninterrupted toy run, cached per (args) for the whole session."""

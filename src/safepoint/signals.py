@@ -87,6 +87,13 @@ def hold_until_exit(signals: Iterable[signal.Signals], *, where: str) -> None:
         signal.signal(sig, _held)
 
 
+def forget_stop() -> None:
+    """Forget the stop signal ``hold_until_exit`` saw: for a process that runs
+    ``safepoint train`` in-process more than once (a test suite); a real run exits."""
+    global _arrived, _said_again
+    _arrived, _said_again = None, False
+
+
 def start_line() -> None:
     """End the line a progress bar holds (a tqdm bar, or the ``^C`` a terminal echoes
     after it), so that a stop's message starts on a line of its own instead of being
@@ -224,6 +231,7 @@ __all__ = [
     "SaveInterrupted",
     "SignalGuard",
     "TrainingStopped",
+    "forget_stop",
     "hold_until_exit",
     "installed_signals",
     "parse_signals",
