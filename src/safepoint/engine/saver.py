@@ -8,6 +8,7 @@ time: a save in flight finishes before the next one, a prune or a close starts.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from safepoint.records import RunRecord
 from safepoint.snapshot import Snapshot
 from safepoint.store import Store
 from safepoint.units import format_size
-from safepoint.validity import CheckpointInfo
+from safepoint.validity import CheckpointInfo, checkpoint_step
 from safepoint.writer import AsyncSaver, as_save_failed
 
 if TYPE_CHECKING:
@@ -123,7 +124,9 @@ class Saver:
         self.written()
         assert info.manifest is not None
         self._tip = Parent(info.step, info.manifest.digest)
-        later = [i.step for i in self.store.scan() if i.step > info.step]
+        # Names only: whether any later folder exists (set_aside_later_than checks them).
+        steps = (checkpoint_step(n) for n in os.listdir(self.store.directory))
+        later = any(s is not None and s > info.step for s in steps)
         self._later_than = info.step if later else None
 
     def commit(
